@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo`.
+# Both create .venv if missing and (re)install only when requirements or setup.py changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The C++ ops DeepSpeed JIT-builds on first init live inside the venv: built once, not per test.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel on the dev/CI machines (a GPU cluster installs its CUDA build).
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	bash launch/demo.sh
+
+bench: venv
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) runs/demo

@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="spoxl",
+    version="0.1.0",
+    description="Preference fine-tuning (SPO, Diffusion-DPO, MaPO, NCP) of SDXL with DeepSpeed ZeRO and Triton kernels",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["spoxl", "spoxl.*"]),
+    package_data={"spoxl": ["resources/*.json"]},
+    install_requires=requirements,
+    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["spoxl=spoxl.cli:main"]},
+)

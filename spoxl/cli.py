@@ -1,0 +1,58 @@
+"""The `spoxl` command: one dispatcher, each subcommand living beside the code it drives.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their subcommand runs, so `spoxl --help` stays fast and nothing imports triton/deepspeed
+unless it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spoxl.errors import SpoxlError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "sample": ("spoxl.commands.sample", "sample an image grid from an SDXL model (or the tiny one)"),
+    "make-tiny": ("spoxl.commands.make_tiny", "save the tiny random SDXL model as a diffusers folder"),
+    "train": ("spoxl.commands.train", "launch training through the deepspeed launcher"),
+    "export": ("spoxl.commands.export", "export a checkpoint as LoRA safetensors / diffusers UNet"),
+    "preflight": ("spoxl.commands.preflight", "check a hostfile + config against the cluster before launch"),
+}
+
+
+def build_parser(available=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spoxl", description="Preference fine-tuning of SDXL at cluster scale.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        if available is not None and name not in available:
+            continue
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"spoxl {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except SpoxlError as e:
+        print(f"spoxl {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

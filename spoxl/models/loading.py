@@ -1,0 +1,145 @@
+"""Load SDXL components from local paths only; never download.
+
+Accepted sources:
+  * "tiny" (optionally "tiny:SEED"): the toy SDXL architecture built in code (spoxl.models.tiny);
+  * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
+    tokenizer/, tokenizer_2/, scheduler/), e.g. a local copy of stable-diffusion-xl-base-1.0 or
+    the output of `spoxl make-tiny`;
+  * single-file .safetensors checkpoints for the UNet and/or the VAE (original SDXL/LDM keys or
+    diffusers keys), whose architecture configs come from a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from spoxl.errors import SpoxlError
+from spoxl.models.components import SDXLComponents
+
+# What each subfolder must hold before we hand it to from_pretrained (which would otherwise try
+# the hub or fail with a long traceback).
+_REQUIRED_FILES = {
+    "unet": ["config.json"],
+    "vae": ["config.json"],
+    "text_encoder": ["config.json"],
+    "text_encoder_2": ["config.json"],
+    "tokenizer": [],
+    "tokenizer_2": [],
+    "scheduler": ["scheduler_config.json"],
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _offline() -> None:
+    # Belt and braces: even a misconfigured call into the hub libraries must not reach the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def check_sdxl_folder(path: Path) -> None:
+    """Raise a one-line SpoxlError naming the first thing missing from a diffusers SDXL folder."""
+    if not path.exists():
+        raise SpoxlError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise SpoxlError(f"model path {path} is not a folder (use --unet-file for a single .safetensors)")
+    for sub, files in _REQUIRED_FILES.items():
+        folder = path / sub
+        if not folder.is_dir():
+            raise SpoxlError(f"model folder {path} has no {sub}/ subfolder")
+        for name in files:
+            f = folder / name
+            if not f.is_file():
+                raise SpoxlError(f"model folder {path} is missing {sub}/{name}")
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SpoxlError(f"{f} is not valid JSON: {e}") from None
+        if sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
+                raise SpoxlError(f"model folder {path} has no weights in {sub}/ (.safetensors or .bin)")
+        if sub.startswith("tokenizer") and not any(folder.iterdir()):
+            raise SpoxlError(f"model folder {path} has an empty {sub}/ subfolder")
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise SpoxlError(f"{what} checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise SpoxlError(f"{what} checkpoint {path} must be a .safetensors file")
+
+
+def load_sdxl(
+    model: str | os.PathLike,
+    *,
+    unet_file: str | os.PathLike | None = None,
+    vae_file: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SDXLComponents:
+    """Load all SDXL parts (frozen VAE/text encoders, UNet in train-ready fp32 unless dtype says).
+
+    `model` is "tiny[:SEED]" or a diffusers SDXL folder; `unet_file`/`vae_file` replace the UNet
+    or VAE weights with a single-file checkpoint whose config comes from that folder.
+    """
+    _offline()
+    model = str(model)
+    if model == "tiny" or model.startswith("tiny:"):
+        from spoxl.models.tiny import build_tiny_sdxl
+
+        seed = int(model.split(":", 1)[1]) if ":" in model else 0
+        parts = build_tiny_sdxl(seed)
+        config_dir = None
+    else:
+        config_dir = Path(model).expanduser()
+        check_sdxl_folder(config_dir)
+        parts = _load_folder(config_dir)
+    if unet_file is not None or vae_file is not None:
+        if config_dir is None:
+            # The tiny model has no folder; save its configs to a temporary one for from_single_file.
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory()
+            config_dir = Path(tmp.name)
+            parts.save_pretrained(config_dir)
+        if unet_file is not None:
+            parts.unet = _load_single_file("unet", Path(unet_file), config_dir)
+        if vae_file is not None:
+            parts.vae = _load_single_file("vae", Path(vae_file), config_dir)
+    parts.to(dtype=dtype)
+    parts.freeze_frozen_parts()
+    parts.unet.eval()
+    return parts
+
+
+def _load_folder(path: Path) -> SDXLComponents:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    kw = dict(local_files_only=True)
+    try:
+        return SDXLComponents(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw),
+            tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer", **kw),
+            tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2", **kw),
+            # Whatever scheduler the folder names, spoxl samples with DDIM on the same schedule.
+            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SpoxlError(f"could not load SDXL folder {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_single_file(part: str, file: Path, config_dir: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    _check_file(file, part)
+    cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+    try:
+        return cls.from_single_file(str(file), config=str(config_dir), subfolder=part, local_files_only=True)
+    except Exception as e:  # diffusers raises many types for a wrong/corrupt file
+        raise SpoxlError(f"could not load {part} checkpoint {file}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,35 @@
+"""Loading LoRA weights into a diffusers UNet for sampling (diffusers or kohya key formats)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spoxl.errors import SpoxlError
+
+
+def load_lora_into_unet(unet, path, adapter_name: str = "spoxl") -> None:
+    """Attach a LoRA saved as safetensors (diffusers/peft or kohya keys) to `unet` and activate it.
+
+    diffusers' SDXL loader does the key conversion (kohya -> peft) for us; text-encoder LoRA
+    keys, if present, are ignored because spoxl only trains the UNet.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors"))
+        if not candidates:
+            raise SpoxlError(f"LoRA folder {path} holds no .safetensors file")
+        path = candidates[0]
+    if not path.is_file():
+        raise SpoxlError(f"LoRA file {path} does not exist")
+    try:
+        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+    except Exception as e:
+        raise SpoxlError(f"could not read LoRA {path}: {str(e).splitlines()[0]}") from None
+    unet_keys = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
+    if not unet_keys:
+        raise SpoxlError(f"LoRA {path} has no UNet weights")
+    if any(v.numel() == 0 for v in unet_keys.values()):
+        raise SpoxlError(f"LoRA {path} has empty tensors (saved from ZeRO-3 without gathering?)")
+    unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)

@@ -1,0 +1,330 @@
+"""Typed training configuration: dataclasses per section, loaded from a YAML recipe under configs/,
+overridable from the command line with `--set section.key=value` (the value is parsed as YAML,
+so `--set lora.target_modules=[to_q,to_k]` and `--set train.lr=1e-5` both work).
+
+Unknown keys and wrong types are one-line SpoxlErrors naming the key. The `method:` section holds
+`name` plus the method's own hyper-parameters, validated against the dataclass its Objective
+declares (`Objective.Config`, see spoxl.methods.base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from spoxl.errors import SpoxlError
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # TensorBoard, log file, checkpoints, exports live here
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny[:SEED]" or a local diffusers SDXL folder
+    unet_file: Optional[str] = None  # single-file .safetensors replacing the UNet weights
+    vae_file: Optional[str] = None
+    prediction_type: Optional[str] = None  # None: the scheduler's (epsilon for SDXL base)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # False: full fine-tuning of the UNet
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
+    micro_batch_size: int = 1  # per rank
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = 5  # this many NaN/inf steps in a row abort the run
+    dist_timeout_minutes: int = 30  # process-group timeout (collectives that hang this long fail)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"  # the ZeRO recipe; batch/precision/clipping come from here
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2
+    dir: Optional[str] = None  # default: <output_dir>/checkpoints
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1  # optimizer steps between scalar logs
+    tensorboard: bool = True
+    sample_every: int = 0  # optimizer steps between sample grids; 0: never
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    sample_steps: int = 10
+    sample_cfg: float = 5.0
+    sample_seed: int = 0
+    progress: bool = True  # tqdm on rank 0
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # image folder (+ .txt captions), .jsonl or .parquet; None: synthetic
+    resolution: int = 64
+    image_column: str = "image"
+    caption_column: str = "caption"
+    cache_dir: Optional[str] = None  # VAE latents + text embeddings cached here
+    shuffle: bool = True
+    synthetic_size: int = 8  # samples in the built-in synthetic dataset (tests, smoke runs)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "sft"
+    params: Any = None  # the method's Config dataclass instance (filled by load_config)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run.output_dir) / "checkpoints"
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML-able) of the whole config, method params flattened into `method`."""
+        d = dataclasses.asdict(self)
+        params = d["method"].pop("params") or {}
+        d["method"].update(params)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed dataclasses from plain dicts, with one-line errors
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check (and minimally convert) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(value, a, where)
+            except SpoxlError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise SpoxlError(f"config: {where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpoxlError(f"config: {where} must be a mapping, got {type(value).__name__}")
+        return build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SpoxlError(f"config: {where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise SpoxlError(f"config: {where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpoxlError(f"config: {where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpoxlError(f"config: {where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads "1e-4" (no dot) as a string; accept numeric strings for floats only.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpoxlError(f"config: {where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpoxlError(f"config: {where} must be a string, got {value!r}")
+        return value
+    raise SpoxlError(f"config: {where} has an unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls, data: dict, where: str = ""):
+    """An instance of dataclass `cls` from a dict: unknown keys and wrong types are SpoxlErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise SpoxlError(f"config: unknown key {key} (known in {where or 'top level'}: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + --set overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], yaml-parsed c)."""
+    import yaml
+
+    if "=" not in text:
+        raise SpoxlError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise SpoxlError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise SpoxlError(f"--set {text!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpoxlError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpoxlError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpoxlError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    data = dict(data)
+    method = dict(data.pop("method", None) or {})
+    cfg = build_dataclass(Config, data)
+    name = method.pop("name", "sft")
+    if not isinstance(name, str):
+        raise SpoxlError(f"config: method.name must be a string, got {name!r}")
+    from spoxl.methods.base import objective_class
+
+    params_cls = objective_class(name).Config
+    cfg.method = MethodConfig(name=name, params=build_dataclass(params_cls, method, "method"))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> Config:
+    """The Config of a YAML recipe (or the defaults when path is None) with --set overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express (one-line errors)."""
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.dist_timeout_minutes": cfg.train.dist_timeout_minutes,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "logging.every": cfg.logging.every,
+        "data.resolution": cfg.data.resolution,
+    }
+    if cfg.lora.enabled:
+        positive["lora.rank"] = cfg.lora.rank
+    for key, value in positive.items():
+        if value <= 0:
+            raise SpoxlError(f"config: {key} must be > 0, got {value}")
+    for key, value in {
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "checkpoint.every": cfg.checkpoint.every,
+        "logging.sample_every": cfg.logging.sample_every,
+    }.items():
+        if value < 0:
+            raise SpoxlError(f"config: {key} must be >= 0, got {value}")
+    if cfg.train.lr <= 0:
+        raise SpoxlError(f"config: train.lr must be > 0, got {cfg.train.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise SpoxlError(f"config: optim.betas must be two numbers, got {cfg.optim.betas}")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise SpoxlError("config: lora.target_modules is empty")
+    if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise SpoxlError(f"config: model.prediction_type must be epsilon or v_prediction, got {cfg.model.prediction_type!r}")
+    if cfg.data.resolution % 8:
+        raise SpoxlError(f"config: data.resolution must be a multiple of 8, got {cfg.data.resolution}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

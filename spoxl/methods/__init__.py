@@ -1,0 +1,1 @@
+"""Training objectives, one module per method; the interface is spoxl.methods.base."""

@@ -1,0 +1,246 @@
+"""Export trained UNet weights: LoRA (diffusers and kohya keys) and full/merged diffusers UNets.
+
+API (every function is COLLECTIVE under ZeRO-3: call it on every rank; rank 0 writes, all ranks
+return after the files exist)
+  export_lora(model, out_dir, formats=("diffusers", "kohya"), overrides=None) -> {format: Path}
+      diffusers: OUT/pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.save_lora_weights,
+                 peft keys `unet.<module>.lora_A.weight`, LoraConfig in the metadata; loads with
+                 pipeline.load_lora_weights and spoxl.models.lora.load_lora_into_unet)
+      kohya:     OUT/pytorch_lora_weights_kohya.safetensors (lora_unet_* keys + .alpha, for
+                 ComfyUI / A1111; diffusers' convert_state_dict_to_kohya)
+  export_unet(model, out_dir, merge_lora=True, overrides=None) -> Path of OUT/unet
+      a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) loadable with
+      UNet2DConditionModel.from_pretrained(OUT, subfolder="unet"); with LoRA, the LoRA is fused
+      into the base weights and the peft wrappers removed.
+  export_all(model, out_dir, formats, ema=None) -> {name: Path}
+      formats from {"diffusers", "kohya", "unet"}; with an EMA (spoxl.engine.ema.EMA) the same
+      formats are written again from the EMA weights under OUT/ema/.
+  lora_state_dict(model, overrides=None) -> peft-keyed LoRA tensors (scaling folded in)
+
+`model` is a diffusers UNet2DConditionModel (LoRA attached with `unet.add_adapter(LoraConfig)`)
+or a DeepSpeed engine around one, under ZeRO 0/1/2/3. `overrides` maps parameter names (those of
+`unwrap(model).named_parameters()`) to replacement tensors, which is how EMA weights are
+exported through the same code.
+
+Exported LoRAs have alpha == rank: the layer's scaling (lora_alpha / r, or the rsLoRA variant)
+is folded into lora_B (kohya: lora_up). Loaders disagree on where alpha comes from (safetensors
+metadata, `.alpha` keys, or nothing), and with alpha == rank every one of them applies the same
+weights as the trained module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from spoxl.engine.zero_utils import barrier, gathered_state_dict, is_rank0, unwrap
+from spoxl.errors import SpoxlError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+UNET_SUBFOLDER = "unet"
+EMA_SUBFOLDER = "ema"
+FORMATS = ("diffusers", "kohya", "unet")
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+
+def has_lora(model) -> bool:
+    return bool(getattr(unwrap(model), "peft_config", None))
+
+
+def _adapter_name(unet) -> str:
+    names = list(unet.peft_config)
+    if len(names) != 1:
+        raise SpoxlError(f"expected one LoRA adapter on the UNet, found {names}")
+    return names[0]
+
+
+def _lora_layers(unet) -> dict[str, object]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _apply_overrides(state: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor] | None) -> None:
+    if not overrides:
+        return
+    unknown = [k for k in overrides if k not in state]
+    if unknown:
+        raise SpoxlError(f"override weights name parameters the model does not have, e.g. {unknown[0]}")
+    for k, v in overrides.items():
+        if v.shape != state[k].shape:
+            raise SpoxlError(f"override {k} has shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}")
+        state[k] = v.detach().to("cpu", torch.float32, copy=True)
+
+
+def _gathered_lora(model, overrides) -> dict[str, torch.Tensor]:
+    """LoRA tensors under their module.state_dict() names, fp32 CPU, on rank 0 ({} elsewhere)."""
+    unet = unwrap(model)
+    adapter = _adapter_name(unet)
+    state = gathered_state_dict(model, keep=lambda n, t: f".{adapter}." in n and "lora_" in n, rank0_only=True)
+    if not is_rank0():
+        return {}
+    _apply_overrides(state, overrides)
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:  # would mean a ZeRO-3 parameter escaped the gather; never write such a file
+        raise RuntimeError(f"LoRA tensor {empty[0]} is empty after gathering")
+    return state
+
+
+def lora_state_dict(model, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """peft-keyed UNet LoRA weights (e.g. `...to_q.lora_A.weight`), scaling folded into lora_B.
+
+    Collective under ZeRO-3; returns {} on ranks other than 0.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    unet = unwrap(model)
+    if not has_lora(unet):
+        raise SpoxlError("the model has no LoRA adapter to export (use the unet format for full fine-tuning)")
+    adapter = _adapter_name(unet)
+    state = _gathered_lora(model, overrides)
+    if not is_rank0():
+        return {}
+    for module_name, layer in _lora_layers(unet).items():
+        key = f"{module_name}.lora_B.{adapter}.weight"
+        if key in state:
+            state[key] = state[key] * float(layer.scaling[adapter])
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet, state_dict=state, adapter_name=adapter).items()}
+
+
+def _alpha_is_rank_metadata(unet) -> dict:
+    """The adapter's LoraConfig as a dict, with alpha == r (the scaling is folded into the weights)."""
+    cfg = unet.peft_config[_adapter_name(unet)].to_dict()
+    cfg["lora_alpha"] = cfg["r"]
+    cfg["alpha_pattern"] = dict(cfg.get("rank_pattern") or {})  # per-module alpha == per-module r
+    cfg["use_rslora"] = False
+    # json round-trip: sets (target_modules) are not JSON; the diffusers saver json.dumps this.
+    return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)))
+
+
+def export_lora(
+    model,
+    out_dir,
+    formats=("diffusers", "kohya"),
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Path]:
+    """Write the UNet LoRA as safetensors in the given formats (collective; rank 0 writes)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    bad = [f for f in formats if f not in ("diffusers", "kohya")]
+    if bad:
+        raise SpoxlError(f"unknown LoRA format {bad[0]!r} (use diffusers or kohya)")
+    out_dir = Path(out_dir)
+    unet = unwrap(model)
+    peft_state = lora_state_dict(model, overrides)
+    paths = {}
+    if "diffusers" in formats:
+        paths["diffusers"] = out_dir / LORA_FILE
+    if "kohya" in formats:
+        paths["kohya"] = out_dir / KOHYA_FILE
+    if is_rank0():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if "diffusers" in formats:
+            StableDiffusionXLPipeline.save_lora_weights(
+                out_dir,
+                # peft keys (lora_A/lora_B), what diffusers' own savers write today. Do NOT pass
+                # through convert_state_dict_to_diffusers: diffusers 0.42 loads that older
+                # `.lora.down` layout back without the attention LoRAs (checked in tests).
+                unet_lora_layers=peft_state,
+                unet_lora_adapter_metadata=_alpha_is_rank_metadata(unet),
+                weight_name=LORA_FILE,
+            )
+        if "kohya" in formats:
+            kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
+            save_file({k: v.contiguous() for k, v in kohya.items()}, str(paths["kohya"]))
+    barrier()
+    return paths
+
+
+# ---- full / merged UNet ------------------------------------------------------------------------
+
+
+def _fresh_unet(unet, state: dict[str, torch.Tensor]):
+    """A new UNet2DConditionModel (same config, LoRA attached the same way) holding `state`.
+
+    Built on the meta device and filled with load_state_dict(assign=True), so rank 0 never holds
+    two full copies of the weights.
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        fresh = UNet2DConditionModel.from_config(dict(unet.config))
+        if has_lora(unet):
+            adapter = _adapter_name(unet)
+            fresh.add_adapter(unet.peft_config[adapter], adapter_name=adapter)
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"UNet state does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return fresh
+
+
+def export_unet(
+    model,
+    out_dir,
+    merge_lora: bool = True,
+    overrides: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write OUT/unet as a diffusers UNet folder (collective; rank 0 writes).
+
+    With LoRA attached and merge_lora, the LoRA is fused into the base weights (W + scale*B@A)
+    by peft's own merge, and the wrappers removed, so the folder is a plain SDXL UNet.
+    """
+    unet = unwrap(model)
+    state = gathered_state_dict(model, rank0_only=True)
+    target = Path(out_dir) / UNET_SUBFOLDER
+    if is_rank0():
+        _apply_overrides(state, overrides)
+        fresh = _fresh_unet(unet, state)
+        del state
+        if has_lora(fresh):
+            if not merge_lora:
+                raise SpoxlError("a LoRA UNet can only be exported as a merged UNet (or use diffusers/kohya)")
+            fresh.fuse_lora(lora_scale=1.0)
+            fresh.unload_lora()
+        fresh.to(dtype)
+        fresh.save_pretrained(target, safe_serialization=True)
+    barrier()
+    return target
+
+
+# ---- everything at once ------------------------------------------------------------------------
+
+
+def export_all(model, out_dir, formats=("diffusers", "kohya"), ema=None) -> dict[str, Path]:
+    """Export `formats` to OUT and, given an EMA, the EMA weights in the same formats to OUT/ema.
+
+    Collective under ZeRO-3. Returns {format: path} plus {"ema/<format>": path}.
+    """
+    formats = list(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise SpoxlError(f"unknown export format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    lora_formats = [f for f in formats if f != "unet"]
+    if lora_formats and not has_lora(model):
+        raise SpoxlError(f"format {lora_formats[0]} needs a LoRA run; a full fine-tune exports as unet")
+    out_dir = Path(out_dir)
+    targets = [("", None)]
+    if ema is not None:
+        targets.append((EMA_SUBFOLDER, ema.shadow_params()))
+    paths: dict[str, Path] = {}
+    for sub, overrides in targets:
+        where = out_dir / sub if sub else out_dir
+        prefix = f"{sub}/" if sub else ""
+        if lora_formats:
+            for f, p in export_lora(model, where, lora_formats, overrides).items():
+                paths[prefix + f] = p
+        if "unet" in formats:
+            paths[prefix + "unet"] = export_unet(model, where, overrides=overrides)
+    return paths

@@ -1,0 +1,137 @@
+"""Reading parameters that DeepSpeed ZeRO-3 may have partitioned, and small rank helpers.
+
+API
+  unwrap(model)                      -> the plain nn.Module (engine.module for a DeepSpeed engine)
+  is_partitioned(param)              -> True for a ZeRO-3 parameter (it has a `ds_id`)
+  gathered(params, modifier_rank)    -> context manager: full data visible on every rank inside it
+                                        (deepspeed.zero.GatheredParameters; a no-op without ZeRO-3)
+  gathered_state_dict(model, keep=, rank0_only=) -> {name: fp32 CPU tensor} of params + buffers,
+                                        gathered chunk by chunk so peak extra memory stays bounded
+  rank(), world_size(), is_rank0(), barrier()  -> work with or without torch.distributed
+
+Why this exists: under ZeRO-3 a parameter above `stage3_param_persistence_threshold` holds an
+empty tensor (numel 0) outside a forward pass, so `module.state_dict()` silently returns empty
+tensors (LongLoRA #160). Every read of trained weights (export, EMA) goes through `gathered`.
+GatheredParameters is a collective: EVERY rank must enter it with the same parameters, in the
+same order, or the job hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+
+# Gather at most this many elements at once (fp32: 1 GiB); SDXL's UNet is 2.6 G elements, so a
+# full-UNet export gathers in a few chunks instead of materialising everything on the accelerator.
+GATHER_CHUNK_ELEMENTS = 256 * 1024 * 1024
+
+
+def unwrap(model):
+    """The underlying nn.Module of a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model) if _is_engine(model) else model
+
+
+def _is_engine(model) -> bool:
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # deepspeed is a dependency, but keep plain-module use import-light
+        return False
+    return isinstance(model, DeepSpeedEngine)
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 managed parameter (its .data may be empty until gathered)."""
+    return hasattr(param, "ds_id")
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Element count of the full parameter, whether or not it is currently partitioned."""
+    return int(param.ds_numel) if is_partitioned(param) else param.numel()
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
+    """Make the full data of `params` visible on all ranks inside the block.
+
+    With `modifier_rank=r`, writes made on rank r inside the block are re-partitioned to every
+    rank on exit; with None the data is read-only. A no-op for plain tensors.
+    """
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def _chunks(params: list[tuple[str, torch.Tensor]], limit: int):
+    chunk, size = [], 0
+    for name, p in params:
+        n = full_numel(p)
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, p))
+        size += n
+    if chunk:
+        yield chunk
+
+
+def gathered_state_dict(
+    model,
+    keep: Callable[[str, torch.Tensor], bool] | None = None,
+    rank0_only: bool = False,
+    chunk_elements: int = GATHER_CHUNK_ELEMENTS,
+) -> dict[str, torch.Tensor]:
+    """{state_dict name: fp32 CPU copy} of `model`'s parameters and buffers, gathered under ZeRO-3.
+
+    `keep(name, tensor)` filters entries (e.g. LoRA only, trainable only). Collective under
+    ZeRO-3: call it on every rank. With rank0_only, other ranks get {} (they still take part in
+    the gathers). Names are those of `module.state_dict()` (peft's `base_layer` included).
+    """
+    module = unwrap(model)
+    # state_dict() names == named_parameters() names for parameters; keep duplicates (tied
+    # weights) once, as state_dict does not (it lists every alias; we copy each alias).
+    named = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if keep is None or keep(n, p)]
+    buffers = [(n, b) for n, b in module.named_buffers() if keep is None or keep(n, b)]
+    persistent = set(module.state_dict(keep_vars=True).keys())
+    out: dict[str, torch.Tensor] = {}
+    write = not rank0_only or is_rank0()
+    for chunk in _chunks(named, chunk_elements):
+        with gathered([p for _, p in chunk]):
+            if write:
+                for name, p in chunk:
+                    out[name] = p.detach().to("cpu", torch.float32, copy=True)
+    if write:
+        for name, b in buffers:
+            if name in persistent:
+                out[name] = b.detach().to("cpu", copy=True)
+    return out
+
+
+# ---- ranks, with or without torch.distributed ---------------------------------------------------
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if _dist_ready() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _dist_ready() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _dist_ready():
+        torch.distributed.barrier()

@@ -76,6 +76,7 @@ class CheckpointConfig:
     keep_last: int = 2
     dir: Optional[str] = None  # default: <output_dir>/checkpoints
     save_final: bool = True
+    load_universal: bool = False  # --resume from <tag>_universal (made by `python -m spoxl.engine.checkpoint to-universal`)
 
 
 @dataclass
@@ -102,6 +103,20 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    enabled: bool = False  # an EMA of the trained weights, outside DeepSpeed, exported beside them
+    decay: float = 0.999
+    warmup: bool = False
+    every_n_steps: int = 1
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = True  # write <output_dir>/export when training finishes
+    formats: Optional[list[str]] = None  # None: diffusers + kohya for LoRA, unet for full fine-tuning
+
+
+@dataclass
 class MethodConfig:
     name: str = "sft"
     params: Any = None  # the method's Config dataclass instance (filled by load_config)
@@ -118,6 +133,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
 
     @property
@@ -320,6 +337,11 @@ def validate(cfg: Config) -> None:
         raise SpoxlError("config: lora.target_modules is empty")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
         raise SpoxlError(f"config: model.prediction_type must be epsilon or v_prediction, got {cfg.model.prediction_type!r}")
+    for f in cfg.export.formats or []:
+        if f not in ("diffusers", "kohya", "unet"):
+            raise SpoxlError(f"config: export.formats entries must be diffusers, kohya or unet, got {f!r}")
+        if f in ("diffusers", "kohya") and not cfg.lora.enabled:
+            raise SpoxlError(f"config: export format {f} is a LoRA format but lora.enabled is false")
     if cfg.data.resolution % 8:
         raise SpoxlError(f"config: data.resolution must be a multiple of 8, got {cfg.data.resolution}")
 

@@ -1,0 +1,245 @@
+"""Checkpoints: DeepSpeed's own save/load plus what exact resume needs, with a crash-safe `latest`.
+
+Layout of <checkpoint dir>:
+  step_00000010/          engine.save_checkpoint(tag="step_00000010") (model, optimizer, scheduler)
+    spoxl_rank{r}.pt      per-rank state we own: global step, objective position, RNG states
+                          (torch, numpy, python, the per-rank generator); DeepSpeed's client_state
+                          is written by rank 0 only under ZeRO-1/2, so it cannot hold per-rank RNG
+    spoxl_complete        written by rank 0 after EVERY rank finished writing (after a barrier)
+  latest_spoxl            the tag of the newest COMPLETE checkpoint, replaced atomically (os.replace)
+
+A SIGKILL during a save leaves a tag folder without `spoxl_complete` and `latest_spoxl` still
+naming the previous checkpoint; the partial folder is ignored and deleted by the next save.
+DeepSpeed's own `latest` file is not written (save_latest=False) because it would be updated
+before the other ranks finish.
+
+Universal checkpoints (resume on a different number of ranks): `to_universal(dir)` runs
+DeepSpeed's ds_to_universal on the latest tag into <tag>_universal; resuming with
+`checkpoint.load_universal=true` loads that folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spoxl.errors import SpoxlError
+
+LATEST = "latest_spoxl"
+COMPLETE = "spoxl_complete"
+UNIVERSAL_SUFFIX = "_universal"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (all generators a step may draw from)
+
+
+def rng_state(generator: torch.Generator | None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's state as plain tensors/ints so torch.load(weights_only=True) reads it back.
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_list(random.getstate()),
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _python_state_to_list(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete step tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def latest_tag(ckpt_dir) -> str | None:
+    """The tag `latest_spoxl` names, if that checkpoint is complete (else the newest complete one)."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (ckpt_dir / tag / COMPLETE).is_file():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new tag, never half
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+
+
+def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
+    """Collective: every rank must call it at the same step."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(ctx.global_step)
+    if ctx.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_dir / tag
+        if stale.exists():  # a partial save of this very step from a killed run
+            shutil.rmtree(stale)
+    _barrier()
+    client_state = {"global_step": ctx.global_step, "config": ctx.config.to_dict()}
+    ctx.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=ctx.lora)
+    own = {
+        "global_step": ctx.global_step,
+        "world_size": ctx.world_size,
+        "objective": objective.state_dict(),
+        "rng": rng_state(ctx.generator),
+        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+    }
+    _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
+    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if ctx.rank == 0:
+        (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))
+        _write_atomic(ckpt_dir / LATEST, tag)
+        _prune(ckpt_dir, keep_last)
+    _barrier()
+    return tag
+
+
+def _save_file(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and partial leftovers."""
+    tags = complete_tags(ckpt_dir)
+    keep = set(tags[-keep_last:])
+    for p in ckpt_dir.iterdir():
+        if _TAG.match(p.name) and p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / (p.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
+    """Resume from the latest complete checkpoint (None when there is none). Collective."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    load_tag = tag + UNIVERSAL_SUFFIX if universal else tag
+    if universal and not (ckpt_dir / load_tag).is_dir():
+        raise SpoxlError(f"no universal checkpoint {ckpt_dir / load_tag}; convert first: "
+                         f"python -m spoxl.engine.checkpoint to-universal {ckpt_dir}")
+    path, _ = ctx.engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=not ctx.lora,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise SpoxlError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
+    own_file = ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt"
+    if not own_file.is_file():
+        # A universal resume on more ranks than were saved: this rank has no state of its own;
+        # rank 0's step counter applies, its data position and RNG do not (resume is then not exact).
+        own_file = ckpt_dir / tag / "spoxl_rank0.pt"
+        own = torch.load(own_file, map_location="cpu", weights_only=True)
+        own.pop("rng")
+        own.pop("objective")
+    else:
+        own = torch.load(own_file, map_location="cpu", weights_only=True)
+    ctx.global_step = int(own["global_step"])
+    if "objective" in own and own.get("world_size") == ctx.world_size:
+        objective.load_state_dict(own["objective"])
+    if ctx.ema is not None and own.get("ema") is not None:
+        ctx.ema.load_state_dict(own["ema"])
+    if "rng" in own and own.get("world_size") == ctx.world_size:
+        set_rng_state(own["rng"], ctx.generator)
+    return tag
+
+
+def to_universal(ckpt_dir, tag: str | None = None) -> Path:
+    """Convert a checkpoint (default: the latest complete one) with DeepSpeed's ds_to_universal."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise SpoxlError(f"no complete checkpoint in {ckpt_dir}")
+    src, out = ckpt_dir / tag, ckpt_dir / (tag + UNIVERSAL_SUFFIX)
+    if out.exists():
+        shutil.rmtree(out)
+    # --inject_missing_state: non-Megatron models lack universal_checkpoint_info (DeepSpeed asks for it).
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SpoxlError(f"ds_to_universal failed on {src}: {last}")
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m spoxl.engine.checkpoint")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("to-universal", help="convert the latest checkpoint to DeepSpeed's universal format")
+    u.add_argument("checkpoint_dir")
+    u.add_argument("--tag", default=None)
+    args = parser.parse_args(argv)
+    try:
+        out = to_universal(args.checkpoint_dir, args.tag)
+    except SpoxlError as e:
+        print(f"spoxl checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

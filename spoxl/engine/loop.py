@@ -1,0 +1,169 @@
+"""The training loop, top to bottom.
+
+    for each optimizer step:
+        for each of grad_accum micro-steps:
+            batch = next(objective's micro-batches)       (online objectives sample here)
+            loss, metrics = objective.loss(ctx, batch)
+            engine.backward(loss); engine.step()          (DeepSpeed steps on the boundary)
+        a non-finite loss or gradient norm: DeepSpeed skipped the update; count it, and after
+            train.max_nonfinite_steps in a row save the last good state and abort
+        log scalars, sample a grid now and then, checkpoint every N steps
+
+Every rank runs every line (ZeRO-3 needs every rank in every forward); only rank 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from spoxl.engine import checkpoint
+from spoxl.engine.logging import memory_stats
+from spoxl.errors import SpoxlError
+
+
+class NonFiniteAbort(SpoxlError):
+    """Too many consecutive optimizer steps had a NaN/inf loss or gradient."""
+
+
+def _any_rank(flag: bool) -> bool:
+    """True if `flag` is true on any rank (a collective: all ranks must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_metrics(acc: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in acc[0]:
+        values = [float(m[key]) for m in acc if key in m]
+        out[key] = sum(values) / len(values)
+    return out
+
+
+def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
+    """Run until train.max_steps optimizer steps are done; returns the last logged scalars."""
+    cfg = ctx.config
+    engine = ctx.engine
+    batches = objective.micro_batches(ctx)
+    progress = None
+    if ctx.rank == 0 and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=ctx.global_step, desc="train", dynamic_ncols=True)
+
+    nonfinite_in_a_row = 0
+    nonfinite_total = 0
+    last: dict[str, float] = {}
+    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
+    while ctx.global_step < cfg.train.max_steps:
+        started = time.perf_counter()
+        metrics, losses, bad_loss = [], [], False
+        skipped_before = engine.skipped_steps
+        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)
+            loss, m = objective.loss(ctx, batch)
+            bad_loss |= not bool(torch.isfinite(loss.detach()).all())
+            engine.backward(loss)
+            engine.step()  # applies the optimizer only at the accumulation boundary
+            losses.append(float(loss.detach().float()))
+            metrics.append(m)
+        bad_loss = _any_rank(bad_loss)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        skipped = engine.skipped_steps > skipped_before
+        if bad_loss and not skipped:
+            # DeepSpeed checks the gradient norm; a non-finite loss with a finite gradient (rare)
+            # was applied. Say so: the weights are still finite, but the step was meaningless.
+            logger.warning(f"step {ctx.global_step + 1}: non-finite loss but finite gradients; DeepSpeed applied the step")
+
+        if skipped:
+            # DeepSpeed did not apply the update (and did not advance the LR schedule); nor do we
+            # advance the step counter, so the run still ends after max_steps good updates.
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            logger.warning(f"step {ctx.global_step + 1}: non-finite loss/gradient (loss {losses}, grad norm "
+                           f"{grad_norm}); update skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} total)")
+            logger.scalar("train/nonfinite_steps", nonfinite_total, ctx.global_step)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                tag = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+                raise NonFiniteAbort(
+                    f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; aborting. "
+                    f"The last good state is saved as {cfg.checkpoint_dir / tag} (lower train.lr, check the "
+                    f"data, or use bf16 instead of fp16)")
+            continue
+        nonfinite_in_a_row = 0
+        ctx.global_step += 1
+        if ctx.ema is not None:
+            ctx.ema.update(engine, ctx.global_step)  # collective under ZeRO-3
+        step_time = time.perf_counter() - started
+
+        if ctx.global_step % cfg.logging.every == 0 or ctx.global_step == cfg.train.max_steps:
+            last = {
+                "train/loss": sum(losses) / len(losses),
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/step_time_s": step_time,
+                "train/samples_per_s": samples_per_step / step_time,
+                **{f"train/{k}": v for k, v in _mean_metrics(metrics).items()},
+                **memory_stats(ctx.device),
+            }
+            logger.scalars(last, ctx.global_step)
+            logger.info(f"step {ctx.global_step}/{cfg.train.max_steps} loss {last['train/loss']:.5f} "
+                        f"lr {last['train/lr']:.3g} grad_norm {grad_norm:.4g} {step_time:.2f}s/step")
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+
+        if cfg.logging.sample_every and ctx.global_step % cfg.logging.sample_every == 0:
+            log_sample_grid(ctx, logger)
+        if cfg.checkpoint.every and ctx.global_step % cfg.checkpoint.every == 0:
+            checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+
+    if progress is not None:
+        progress.close()
+    if cfg.checkpoint.save_final and checkpoint.latest_tag(cfg.checkpoint_dir) != checkpoint.tag_for(ctx.global_step):
+        checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+    last["train/nonfinite_steps"] = nonfinite_total
+    return last
+
+
+def log_sample_grid(ctx, logger) -> None:
+    """Sample the fixed prompts with the current policy; EVERY rank runs the UNet calls (ZeRO-3
+    gathers shards inside the forward), rank 0 writes the grid."""
+    from spoxl.imaging import make_grid, sample_images
+
+    lc = ctx.config.logging
+    with ctx.sampling() as policy:
+        comps = ctx.components
+        original = comps.unet
+        comps.unet = EngineAsUNet(policy)  # sample_images calls components.unet: route calls through the engine
+        try:
+            images = sample_images(comps, list(lc.sample_prompts), steps=lc.sample_steps, cfg_scale=lc.sample_cfg,
+                                   seed=lc.sample_seed)
+        finally:
+            comps.unet = original
+    logger.image("samples", make_grid(images), ctx.global_step)
+    if ctx.rank == 0:
+        from spoxl.imaging import save_grid
+
+        save_grid(images, ctx.config.run.output_dir + f"/samples/step_{ctx.global_step:08d}.png")
+
+
+class EngineAsUNet:
+    """Looks like the diffusers UNet (config, dtype, parameters) but calls go through the engine."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine.module, name)

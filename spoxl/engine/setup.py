@@ -1,0 +1,215 @@
+"""From a Config to a running DeepSpeed engine around the SDXL UNet (plus what objectives need).
+
+  init_distributed(cfg)  -> (rank, world_size, device): gloo + DS_ACCELERATOR=cpu without a GPU,
+                            NCCL on GPUs, process-group timeout from the recipe;
+  build_training(cfg, objective) -> TrainContext: components loaded, VAE/text encoders frozen in
+                            the compute dtype and kept OUTSIDE DeepSpeed; the UNet with LoRA
+                            (peft, the diffusers way) or fully trainable; optimizer (torch AdamW or
+                            bitsandbytes AdamW8bit), LR warmup/schedule; deepspeed.initialize;
+                            the reference model if the objective needs one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from datetime import timedelta
+
+import torch
+
+from spoxl.errors import SpoxlError
+
+
+def use_cpu() -> bool:
+    """No usable CUDA device, or DS_ACCELERATOR=cpu forced: DeepSpeed's CPU accelerator + gloo."""
+    forced = os.environ.get("DS_ACCELERATOR")
+    if forced:
+        return forced == "cpu"
+    return not torch.cuda.is_available()
+
+
+def _ensure_process_env() -> None:
+    """A single process started without a launcher still needs the torch.distributed rendezvous env."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def init_distributed(cfg) -> tuple[int, int, torch.device]:
+    """Start (or join) the process group; returns (rank, world_size, device)."""
+    cpu = use_cpu()
+    if cpu:
+        # Must be set before deepspeed picks its accelerator (cached on first use).
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    _ensure_process_env()
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="gloo" if cpu else "nccl",
+            timeout=timedelta(minutes=cfg.train.dist_timeout_minutes),
+            dist_init_required=True,
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cpu:
+        device = torch.device("cpu")
+    else:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def attach_lora(unet, lora_cfg) -> None:
+    """Freeze the UNet and add a peft LoRA adapter (the diffusers way); only the adapter trains."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(LoraConfig(
+            r=lora_cfg.rank,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(lora_cfg.target_modules),
+        ))
+    except ValueError as e:
+        raise SpoxlError(f"lora.target_modules {lora_cfg.target_modules} do not match the UNet: "
+                         f"{str(e).splitlines()[0]}") from None
+    # peft leaves adapter weights trainable; make sure nothing else is.
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def build_optimizer(params, cfg):
+    o = cfg.optim
+    kwargs = dict(lr=cfg.train.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except Exception as e:  # an import failure of a native library can be any type
+            raise SpoxlError(f"optim.name=adamw8bit needs bitsandbytes, which failed to import: {e}") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise SpoxlError(f"unknown optimizer {o.name!r}")
+
+
+def lr_lambda(cfg):
+    """Multiplier of train.lr at optimizer step `step`: linear warmup, then constant/linear/cosine."""
+    t = cfg.train
+    warmup, total, schedule = t.warmup_steps, t.max_steps, t.lr_schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _reference_ds_config(ds: dict) -> dict:
+    """A no-optimizer ZeRO-3 config for the frozen reference (sharded like the policy)."""
+    zero = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
+    ref = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                              "train_batch_size", "bf16", "fp16", "steps_per_print") if k in ds}
+    ref["zero_optimization"] = zero
+    return ref
+
+
+def build_reference(unet_frozen_copy, ds: dict, device, dtype):
+    """Full fine-tuning's reference: a frozen UNet copy. Under ZeRO-3 it is a DeepSpeed engine
+    without an optimizer, so its weights are partitioned like the policy's; otherwise a plain
+    module in the compute dtype."""
+    from spoxl.engine.ds_config import zero_stage
+
+    ref = unet_frozen_copy.requires_grad_(False).eval()
+    if zero_stage(ds) == 3:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=ref, config=_reference_ds_config(ds), dist_init_required=False)
+        engine.eval()
+        return engine
+    return ref.to(device=device, dtype=dtype)
+
+
+def build_training(cfg, objective, *, components=None):
+    """Everything up to the first step: returns a spoxl.methods.base.TrainContext."""
+    import deepspeed
+
+    from spoxl.engine.ds_config import build_ds_config, compute_dtype
+    from spoxl.methods.base import TrainContext
+    from spoxl.models.loading import load_sdxl
+
+    rank, world, device = init_distributed(cfg)
+    ds = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
+    dtype = compute_dtype(cfg.deepspeed.precision)
+
+    # Same seed on every rank for everything that builds weights (LoRA init, the tiny model):
+    # ZeRO-3 partitions each rank's own copy, so the copies must agree.
+    torch.manual_seed(cfg.run.seed)
+    if components is None:
+        components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file)
+    # Frozen parts: compute dtype, on the device, never seen by DeepSpeed (so never partitioned).
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        getattr(components, name).to(device=device, dtype=dtype)
+    components.freeze_frozen_parts()
+
+    unet = components.unet
+    reference = None
+    if cfg.lora.enabled:
+        attach_lora(unet, cfg.lora)
+    else:
+        unet.requires_grad_(True)
+        if objective.needs_reference:
+            reference = copy.deepcopy(unet)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise SpoxlError("nothing to train: the UNet has no trainable parameters")
+    optimizer = build_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=unet, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False)
+    if reference is not None:
+        reference = build_reference(reference, ds, device, dtype)
+
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
+    # Per-rank global RNG (dropout etc.): ranks see different data, so they may differ here.
+    torch.manual_seed(cfg.run.seed * 1000 + rank)
+    components.unet = engine.module
+    return TrainContext(
+        config=cfg,
+        components=components,
+        engine=engine,
+        reference_engine=reference,
+        rank=rank,
+        world_size=world,
+        device=device,
+        dtype=dtype,
+        generator=generator,
+        lora=cfg.lora.enabled,
+    )

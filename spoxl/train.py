@@ -1,0 +1,96 @@
+"""Training entry point, one process per rank:
+
+    deepspeed --num_gpus N -m spoxl.train --config configs/tiny_sft.yaml [--set a.b=c ...] [--resume]
+
+(on CPU: `deepspeed --num_gpus 2` gives 2 CPU ranks; `spoxl train ...` wraps this command).
+Without a launcher it runs as a single rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spoxl.train", description="Train the SDXL UNet with DeepSpeed.")
+    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.lr=1e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p
+
+
+def run(args) -> int:
+    from spoxl.config import dump_yaml, load_config
+    from spoxl.engine import checkpoint, loop
+    from spoxl.engine.logging import MetricsLogger, flatten
+    from spoxl.engine.setup import build_training
+    from spoxl.methods.base import objective_class
+
+    cfg = load_config(args.config, args.overrides)
+    objective = objective_class(cfg.method.name)(cfg.method.params)
+    ctx = build_training(cfg, objective)
+    out = Path(cfg.run.output_dir)
+    logger = MetricsLogger(out, ctx.rank, tensorboard=cfg.logging.tensorboard)
+    ctx.logger = logger
+    try:
+        if ctx.rank == 0:
+            (out / "config.yaml").write_text(dump_yaml(cfg))
+        logger.info(f"method {cfg.method.name}, {'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, "
+                    f"{ctx.world_size} rank(s), {cfg.deepspeed.config} ({cfg.deepspeed.precision}), "
+                    f"device {ctx.device}")
+        objective.setup(ctx)
+        ema = None
+        if cfg.ema.enabled:
+            from spoxl.engine.ema import EMA
+
+            ema = EMA(ctx.engine, decay=cfg.ema.decay, warmup=cfg.ema.warmup, every_n_steps=cfg.ema.every_n_steps)
+            ctx.ema = ema
+        if args.resume:
+            tag = checkpoint.load(ctx, objective, cfg.checkpoint_dir, universal=cfg.checkpoint.load_universal)
+            logger.info(f"resumed from {cfg.checkpoint_dir / tag} at step {ctx.global_step}" if tag
+                        else f"--resume: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
+        last = loop.train(ctx, objective, logger)
+        if cfg.export.at_end:
+            from spoxl.engine.export import export_all
+
+            formats = cfg.export.formats or (("diffusers", "kohya") if cfg.lora.enabled else ("unet",))
+            paths = export_all(ctx.engine, out / "export", formats=tuple(formats), ema=ema)
+            logger.info("exported " + ", ".join(str(p) for p in paths.values()))
+        logger.hparams(flatten(cfg.to_dict()), {k.split("/")[-1]: v for k, v in last.items()
+                                                 if k in ("train/loss", "train/grad_norm")})
+        logger.info(f"done: {ctx.global_step} steps, run dir {out}")
+    finally:
+        logger.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    from spoxl.errors import SpoxlError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except SpoxlError as e:
+        rank = os.environ.get("RANK", "0")
+        # Every rank hits the same config/data error; print it once.
+        if rank == "0":
+            print(f"spoxl train: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    _shutdown()
+    return code
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,3 +59,24 @@ def world_size(hosts: list[Host]) -> int:
 
 def format_hostfile(hosts: list[Host]) -> str:
     return "".join(f"{h.name} slots={h.slots}\n" for h in hosts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m spoxl.cluster.hostfile FILE`: validate FILE (for launch scripts, before fan-out)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m spoxl.cluster.hostfile HOSTFILE", file=sys.stderr)
+        return 2
+    try:
+        hosts = parse_hostfile(argv[0])
+    except SpoxlError as e:
+        print(f"hostfile: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{argv[0]}: {len(hosts)} node(s), {world_size(hosts)} ranks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

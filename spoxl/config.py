@@ -95,8 +95,10 @@ class LoggingConfig:
 class DataConfig:
     path: Optional[str] = None  # image folder (+ .txt captions), .jsonl or .parquet; None: synthetic
     resolution: int = 64
-    image_column: str = "image"
-    caption_column: str = "caption"
+    image_column: Optional[str] = None  # None: the first of image / image_path / file_name / jpg
+    caption_column: Optional[str] = None  # None: the first of caption / text / prompt
+    crop: Literal["center", "random"] = "center"
+    hflip: bool = False
     cache_dir: Optional[str] = None  # VAE latents + text embeddings cached here
     shuffle: bool = True
     synthetic_size: int = 8  # samples in the built-in synthetic dataset (tests, smoke runs)

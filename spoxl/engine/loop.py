@@ -38,6 +38,23 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def _next_batch(batches):
+    """The next micro-batch, failing on EVERY rank when any rank's data is bad (an unreadable
+    image on one rank would otherwise leave the others waiting in a collective until timeout)."""
+    error = None
+    try:
+        batch = next(batches)
+    except SpoxlError as e:
+        error, batch = str(e), None
+    if _any_rank(error is not None):
+        messages = [error]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            messages = [None] * dist.get_world_size()
+            dist.all_gather_object(messages, error)
+        raise SpoxlError(next(m for m in messages if m is not None))
+    return batch
+
+
 def _mean_metrics(acc: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in acc[0]:
@@ -67,7 +84,7 @@ def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
         skipped_before = engine.skipped_steps
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
+            batch = _next_batch(batches)
             loss, m = objective.loss(ctx, batch)
             bad_loss |= not bool(torch.isfinite(loss.detach()).all())
             engine.backward(loss)

@@ -1,0 +1,114 @@
+"""Single-rank engine behaviour, in-process: clipping, NaN skipping, references, 8-bit AdamW."""
+
+import pytest
+import torch
+
+from inprocess import fixed_loss, fixed_unet_input, make, trainable
+from spoxl.engine import checkpoint, loop
+from spoxl.methods.sft import SFTObjective
+from spoxl.models.tiny import build_tiny_sdxl
+
+
+def one_step_update(tmp_path, clip):
+    # AdamW's first step is lr * g / (|g| + eps) per element; with eps >> |g| it is ~ lr * g / eps,
+    # linear in the (clipped) gradient, so the update's norm reveals the gradient norm used.
+    ctx, obj = make(tmp_path, ["lora.enabled=true", "train.lr=1e4", "optim.eps=1e3", f"train.grad_clip={clip}",
+                               "train.max_steps=1"])
+    before = trainable(ctx)
+    loop.train(ctx, obj, ctx.logger)
+    after = trainable(ctx)
+    update = torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n in before))
+    return float(update), float(ctx.engine.get_global_grad_norm())
+
+
+def test_gradient_clipping_clips_only_above_threshold(tmp_path):
+    lr_over_eps = 1e4 / 1e3
+    unclipped, norm = one_step_update(tmp_path / "a", clip=0.0)
+    clip = norm / 10
+    clipped, norm2 = one_step_update(tmp_path / "b", clip=clip)
+    assert norm == pytest.approx(norm2, rel=1e-5)  # same data, same gradient
+    assert unclipped == pytest.approx(lr_over_eps * norm, rel=1e-2)
+    assert clipped == pytest.approx(lr_over_eps * clip, rel=1e-2)
+    # A threshold above the norm leaves the gradient alone.
+    loose, _ = one_step_update(tmp_path / "c", clip=norm * 10)
+    assert loose == pytest.approx(unclipped, rel=1e-4)
+
+
+class NaNAfterFirst(SFTObjective):
+    calls = 0
+
+    def loss(self, ctx, batch):
+        loss, m = super().loss(ctx, batch)
+        NaNAfterFirst.calls += 1
+        return (loss * float("nan") if NaNAfterFirst.calls > 1 else loss), m
+
+
+def test_nonfinite_steps_are_skipped_then_abort_with_last_good_checkpoint(tmp_path):
+    ctx, obj = make(tmp_path, ["train.max_steps=10", "train.max_nonfinite_steps=3"], NaNAfterFirst)
+    with pytest.raises(loop.NonFiniteAbort, match="3 optimizer steps in a row had a NaN/inf") as e:
+        loop.train(ctx, obj, ctx.logger)
+    assert "\n" not in str(e.value)
+    good = trainable(ctx)
+    assert ctx.global_step == 1 and ctx.engine.skipped_steps == 3
+    assert all(torch.isfinite(v).all() for v in good.values())
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.latest_tag(ckpt) == "step_00000001"
+    # The saved state is the last good one: reload it into a fresh engine and compare.
+    ctx2, obj2 = make(tmp_path / "fresh", [f"checkpoint.dir={ckpt}"])
+    assert checkpoint.load(ctx2, obj2, ckpt) == "step_00000001"
+    for n, v in trainable(ctx2).items():
+        assert torch.equal(v, good[n]), n
+    assert ctx2.global_step == 1
+
+
+class WithReference(SFTObjective):
+    needs_reference = True
+
+
+def _out(model, ctx, inputs):
+    x, t, e, p, ids = inputs
+    with torch.no_grad():
+        return ctx.unet_output(model, x, t, e, p, ids).float()
+
+
+def test_lora_reference_is_the_base_unet(tmp_path):
+    ctx, obj = make(tmp_path, ["train.max_steps=3", "train.lr=1e-2"])
+    loop.train(ctx, obj, ctx.logger)
+    inputs = fixed_unet_input()
+    base = build_tiny_sdxl(0).unet.eval()
+    expected = _out(base, ctx, inputs)
+    policy = _out(ctx.policy, ctx, inputs)
+    with ctx.reference() as ref:
+        reference = _out(ref, ctx, inputs)
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert (policy - expected).abs().max() > 1e-3  # training moved the policy
+    assert torch.equal(_out(ctx.policy, ctx, inputs), policy)  # adapters are back on
+
+
+def test_full_finetune_reference_stays_frozen_and_8bit_adamw_trains(tmp_path):
+    ctx, obj = make(tmp_path, ["lora.enabled=false", "optim.name=adamw8bit", "train.max_steps=3", "train.lr=1e-3"],
+                    WithReference)
+    inputs = fixed_unet_input()
+    start_loss = fixed_loss(ctx, obj)
+    loop.train(ctx, obj, ctx.logger)
+    assert fixed_loss(ctx, obj) < start_loss
+    inner = ctx.engine.optimizer.optimizer  # DeepSpeed's ZeRO wrapper around bitsandbytes
+    assert type(inner).__name__ == "AdamW8bit"
+    assert any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+               for state in inner.state.values() for v in state.values())
+    expected = _out(build_tiny_sdxl(0).unet.eval(), ctx, inputs)
+    with ctx.reference() as ref:
+        assert not any(p.requires_grad for p in ref.parameters())
+        assert torch.equal(_out(ref, ctx, inputs), expected)
+    assert (_out(ctx.policy, ctx, inputs) - expected).abs().max() > 1e-4
+
+
+def test_latest_ignores_a_partial_save(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step_00000002").mkdir(parents=True)
+    (ckpt / "step_00000002" / checkpoint.COMPLETE).write_text("2")
+    (ckpt / checkpoint.LATEST).write_text("step_00000002")
+    (ckpt / "step_00000004").mkdir()  # killed mid-save: no completion marker
+    assert checkpoint.latest_tag(ckpt) == "step_00000002"
+    (ckpt / checkpoint.LATEST).write_text("step_00000004")  # even a pointer to it is not trusted
+    assert checkpoint.latest_tag(ckpt) == "step_00000002"

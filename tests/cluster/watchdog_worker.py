@@ -1,0 +1,24 @@
+"""Helper process for test_watchdog: a gloo rank looping over all_reduce under watch_job().
+Not a test module (no test_ prefix). argv[1]: folder for the ready marker."""
+
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spoxl.cluster.watchdog import watch_job
+
+with watch_job():
+    # A long process-group timeout: only the watchdog may end this job quickly.
+    dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+    x = torch.ones(4)
+    for step in range(100000):
+        dist.all_reduce(x)
+        x.fill_(1.0)
+        if step == 0:
+            (Path(sys.argv[1]) / f"ready{os.environ['RANK']}").touch()
+        time.sleep(0.01)

@@ -7,6 +7,10 @@ autograd through it hands the per-sample gradients back to whichever backend com
 
 Every head returns (loss, metrics): metrics is a dict of detached 0-d tensors computed from the
 same [B] vectors, so logging them costs no second pass over the latents and no host sync.
+
+The heads compute in fp64 and return fp32. They see only [B] values, so this costs nothing, and
+it removes the cancellation in differences of near-equal per-sample values (MaPO's margin is a
+difference of two scores near 1; DPO's logit multiplies a small MSE difference by beta/2).
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ def implicit_accuracy(logit: torch.Tensor) -> torch.Tensor:
     return ((logit > 0).float() + 0.5 * (logit == 0).float()).mean()
 
 
-def _detached(metrics: dict) -> dict:
-    return {name: value.detach() for name, value in metrics.items()}
+def _fp64(*values):
+    return [None if v is None else v.double() for v in values]
+
+
+def _finish(loss: torch.Tensor, metrics: dict, dtype: torch.dtype):
+    """The loss in the per-sample values' dtype (fp32, or fp64 under gradcheck) and detached fp32 metrics."""
+    return loss.to(dtype), {name: value.detach().float() for name, value in metrics.items()}
 
 
 def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, clip: float):
@@ -32,6 +41,8 @@ def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, 
     r = clamp(exp(log_ratio), 1 - clip, 1 + clip); loss = mean(-logsigmoid(beta log r_w - beta log r_l)).
     torch.clamp passes no gradient where the clamp is active, exactly as the official code.
     """
+    dtype = log_ratio_w.dtype
+    log_ratio_w, log_ratio_l = _fp64(log_ratio_w, log_ratio_l)
     ratio_w = torch.clamp(torch.exp(log_ratio_w), 1 - clip, 1 + clip)
     ratio_l = torch.clamp(torch.exp(log_ratio_l), 1 - clip, 1 + clip)
     logit = beta * (torch.log(ratio_w) - torch.log(ratio_l))
@@ -49,11 +60,13 @@ def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, 
         "ratio_l": ratio_l.mean(),
         "clamp_frac": clamp_frac,
     }
-    return loss, _detached(metrics)
+    return _finish(loss, metrics, dtype)
 
 
 def diffusion_dpo_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float):
     """Diffusion-DPO: logit = -beta/2 ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)); loss = mean(-logsigmoid)."""
+    dtype = mse_w.dtype
+    mse_w, mse_l, ref_mse_w, ref_mse_l = _fp64(mse_w, mse_l, ref_mse_w, ref_mse_l)
     model_diff = mse_w - mse_l
     ref_diff = ref_mse_w - ref_mse_l
     logit = -0.5 * beta * (model_diff - ref_diff)
@@ -68,7 +81,7 @@ def diffusion_dpo_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float):
         "model_diff": model_diff.mean(),
         "ref_diff": ref_diff.mean(),
     }
-    return loss, _detached(metrics)
+    return _finish(loss, metrics, dtype)
 
 
 def mapo_score(mse: torch.Tensor, snr: float) -> torch.Tensor:
@@ -85,6 +98,8 @@ def mapo_score(mse: torch.Tensor, snr: float) -> torch.Tensor:
 
 def mapo_head(mse_w, mse_l, beta: float, snr: float, num_train_timesteps: int):
     """MaPO: mean(mse_w) - beta * mean(logsigmoid(T (g(mse_w) - g(mse_l))))."""
+    dtype = mse_w.dtype
+    mse_w, mse_l = _fp64(mse_w, mse_l)
     margin = mapo_score(mse_w, snr) - mapo_score(mse_l, snr)
     logit = num_train_timesteps * margin
     loss = mse_w.mean() - beta * F.logsigmoid(logit).mean()
@@ -94,7 +109,7 @@ def mapo_head(mse_w, mse_l, beta: float, snr: float, num_train_timesteps: int):
         "mse_w": mse_w.mean(),
         "mse_l": mse_l.mean(),
     }
-    return loss, _detached(metrics)
+    return _finish(loss, metrics, dtype)
 
 
 def ncp_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, kind: str):
@@ -102,6 +117,8 @@ def ncp_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, kind: str):
 
     dpo: -logsigmoid(beta (d_ref - d_theta)); cpo: -logsigmoid(-beta d_theta); sft: mean(mse_w).
     """
+    dtype = mse_w.dtype
+    mse_w, mse_l, ref_mse_w, ref_mse_l = _fp64(mse_w, mse_l, ref_mse_w, ref_mse_l)
     d_theta = mse_w - mse_l
     metrics = {"mse_w": mse_w.mean(), "mse_l": mse_l.mean(), "d_theta": d_theta.mean()}
     if kind == "dpo":
@@ -113,4 +130,4 @@ def ncp_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, kind: str):
     loss = mse_w.mean() if kind == "sft" else -F.logsigmoid(logit).mean()
     metrics["implicit_acc"] = implicit_accuracy(logit)
     metrics["margin"] = logit.mean()
-    return loss, _detached(metrics)
+    return _finish(loss, metrics, dtype)

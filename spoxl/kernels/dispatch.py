@@ -76,14 +76,14 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 def choose_backend(device: torch.device) -> str:
     """'torch' or 'triton' for inputs on `device`, following the rule in the module docstring."""
     name = requested_backend()
-    if name == "torch":
-        return "torch"
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return "torch"  # decided without importing triton (the import alone costs seconds)
     reason = triton_unavailable_reason(device)
     if name == "triton":
         if reason is not None:
             raise SpoxlError(f"{ENV_VAR}=triton but the Triton backend is unavailable: {reason}")
         return "triton"
-    return "triton" if reason is None and device.type == "cuda" else "torch"
+    return "triton" if reason is None else "torch"
 
 
 def backend_module(device: torch.device):

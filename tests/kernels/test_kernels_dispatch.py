@@ -1,0 +1,118 @@
+"""Backend choice: SPOXL_KERNELS read at call time, auto on CPU = torch, forced-unavailable
+raises a one-line SpoxlError, and importing spoxl.kernels does not import triton."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spoxl.kernels as K
+from spoxl.errors import SpoxlError
+from spoxl.kernels import dispatch
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("SPOXL_KERNELS", raising=False)
+
+
+def _logprob_grad_fn_name(monkeypatch=None) -> str:
+    mean = torch.randn(2, 3, 4, 4, requires_grad=True)
+    return type(K.transition_logprob(torch.randn(2, 3, 4, 4), mean, 0.5).grad_fn).__name__
+
+
+def test_auto_on_cpu_picks_torch():
+    assert dispatch.requested_backend() == "auto"
+    assert K.choose_backend(CPU) == "torch"
+    assert _logprob_grad_fn_name() == "MeanBackward1"  # plain autograd: the torch reference ran
+
+
+def test_env_var_is_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("SPOXL_KERNELS", "triton")
+    assert K.choose_backend(CPU) == "triton"
+    assert _logprob_grad_fn_name() == "TransitionLogprobBackward"  # the Triton Function ran
+    monkeypatch.setenv("SPOXL_KERNELS", "torch")
+    assert K.choose_backend(CPU) == "torch"
+    assert _logprob_grad_fn_name() == "MeanBackward1"
+
+
+def test_use_backend_overrides_env_and_restores(monkeypatch):
+    monkeypatch.setenv("SPOXL_KERNELS", "torch")
+    with K.use_backend("triton"):
+        assert K.choose_backend(CPU) == "triton"
+        with K.use_backend("torch"):
+            assert K.choose_backend(CPU) == "torch"
+        assert K.choose_backend(CPU) == "triton"
+    assert K.choose_backend(CPU) == "torch"
+
+
+def test_unknown_backend_names_raise(monkeypatch):
+    monkeypatch.setenv("SPOXL_KERNELS", "cuda")
+    with pytest.raises(SpoxlError, match="SPOXL_KERNELS='cuda' is not one of auto, torch, triton"):
+        K.choose_backend(CPU)
+    with pytest.raises(SpoxlError):
+        with K.use_backend("fast"):
+            pass
+
+
+def test_forced_triton_without_triton_raises_but_auto_falls_back(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setenv("SPOXL_KERNELS", "triton")
+    with pytest.raises(SpoxlError, match="Triton backend is unavailable: triton cannot be imported") as info:
+        K.transition_logprob(torch.randn(2, 4), torch.randn(2, 4), 1.0)
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("SPOXL_KERNELS", "auto")
+    assert K.choose_backend(CPU) == "torch"
+    assert K.choose_backend(torch.device("cuda")) == "torch"  # auto never raises
+
+
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("SPOXL_KERNELS", "triton")
+    ops = sys.modules.get(dispatch._TRITON_MODULE)
+    if ops is not None:  # already imported (interpreted): pretend it was compiled for a GPU
+        monkeypatch.setattr(ops, "INTERPRETED", False)
+        expected = "imported without TRITON_INTERPRET=1"
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        expected = "CPU tensors need TRITON_INTERPRET=1"
+    with pytest.raises(SpoxlError, match=expected):
+        K.choose_backend(CPU)
+
+
+def test_package_import_does_not_import_triton():
+    env = {k: v for k, v in os.environ.items() if k != "SPOXL_KERNELS"}
+    code = (
+        "import sys, torch, spoxl.kernels as K\n"
+        "assert 'triton' not in sys.modules, 'triton imported at package import'\n"
+        "x = torch.randn(2, 3)\n"
+        "K.spo_loss(x, x, x, x, x, x, 1.0)\n"
+        "assert 'triton' not in sys.modules, 'the torch backend imported triton'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: K.diffusion_dpo_loss(*[torch.randn(2, 4)] * 5, torch.randn(3, 4)), "target_l has shape"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=-1.0), "std must be > 0"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=torch.ones(3)), "one value per sample"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=1.0, clip=1.5), "clip must be in"),
+        (lambda: K.mapo_loss(*[torch.randn(2, 4)] * 3, torch.randn(2, 4).long()), "must be fp16, bf16"),
+        (lambda: K.ncp_loss(*[torch.randn(2, 4)] * 6, kind="ipo"), "ncp kind must be one of"),
+        (lambda: K.ncp_loss(torch.randn(2, 4), torch.randn(2, 4), None, None, *[torch.randn(2, 4)] * 2), "needs ref"),
+        (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 0), "positive int"),
+        (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, noise=torch.randn(2, 4)), "noise"),
+        (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, seed=-3), "seed"),
+        (lambda: K.pool_logprobs(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), 1.0), "at least one more"),
+        (lambda: K.transition_logprob(torch.randn(4), torch.randn(4), 1.0), "batch dimension"),
+    ],
+)
+def test_bad_inputs_raise_one_line_errors(backend, call, message):
+    with pytest.raises(SpoxlError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)

@@ -5,6 +5,7 @@ API
   ema.update(model, step)      after each optimizer step (COLLECTIVE under ZeRO-3: every rank)
   ema.shadow_params()          {param name: fp32 CPU tensor} ({} on non-zero ranks if rank0_only)
   ema.state_dict() / ema.load_state_dict(sd)   for checkpoints (client state)
+  EMA.from_state_dict(sd)      a model-less EMA from a checkpoint (for `spoxl export`)
   spoxl.engine.export.export_all(model, out, formats, ema=ema) writes the EMA under OUT/ema/
 
 What it tracks: the parameters with requires_grad (the LoRA tensors, or the whole UNet for full
@@ -54,6 +55,16 @@ class EMA:
             raise SpoxlError("EMA: the model has no trainable parameters")
         # Initial shadow = the current weights (collective under ZeRO-3).
         self.shadow = self._read(model)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "EMA":
+        """An EMA holding a saved shadow, without a model (offline export from a checkpoint)."""
+        ema = cls.__new__(cls)
+        ema.rank0_only = False
+        ema.names = list(state["shadow"])
+        ema.shadow = {}
+        ema.load_state_dict(state)
+        return ema
 
     def _keeps(self) -> bool:
         return not self.rank0_only or is_rank0()

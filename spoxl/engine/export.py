@@ -244,3 +244,112 @@ def export_all(model, out_dir, formats=("diffusers", "kohya"), ema=None) -> dict
         if "unet" in formats:
             paths[prefix + "unet"] = export_unet(model, where, overrides=overrides)
     return paths
+
+
+# ---- from a saved DeepSpeed checkpoint (offline, one process) --------------------------------
+
+
+def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str, Path | None]:
+    """(checkpoint dir, tag, run config.yaml or None) for a run dir, a checkpoint dir or a tag dir.
+
+    The tag is, in order: the one given, `latest_spoxl` (spoxl.engine.checkpoint, complete
+    checkpoints only), DeepSpeed's own `latest` file, or the tag folder that was passed.
+    """
+    from spoxl.engine.checkpoint import latest_tag
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SpoxlError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise SpoxlError(f"checkpoint {path} is not a folder (pass a run dir or a checkpoint dir)")
+    if (path / "checkpoints").is_dir():
+        ckpt_dir = path / "checkpoints"
+    elif any(path.glob("*model_states.pt")):  # a tag folder itself
+        ckpt_dir, tag = path.parent, tag or path.name
+    else:
+        ckpt_dir = path
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
+    if tag is None and (ckpt_dir / "latest").is_file():
+        tag = (ckpt_dir / "latest").read_text().strip()
+    if tag is None:
+        raise SpoxlError(f"no complete checkpoint in {ckpt_dir}")
+    if not any((ckpt_dir / tag).glob("*model_states.pt")):
+        raise SpoxlError(f"checkpoint {ckpt_dir / tag} holds no DeepSpeed model states")
+    config = next((c for c in (ckpt_dir.parent / "config.yaml", ckpt_dir / "config.yaml") if c.is_file()), None)
+    return ckpt_dir, tag, config
+
+
+def _load_unet(model_cfg):
+    """The base UNet of a run (just the UNet when the model is a diffusers folder)."""
+    from spoxl.models.loading import check_sdxl_folder, load_sdxl
+
+    path = str(model_cfg.path)
+    if path == "tiny" or path.startswith("tiny:") or model_cfg.unet_file:
+        return load_sdxl(path, unet_file=model_cfg.unet_file).unet
+    from diffusers import UNet2DConditionModel
+
+    check_sdxl_folder(Path(path).expanduser())
+    return UNet2DConditionModel.from_pretrained(Path(path).expanduser(), subfolder="unet", local_files_only=True)
+
+
+def export_checkpoint(
+    checkpoint,
+    out_dir,
+    formats=None,
+    config_path=None,
+    tag: str | None = None,
+    model: str | None = None,
+    with_ema: bool = True,
+) -> dict[str, Path]:
+    """Rebuild the trained UNet from a DeepSpeed checkpoint (any ZeRO stage) and export it.
+
+    Contract with spoxl.engine.checkpoint: DeepSpeed tag folders (model states written by
+    engine.save_checkpoint, LoRA runs with exclude_frozen_parameters=True), `latest_spoxl`,
+    per-rank `spoxl_rank{r}.pt` whose "ema" entry is EMA.state_dict() (or None), and the run's
+    config.yaml beside the checkpoint dir. DeepSpeed's get_fp32_state_dict_from_zero_checkpoint
+    merges the ZeRO shards into full fp32 tensors.
+    """
+    import torch
+
+    from spoxl.config import load_config
+    from spoxl.engine.ema import EMA
+    from spoxl.engine.setup import attach_lora, use_cpu
+
+    if use_cpu():
+        import os
+
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed picks its accelerator
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir, tag, found_config = resolve_checkpoint(checkpoint, tag)
+    config_path = config_path or found_config
+    if config_path is None:
+        raise SpoxlError(f"no config.yaml beside {ckpt_dir}: pass --config with the run's recipe")
+    cfg = load_config(config_path, [f"model.path={model}"] if model else [])
+    lora = cfg.lora.enabled
+    formats = tuple(formats or cfg.export.formats or (("diffusers", "kohya") if lora else ("unet",)))
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=lora)
+    except Exception as e:  # DeepSpeed raises ValueError/FileNotFoundError/AssertionError on bad folders
+        raise SpoxlError(f"cannot read DeepSpeed checkpoint {ckpt_dir / tag}: {str(e).splitlines()[0]}") from None
+    unet = _load_unet(cfg.model)
+    if lora:
+        attach_lora(unet, cfg.lora)
+    expected = {n for n, p in unet.named_parameters() if p.requires_grad} if lora else set(unet.state_dict())
+    unexpected = sorted(set(state) - set(unet.state_dict()))
+    missing = sorted(expected - set(state))
+    if unexpected or missing:
+        bad = (unexpected or missing)[0]
+        what = "has a tensor the model lacks" if unexpected else "lacks the tensor"
+        raise SpoxlError(f"checkpoint {ckpt_dir / tag} does not match the run's model ({what} {bad}); wrong --config/--model?")
+    unet.load_state_dict(state, strict=False)
+
+    ema = None
+    own = ckpt_dir / tag / "spoxl_rank0.pt"
+    if with_ema and own.is_file():
+        saved = torch.load(own, map_location="cpu", weights_only=True).get("ema")
+        if saved is not None:
+            ema = EMA.from_state_dict(saved)
+    return export_all(unet, out_dir, formats=formats, ema=ema)

@@ -12,6 +12,7 @@ API
                 model_id=None)
       .build(rank=0, world_size=1) -> number of items encoded now (0 on a warm cache); every rank
           encodes its round-robin share of the missing items, then all ranks meet at a barrier
+      .set_epoch(e) does nothing: an item's crop/flip is the one drawn when it was cached
       [i] -> the encoded item (latents*, prompt_embeds, pooled_prompt_embeds, time_ids, caption,
           ...) read from disk as float32; a missing entry is encoded on the spot and stored
   model_fingerprint(components) -> hex id of the VAE + text encoders (configs + weights)
@@ -122,6 +123,10 @@ class CachedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """No-op on purpose: a cache fixes each item's crop/flip draw (that of epoch 0), so
+        training from a cache sees the same augmentation every epoch and never re-encodes."""
 
     def entry_path(self, i: int) -> Path:
         key = self.dataset.cache_key(i)

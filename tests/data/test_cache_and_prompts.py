@@ -133,3 +133,17 @@ def test_prompt_errors(tmp_path):
         assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
     with pytest.raises(SpoxlError, match="rank 3 of world size 2"):
         shard_prompts(["a"], 3, 2)
+
+
+def test_dataset_from_config_with_cache(tmp_path, tiny_components, vae_calls):
+    from spoxl.config import load_config
+    from spoxl.data import dataset_from_config
+
+    folder = write_caption_folder(tmp_path / "imgs", n=3)
+    cfg = load_config(None, [f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.hflip=true"])
+    ds = dataset_from_config(cfg.data, "captions", seed=0, components=tiny_components)
+    assert isinstance(ds, CachedDataset) and vae_calls["images"] == 3
+    ds.set_epoch(5)  # the cached augmentation stays: no re-encoding in later epochs
+    assert ds[2]["latents"].shape == (4, 8, 8) and vae_calls["images"] == 3
+    plain = dataset_from_config(load_config(None, [f"data.path={folder}"]).data)
+    assert isinstance(plain, ImageCaptionDataset) and "pixels" in plain[0]

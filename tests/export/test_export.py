@@ -118,3 +118,13 @@ def test_unknown_format_is_one_line_error(trained, tmp_path):
     unet, _, _ = trained
     with pytest.raises(SpoxlError, match="unknown export format 'ckpt'"):
         export_all(unet, tmp_path, formats=("ckpt",))
+
+
+def test_sample_cli_with_exported_lora(exported, tmp_path):
+    from spoxl.cli import main
+
+    _, paths = exported
+    for fmt in ("diffusers", "kohya"):
+        png = tmp_path / f"{fmt}.png"
+        args = ["sample", "--lora", str(paths[fmt]), "--steps", "1", "--prompt", "a red circle", "--out", str(png)]
+        assert main(args) == 0 and png.is_file()

@@ -1,0 +1,247 @@
+"""The SPO step-wise pool sampler (methods.md 1.2-1.3).
+
+DDIM with eta = 1 and CFG over N inference steps:
+
+  1. steps 0 .. divert_start_step-1 are one plain stochastic trajectory per prompt (never trained);
+  2. from then on the trajectory is cut into segments of 1 + num_inner_step steps. At a segment
+     start, k candidates are drawn from ONE x_t (kernels.pool_step: shared mean, k noises); each
+     candidate then denoises on its own for num_inner_step more steps (chunked branching, the SDXL
+     recipe: k = 2, 3 inner steps; num_inner_step = 0 is per-step branching, the SD1.5 recipe, k=4);
+  3. at the end of a segment every candidate's predicted x0 (VAE-decoded for image scorers) is
+     scored by the step-aware preference model AT THAT TIMESTEP (the final images at t = 0);
+     best and worst form a pair if softmax(best, worst) gap > threshold, and then EVERY transition
+     of the segment is kept for the winner chain and the loser chain (only the first shares x_t);
+  4. the trajectory continues from a uniformly random candidate, drawn independently of the scores
+     (the step-wise resampler), reusing that candidate's UNet output from the scoring call.
+
+Batching: all prompts and all k candidates go through ONE UNet call per denoising step, with the
+CFG halves in the same call (spoxl.sampling.guided_output). All diffusion math is spoxl.sampling's
+and spoxl.kernels'; nothing is re-derived here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from spoxl import kernels, sampling
+from spoxl.errors import SpoxlError
+from spoxl.models.text import PromptEmbeds
+from spoxl.spo.pairs import PairBatch
+
+
+@dataclass
+class PoolSamplerConfig:
+    steps: int = 20
+    cfg_scale: float = 5.0
+    eta: float = 1.0
+    pool_size: int = 2  # k candidates per branching
+    num_inner_step: int = 3  # 0: per-step branching (SD1.5 recipe); 3: SDXL recipe
+    divert_start_step: int = 4
+    threshold: float = 0.4  # softmax(best, worst) gap needed to keep a pair
+
+    def validate(self) -> None:
+        if self.eta <= 0:
+            raise SpoxlError(f"SPO needs eta > 0 (the transition log-prob is undefined at eta={self.eta})")
+        if self.pool_size < 2:
+            raise SpoxlError(f"pool_size must be >= 2 to form a pair, got {self.pool_size}")
+        if self.num_inner_step < 0:
+            raise SpoxlError(f"num_inner_step must be >= 0, got {self.num_inner_step}")
+        if not 0 <= self.divert_start_step < self.steps:
+            raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
+        if not 0 <= self.threshold < 1:
+            raise SpoxlError(f"threshold must be in [0, 1), got {self.threshold}")
+
+
+@dataclass
+class RoundResult:
+    pairs: PairBatch
+    accepted: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> pairs kept
+    offered: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> prompts scored
+    final_scores: torch.Tensor | None = None  # [B, k] preference scores of the final images (t = 0)
+    final_latents: torch.Tensor | None = None  # [B, C, H, W] the randomly continued chain's result
+    choices: list[torch.Tensor] = field(default_factory=list)  # [B] continuation index per segment
+    unet_calls: int = 0
+
+    def acceptance(self) -> dict[int, float]:
+        return {t: self.accepted[t] / max(1, self.offered[t]) for t in self.offered}
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    """A kernel seed drawn from the sampler's generator (reproducible, one stream per run)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def pair_gap(best: torch.Tensor, worst: torch.Tensor) -> torch.Tensor:
+    """softmax([best, worst])[0] - softmax([best, worst])[1] per prompt (methods.md 1.3)."""
+    probs = torch.softmax(torch.stack([best.float(), worst.float()], dim=-1), dim=-1)
+    return probs[..., 0] - probs[..., 1]
+
+
+class PoolSampler:
+    """Samples one SPO round for a batch of prompts and returns the kept transition pairs."""
+
+    def __init__(self, config: PoolSamplerConfig, scheduler, vae, scorer, *, prediction_type: str = "epsilon"):
+        config.validate()
+        self.config = config
+        self.scheduler = scheduler
+        self.vae = vae
+        self.scorer = scorer
+        self.prediction_type = prediction_type
+
+    # ---- pieces --------------------------------------------------------------------------------
+
+    def _alpha(self, t: int):
+        c = self.config
+        return sampling.alpha_bar(self.scheduler, t), sampling.alpha_bar(
+            self.scheduler, sampling.prev_timestep(self.scheduler, t, c.steps)
+        )
+
+    def _denoise(self, unet, x, t, cond, uncond, time_ids, dtype):
+        """(pred_x0, pred_eps) in fp32 for the whole batch: ONE UNet call (CFG halves included)."""
+        a = sampling.alpha_bar(self.scheduler, t).to(x.device)
+        out = sampling.guided_output(unet, x.to(dtype), t, cond, uncond, time_ids, self.config.cfg_scale)
+        return sampling.split_prediction(out, x, a, self.prediction_type)
+
+    @torch.no_grad()
+    def score(self, x0: torch.Tensor, prompts: list[str], t: int) -> torch.Tensor:
+        """Preference scores of predicted-x0 latents (decoded first for image scorers)."""
+        inputs = x0
+        if getattr(self.scorer, "input", "images") == "images":
+            inputs = sampling.decode_latents(self.vae, x0)
+        return self.scorer.score(inputs, prompts, t).float().to(x0.device)
+
+    # ---- one round ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        unet,
+        prompts: list[str],
+        cond: PromptEmbeds,
+        uncond: PromptEmbeds,
+        time_ids: torch.Tensor,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> RoundResult:
+        c = self.config
+        k, B = c.pool_size, len(prompts)
+        if latents.shape[0] != B or len(cond) != B:
+            raise SpoxlError(f"pool sampler: {B} prompts but {latents.shape[0]} latents / {len(cond)} embeddings")
+        dtype = next(unet.parameters()).dtype
+        timesteps = [int(t) for t in sampling.inference_timesteps(self.scheduler, c.steps)]
+        result = RoundResult(pairs=None)
+        calls = 0
+
+        def denoise(x, t, n):  # n: how many copies of each prompt are in x
+            nonlocal calls
+            calls += 1
+            rep = lambda e: e if n == 1 else e.repeat_interleave(n)  # noqa: E731
+            ids = time_ids if n == 1 else time_ids.repeat_interleave(n, 0)
+            return self._denoise(unet, x, t, rep(cond), rep(uncond), ids, dtype)
+
+        x = latents.float()
+        # 1. the plain stochastic trajectory before branching.
+        for i in range(c.divert_start_step):
+            t = timesteps[i]
+            a, a_prev = self._alpha(t)
+            _, eps = denoise(x, t, 1)
+            x = kernels.pool_step(x, eps, a, a_prev, c.eta, 1, seed=_seed(generator))[0][:, 0].float()
+
+        # 2-4. segments: branch at `start`, inner steps, score at the end, keep pairs, continue.
+        _, eps = denoise(x, timesteps[c.divert_start_step], 1)
+        kept: list[PairBatch] = []
+        prompts_k = [p for p in prompts for _ in range(k)]
+        arange = torch.arange(B)
+        final_scores = None
+        for start in range(c.divert_start_step, c.steps, 1 + c.num_inner_step):
+            end = min(start + 1 + c.num_inner_step, c.steps)
+            t = timesteps[start]
+            a, a_prev = self._alpha(t)
+            samples, mean, std = kernels.pool_step(x, eps, a, a_prev, c.eta, k, seed=_seed(generator))
+            samples = samples.float()
+            logp, _ = kernels.pool_logprobs(samples, mean, mean, std)
+            # Each record: (x_t [B, k], x_prev [B, k], t, t_prev, std [B], logp [B, k]).
+            records = [(x.unsqueeze(1).expand_as(samples), samples, t, _prev(self, t), std, logp)]
+            cur = samples.reshape(B * k, *x.shape[1:])
+            for j in range(start + 1, end):  # inner steps: every chain on its own
+                tj = timesteps[j]
+                aj, aj_prev = self._alpha(tj)
+                _, eps_j = denoise(cur, tj, k)
+                nxt, mean_j, std_j = kernels.pool_step(cur, eps_j, aj, aj_prev, c.eta, 1, seed=_seed(generator))
+                nxt = nxt[:, 0].float()
+                logp_j = kernels.transition_logprob(nxt, mean_j, std_j)
+                records.append(
+                    (cur.view(B, k, *x.shape[1:]), nxt.view(B, k, *x.shape[1:]), tj, _prev(self, tj),
+                     std_j.view(B, k)[:, 0], logp_j.view(B, k))
+                )  # fmt: skip
+                cur = nxt
+            if end < c.steps:  # score the predicted x0 at the next timestep; its eps continues the chain
+                t_score = timesteps[end]
+                x0, eps_all = denoise(cur, t_score, k)
+            else:  # the final latents are the images; the preference model sees t = 0
+                t_score, x0, eps_all = 0, cur, None
+            scores = self.score(x0, prompts_k, t_score).view(B, k)
+            best, worst = scores.argmax(1), scores.argmin(1)
+            gap = pair_gap(scores[arange, best], scores[arange, worst])
+            keep = (gap > c.threshold) & (best != worst)
+            result.offered[t] = result.offered.get(t, 0) + B
+            result.accepted[t] = result.accepted.get(t, 0) + int(keep.sum())
+            if keep.any():
+                kept.append(self._pairs(records, keep, best, worst, cond))
+            # The resampler: a uniformly random candidate, drawn whatever the scores are.
+            choice = torch.randint(0, k, (B,), generator=generator)
+            result.choices.append(choice)
+            x = cur.view(B, k, *x.shape[1:])[arange, choice]
+            if eps_all is not None:
+                eps = eps_all.view(B, k, *x.shape[1:])[arange, choice]
+            else:
+                final_scores = scores
+        result.pairs = PairBatch.cat(kept) if kept else self._no_pairs(x, cond)
+        result.final_scores = final_scores
+        result.final_latents = x
+        result.unet_calls = calls
+        return result
+
+    def _pairs(self, records, keep, best, worst, cond: PromptEmbeds) -> PairBatch:
+        """The kept prompts' winner and loser transitions of every record of the segment."""
+        idx = keep.nonzero().flatten()
+        w, l = best[idx], worst[idx]
+        out = []
+        n = len(idx)
+        for r, (x_t, x_prev, t, t_prev, std, logp) in enumerate(records):
+            out.append(
+                PairBatch(
+                    x_t_w=x_t[idx, w].clone(),
+                    x_t_l=x_t[idx, l].clone(),
+                    x_w=x_prev[idx, w].clone(),
+                    x_l=x_prev[idx, l].clone(),
+                    timestep=torch.full((n,), t, dtype=torch.long),
+                    prev_timestep=torch.full((n,), t_prev, dtype=torch.long),
+                    std=std[idx].float().cpu().reshape(n),
+                    shared=torch.full((n,), r == 0, dtype=torch.bool),  # only the branching step shares x_t
+                    logp_w=logp[idx, w].float(),
+                    logp_l=logp[idx, l].float(),
+                    embeds=cond.embeds[idx],
+                    pooled=cond.pooled[idx],
+                    prompt_index=idx.clone(),
+                )
+            )
+        return PairBatch.cat([p.to("cpu") for p in out])
+
+    @staticmethod
+    def _no_pairs(x, cond: PromptEmbeds) -> PairBatch:
+        z = lambda *s, **kw: torch.zeros((0, *s), **kw)  # noqa: E731
+        lat = z(*x.shape[1:])
+        return PairBatch(
+            x_t_w=lat, x_t_l=lat, x_w=lat, x_l=lat,
+            timestep=z(dtype=torch.long), prev_timestep=z(dtype=torch.long), std=z(),
+            shared=z(dtype=torch.bool), logp_w=z(), logp_l=z(),
+            embeds=z(*cond.embeds.shape[1:]), pooled=z(*cond.pooled.shape[1:]), prompt_index=z(dtype=torch.long),
+        )  # fmt: skip
+
+
+def _prev(sampler: PoolSampler, t: int) -> int:
+    return int(sampling.prev_timestep(sampler.scheduler, t, sampler.config.steps))

@@ -1,0 +1,171 @@
+"""The step-wise pool sampler: pairs from one x_t, thresholding, the random continuation, batching."""
+
+import pytest
+import torch
+
+from spoxl import kernels, sampling
+from spoxl.errors import SpoxlError
+from spoxl.models.scorers import ColourScorer
+from spoxl.models.text import encode_with_negative, make_time_ids
+from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig, pair_gap
+
+PROMPTS = ["a red circle", "a green square", "a blue cat"]
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps the UNet and counts forward calls (and the batch each call sees)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.batches = []
+
+    def forward(self, x, *args, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.unet(x, *args, **kwargs)
+
+
+class FixedScorer:
+    """Scores decided by the test: a function of the candidate's latents (no decode)."""
+
+    input = "latents"
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def score(self, x, prompts, timesteps):
+        s = self.fn(x)
+        self.calls.append((int(torch.as_tensor(timesteps).flatten()[0]), s.clone()))
+        return s
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_components):
+    cond, uncond = encode_with_negative(tiny_components, PROMPTS)
+    time_ids = make_time_ids(len(PROMPTS), (64, 64))
+    latents = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    return tiny_components, cond, uncond, time_ids, latents
+
+
+def run(setup, scorer, seed=0, **cfg):
+    comps, cond, uncond, time_ids, latents = setup
+    config = PoolSamplerConfig(**{"steps": 8, "divert_start_step": 2, "pool_size": 2, "num_inner_step": 0,
+                                  "threshold": 0.4, "cfg_scale": 5.0, **cfg})
+    sampler = PoolSampler(config, comps.scheduler, comps.vae, scorer)
+    unet = CountingUNet(comps.unet)
+    result = sampler.sample(unet, PROMPTS, cond, uncond, time_ids, latents, torch.Generator().manual_seed(seed))
+    return result, unet
+
+
+def mean_at(setup, x_t, t, idx):
+    """The DDIM(eta=1) mean at x_t recomputed from scratch with the same UNet and CFG."""
+    comps, cond, uncond, time_ids, _ = setup
+    steps = 8
+    a = sampling.alpha_bar(comps.scheduler, t)
+    a_prev = sampling.alpha_bar(comps.scheduler, sampling.prev_timestep(comps.scheduler, t, steps))
+    with torch.no_grad():
+        out = sampling.guided_output(comps.unet, x_t, t, cond.index(idx), uncond.index(idx), time_ids[idx], 5.0)
+    x0, eps = sampling.split_prediction(out, x_t, a)
+    std = sampling.ddim_std(a, a_prev, 1.0)
+    return sampling.ddim_mean(x0, eps, a_prev, std), std
+
+
+def test_pairs_share_x_t_and_mean_and_logprobs_match(setup):
+    big = ColourScorer(scale=1e6)  # every pair passes the threshold
+    result, _ = run(setup, big, pool_size=4)
+    pairs = result.pairs
+    assert len(pairs) > 0 and pairs.shared.all()
+    torch.testing.assert_close(pairs.x_t_w, pairs.x_t_l, rtol=0, atol=0)
+    assert not torch.allclose(pairs.x_w, pairs.x_l)
+    for i in range(len(pairs)):
+        t = int(pairs.timestep[i])
+        idx = pairs.prompt_index[i : i + 1]
+        mean, std = mean_at(setup, pairs.x_t_w[i : i + 1], t, idx)
+        torch.testing.assert_close(pairs.std[i], std, rtol=1e-5, atol=0)
+        # w and l come from the same mean: their log-probs under it are what the sampler stored.
+        logp_w = kernels.transition_logprob(pairs.x_w[i : i + 1], mean, std)
+        logp_l = kernels.transition_logprob(pairs.x_l[i : i + 1], mean, std)
+        torch.testing.assert_close(logp_w, pairs.logp_w[i : i + 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logp_l, pairs.logp_l[i : i + 1], rtol=1e-4, atol=1e-4)
+        # and the residuals are standard noise (mean over 256 elements of z^2 ~ 1).
+        z = (pairs.x_w[i] - mean[0]) / std
+        assert 0.6 < float(z.pow(2).mean()) < 1.5
+
+
+def test_chunked_branching_keeps_every_transition_of_both_chains(setup):
+    big = ColourScorer(scale=1e6)
+    result, unet = run(setup, big, pool_size=2, num_inner_step=2)  # segments at steps 2, 5; last is 5..7
+    pairs = result.pairs
+    timesteps = [int(t) for t in sampling.inference_timesteps(setup[0].scheduler, 8)]
+    # each kept prompt contributes one pair per step of its segment, the first shared, the rest not
+    kept_per_segment = {timesteps[2]: 3, timesteps[5]: 3}
+    expected = sum(result.accepted[t] * n for t, n in kept_per_segment.items())
+    assert len(pairs) == expected > 0
+    assert pairs.shared.sum() == sum(result.accepted.values())
+    firsts = pairs.timestep[pairs.shared]
+    assert set(firsts.tolist()) <= set(kept_per_segment)
+    unshared = ~pairs.shared
+    assert not torch.allclose(pairs.x_t_w[unshared], pairs.x_t_l[unshared])
+    # an inner transition's log-prob is under the mean at ITS OWN x_t
+    i = int(unshared.nonzero()[0])
+    mean, std = mean_at(setup, pairs.x_t_l[i : i + 1], int(pairs.timestep[i]), pairs.prompt_index[i : i + 1])
+    torch.testing.assert_close(kernels.transition_logprob(pairs.x_l[i : i + 1], mean, std),
+                               pairs.logp_l[i : i + 1], rtol=1e-4, atol=1e-4)  # fmt: skip
+    # one UNet call per denoising step for the whole pool: prompts x k candidates, CFG doubled
+    assert len(unet.batches) == 8 == result.unet_calls
+    assert unet.batches[:3] == [2 * 3] * 3 and unet.batches[3:] == [2 * 3 * 2] * 5
+
+
+def test_one_unet_call_per_step_per_step_branching(setup):
+    result, unet = run(setup, ColourScorer(), pool_size=4)
+    assert len(unet.batches) == 8
+    assert unet.batches[:3] == [2 * 3] * 3  # steps 0-2 run on x_t itself (step 2 feeds the first pool)
+    assert unet.batches[3:] == [2 * 3 * 4] * 5
+
+
+def test_threshold_drops_close_pairs(setup):
+    # constant scores: softmax gap 0 -> nothing kept
+    flat = FixedScorer(lambda x: torch.zeros(x.shape[0]))
+    result, _ = run(setup, flat)
+    assert len(result.pairs) == 0 and sum(result.offered.values()) == 3 * 6
+    # real scores: a pair is kept exactly when its recorded gap exceeds the threshold
+    scorer = FixedScorer(lambda x: 30 * x.flatten(1).mean(1))
+    result, _ = run(setup, scorer, threshold=0.3)
+    expected = {}
+    for t_score, s in scorer.calls:
+        s = s.view(3, 2)
+        gap = pair_gap(s.max(1).values, s.min(1).values)
+        expected[t_score] = int((gap > 0.3).sum())
+    kept = sum(expected.values())
+    assert 0 < kept < 3 * 6, "the test needs both kept and dropped pairs"
+    assert len(result.pairs) == kept == sum(result.accepted.values())
+
+
+def test_continuation_is_random_and_independent_of_scores(setup):
+    up = FixedScorer(lambda x: 1e3 * x.flatten(1).mean(1))
+    down = FixedScorer(lambda x: -1e3 * x.flatten(1).mean(1))
+    r_up, _ = run(setup, up, seed=5, pool_size=4)
+    r_down, _ = run(setup, down, seed=5, pool_size=4)
+    # the same choices and the same trajectory whatever the scorer says
+    for a, b in zip(r_up.choices, r_down.choices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(r_up.final_latents, r_down.final_latents, rtol=0, atol=0)
+    # the winners differ (the scorers disagree), so pairs differ while the continuation does not
+    assert not torch.allclose(r_up.pairs.x_w, r_down.pairs.x_w)
+    # not the best candidate every time, and more than one index used
+    chosen = torch.cat(r_up.choices)
+    best = torch.cat([s.view(3, 4).argmax(1) for _, s in up.calls])
+    assert (chosen != best).any() and len(set(chosen.tolist())) > 1
+    # a different seed gives different choices
+    r_other, _ = run(setup, up, seed=6, pool_size=4)
+    assert any(not torch.equal(a, b) for a, b in zip(r_up.choices, r_other.choices))
+
+
+def test_bad_sampler_settings():
+    with pytest.raises(SpoxlError, match="eta > 0"):
+        PoolSamplerConfig(eta=0.0).validate()
+    with pytest.raises(SpoxlError, match="pool_size"):
+        PoolSamplerConfig(pool_size=1).validate()
+    with pytest.raises(SpoxlError, match="divert_start_step"):
+        PoolSamplerConfig(steps=4, divert_start_step=4).validate()

@@ -30,12 +30,13 @@ def _fp64(*values):
     return [None if v is None else v.double() for v in values]
 
 
-def _finish(loss: torch.Tensor, metrics: dict, dtype: torch.dtype):
-    """The loss in the per-sample values' dtype (fp32, or fp64 under gradcheck) and detached fp32 metrics."""
-    return loss.to(dtype), {name: value.detach().float() for name, value in metrics.items()}
+def _finish(loss: torch.Tensor, metrics, dtype: torch.dtype):
+    """The loss in the per-sample values' dtype (fp32, or fp64 under gradcheck) and detached fp32
+    metrics; `metrics` is a callable so that nothing is computed (no extra launches) unless asked."""
+    return loss.to(dtype), ({name: v.detach().float() for name, v in metrics().items()} if metrics else {})
 
 
-def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, clip: float):
+def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, clip: float, with_metrics=True):
     """SPO from per-sample log pi_theta - log pi_ref of winner and loser.
 
     r = clamp(exp(log_ratio), 1 - clip, 1 + clip); loss = mean(-logsigmoid(beta log r_w - beta log r_l)).
@@ -47,23 +48,24 @@ def spo_head(log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor, beta: float, 
     ratio_l = torch.clamp(torch.exp(log_ratio_l), 1 - clip, 1 + clip)
     logit = beta * (torch.log(ratio_w) - torch.log(ratio_l))
     loss = -F.logsigmoid(logit).mean()
-    clamped = torch.cat([log_ratio_w, log_ratio_l]).detach()
-    # Active clamp <=> exp(log_ratio) outside [1 - clip, 1 + clip] (compare in ratio space, as clamp does).
-    clamped = torch.exp(clamped)
-    clamp_frac = ((clamped < 1 - clip) | (clamped > 1 + clip)).float().mean()
-    metrics = {
-        "implicit_acc": implicit_accuracy(logit),
-        "margin": logit.mean(),
-        "log_ratio_w": log_ratio_w.mean(),
-        "log_ratio_l": log_ratio_l.mean(),
-        "ratio_w": ratio_w.mean(),
-        "ratio_l": ratio_l.mean(),
-        "clamp_frac": clamp_frac,
-    }
-    return _finish(loss, metrics, dtype)
+
+    def metrics():
+        # The clamp is active where exp(log_ratio) lies outside [1 - clip, 1 + clip] (ratio space, as clamp).
+        raw = torch.exp(torch.cat([log_ratio_w, log_ratio_l]))
+        return {
+            "implicit_acc": implicit_accuracy(logit),
+            "margin": logit.mean(),
+            "log_ratio_w": log_ratio_w.mean(),
+            "log_ratio_l": log_ratio_l.mean(),
+            "ratio_w": ratio_w.mean(),
+            "ratio_l": ratio_l.mean(),
+            "clamp_frac": ((raw < 1 - clip) | (raw > 1 + clip)).float().mean(),
+        }
+
+    return _finish(loss, with_metrics and metrics, dtype)
 
 
-def diffusion_dpo_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float):
+def diffusion_dpo_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, with_metrics=True):
     """Diffusion-DPO: logit = -beta/2 ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)); loss = mean(-logsigmoid)."""
     dtype = mse_w.dtype
     mse_w, mse_l, ref_mse_w, ref_mse_l = _fp64(mse_w, mse_l, ref_mse_w, ref_mse_l)
@@ -71,17 +73,20 @@ def diffusion_dpo_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float):
     ref_diff = ref_mse_w - ref_mse_l
     logit = -0.5 * beta * (model_diff - ref_diff)
     loss = -F.logsigmoid(logit).mean()
-    metrics = {
-        "implicit_acc": implicit_accuracy(logit),
-        "margin": logit.mean(),
-        "mse_w": mse_w.mean(),
-        "mse_l": mse_l.mean(),
-        "ref_mse_w": ref_mse_w.mean(),
-        "ref_mse_l": ref_mse_l.mean(),
-        "model_diff": model_diff.mean(),
-        "ref_diff": ref_diff.mean(),
-    }
-    return _finish(loss, metrics, dtype)
+
+    def metrics():
+        return {
+            "implicit_acc": implicit_accuracy(logit),
+            "margin": logit.mean(),
+            "mse_w": mse_w.mean(),
+            "mse_l": mse_l.mean(),
+            "ref_mse_w": ref_mse_w.mean(),
+            "ref_mse_l": ref_mse_l.mean(),
+            "model_diff": model_diff.mean(),
+            "ref_diff": ref_diff.mean(),
+        }
+
+    return _finish(loss, with_metrics and metrics, dtype)
 
 
 def mapo_score(mse: torch.Tensor, snr: float) -> torch.Tensor:
@@ -96,38 +101,48 @@ def mapo_score(mse: torch.Tensor, snr: float) -> torch.Tensor:
     return torch.where(zero, torch.ones_like(sm), safe / torch.expm1(safe))
 
 
-def mapo_head(mse_w, mse_l, beta: float, snr: float, num_train_timesteps: int):
+def mapo_head(mse_w, mse_l, beta: float, snr: float, num_train_timesteps: int, with_metrics=True):
     """MaPO: mean(mse_w) - beta * mean(logsigmoid(T (g(mse_w) - g(mse_l))))."""
     dtype = mse_w.dtype
     mse_w, mse_l = _fp64(mse_w, mse_l)
     margin = mapo_score(mse_w, snr) - mapo_score(mse_l, snr)
     logit = num_train_timesteps * margin
     loss = mse_w.mean() - beta * F.logsigmoid(logit).mean()
-    metrics = {
-        "implicit_acc": implicit_accuracy(logit),
-        "margin": margin.mean(),
-        "mse_w": mse_w.mean(),
-        "mse_l": mse_l.mean(),
-    }
-    return _finish(loss, metrics, dtype)
+
+    def metrics():
+        return {
+            "implicit_acc": implicit_accuracy(logit),
+            "margin": margin.mean(),
+            "mse_w": mse_w.mean(),
+            "mse_l": mse_l.mean(),
+        }
+
+    return _finish(loss, with_metrics and metrics, dtype)
 
 
-def ncp_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, kind: str):
+def ncp_head(mse_w, mse_l, ref_mse_w, ref_mse_l, beta: float, kind: str, with_metrics=True):
     """NCP objectives in U-Net-feature space; d = mse_w - mse_l.
 
     dpo: -logsigmoid(beta (d_ref - d_theta)); cpo: -logsigmoid(-beta d_theta); sft: mean(mse_w).
+    For cpo and sft the metrics report the reference-free logit -beta d_theta.
     """
     dtype = mse_w.dtype
     mse_w, mse_l, ref_mse_w, ref_mse_l = _fp64(mse_w, mse_l, ref_mse_w, ref_mse_l)
     d_theta = mse_w - mse_l
-    metrics = {"mse_w": mse_w.mean(), "mse_l": mse_l.mean(), "d_theta": d_theta.mean()}
-    if kind == "dpo":
-        d_ref = ref_mse_w - ref_mse_l
-        logit = beta * (d_ref - d_theta)
-        metrics["d_ref"] = d_ref.mean()
-    else:  # cpo and sft: no reference; the accuracy/margin of the reference-free logit is still informative
-        logit = -beta * d_theta
+    d_ref = ref_mse_w - ref_mse_l if kind == "dpo" else None
+    logit = beta * (d_ref - d_theta) if kind == "dpo" else -beta * d_theta
     loss = mse_w.mean() if kind == "sft" else -F.logsigmoid(logit).mean()
-    metrics["implicit_acc"] = implicit_accuracy(logit)
-    metrics["margin"] = logit.mean()
-    return _finish(loss, metrics, dtype)
+
+    def metrics():
+        values = {
+            "implicit_acc": implicit_accuracy(logit),
+            "margin": logit.mean(),
+            "mse_w": mse_w.mean(),
+            "mse_l": mse_l.mean(),
+            "d_theta": d_theta.mean(),
+        }
+        if d_ref is not None:
+            values["d_ref"] = d_ref.mean()
+        return values
+
+    return _finish(loss, with_metrics and metrics, dtype)

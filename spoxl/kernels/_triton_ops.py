@@ -212,6 +212,7 @@ class PoolLogprobs(torch.autograd.Function):
 
 
 def _maybe_metrics(loss_and_metrics, return_metrics: bool):
+    """(loss, metrics) when asked for, else the loss (the head then computed no metrics at all)."""
     return loss_and_metrics if return_metrics else loss_and_metrics[0]
 
 
@@ -257,21 +258,21 @@ def pool_logprobs(samples, mean, ref_mean, std):
 
 def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
     lr_w, lr_l = SpoLogRatios.apply(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
-    return _maybe_metrics(_heads.spo_head(lr_w, lr_l, beta, clip), return_metrics)
+    return _maybe_metrics(_heads.spo_head(lr_w, lr_l, beta, clip, return_metrics), return_metrics)
 
 
 def diffusion_dpo_loss(
     pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
 ):
     mse_w, mse_l, ref_w, ref_l = PairSquaredError.apply(pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l)
-    return _maybe_metrics(_heads.diffusion_dpo_head(mse_w, mse_l, ref_w, ref_l, beta), return_metrics)
+    return _maybe_metrics(_heads.diffusion_dpo_head(mse_w, mse_l, ref_w, ref_l, beta, return_metrics), return_metrics)
 
 
 def mapo_loss(
     pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
 ):
     mse_w, mse_l, _, _ = PairSquaredError.apply(pred_w, pred_l, target_w, target_l, None, None)
-    return _maybe_metrics(_heads.mapo_head(mse_w, mse_l, beta, snr, num_train_timesteps), return_metrics)
+    return _maybe_metrics(_heads.mapo_head(mse_w, mse_l, beta, snr, num_train_timesteps, return_metrics), return_metrics)
 
 
 def ncp_loss(
@@ -290,4 +291,4 @@ def ncp_loss(
     mse_w, mse_l, ref_w, ref_l = PairSquaredError.apply(feat_w, feat_l, target_feat_w, target_feat_l, *refs)
     if kind != "dpo":
         ref_w = ref_l = None
-    return _maybe_metrics(_heads.ncp_head(mse_w, mse_l, ref_w, ref_l, beta, kind), return_metrics)
+    return _maybe_metrics(_heads.ncp_head(mse_w, mse_l, ref_w, ref_l, beta, kind, return_metrics), return_metrics)

@@ -17,6 +17,7 @@ from spoxl.kernels import _heads
 
 
 def _maybe_metrics(loss_and_metrics, return_metrics: bool):
+    """(loss, metrics) when asked for, else the loss (the head then computed no metrics at all)."""
     return loss_and_metrics if return_metrics else loss_and_metrics[0]
 
 
@@ -77,7 +78,9 @@ def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, c
     def log_ratio(x, mean, ref_mean):
         return sampling.transition_logprob(x, mean, std) - sampling.transition_logprob(x, ref_mean.detach(), std)
 
-    head = _heads.spo_head(log_ratio(x_w, mean_w, ref_mean_w), log_ratio(x_l, mean_l, ref_mean_l), beta, clip)
+    head = _heads.spo_head(
+        log_ratio(x_w, mean_w, ref_mean_w), log_ratio(x_l, mean_l, ref_mean_l), beta, clip, return_metrics
+    )
     return _maybe_metrics(head, return_metrics)
 
 
@@ -90,6 +93,7 @@ def diffusion_dpo_loss(
         per_sample_mse(ref_pred_w.detach(), target_w),
         per_sample_mse(ref_pred_l.detach(), target_l),
         beta,
+        return_metrics,
     )
     return _maybe_metrics(head, return_metrics)
 
@@ -98,7 +102,8 @@ def mapo_loss(
     pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
 ):
     head = _heads.mapo_head(
-        per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l), beta, snr, num_train_timesteps
+        per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l), beta, snr, num_train_timesteps,
+        return_metrics,
     )
     return _maybe_metrics(head, return_metrics)
 
@@ -120,6 +125,7 @@ def ncp_loss(
         ref_w = per_sample_mse(ref_feat_w.detach(), target_feat_w)
         ref_l = per_sample_mse(ref_feat_l.detach(), target_feat_l)
     head = _heads.ncp_head(
-        per_sample_mse(feat_w, target_feat_w), per_sample_mse(feat_l, target_feat_l), ref_w, ref_l, beta, kind
+        per_sample_mse(feat_w, target_feat_w), per_sample_mse(feat_l, target_feat_l), ref_w, ref_l, beta, kind,
+        return_metrics,
     )
     return _maybe_metrics(head, return_metrics)

@@ -48,6 +48,7 @@ def _run(op, inputs, oracle, oracle_args, names, dtype, **kwargs):
     assert all(not v.requires_grad and v.ndim == 0 for v in metrics.values())
     plain = op(**{n: t for n, t in inputs.items()}, **kwargs)  # return_metrics=False: just the loss
     assert isinstance(plain, torch.Tensor) and plain.ndim == 0
+    assert torch.equal(plain.detach(), loss.detach()), "return_metrics must not change the loss"
     return metrics, logit.detach(), extra
 
 

@@ -1,0 +1,335 @@
+"""SPO: Step-aware Preference Optimization (methods.md section 1), online, on the engine's loop.
+
+Each sampling round, every rank takes its own prompts and runs the step-wise pool sampler
+(spoxl.spo.pool_sampler) with the current policy; the kept transition pairs are then all-gathered,
+shuffled with one permutation drawn on rank 0, and dealt out in equal shares (the official
+recipe). The loop pulls micro-batches of pairs; for each, `loss` computes the policy and reference
+DDIM means at x_t WITH CFG (as the official `train.cfg=True`), and kernels.spo_loss:
+
+    r = clamp(exp(log p_theta(x_prev | x_t) - log p_ref(x_prev | x_t)), 1 - clip, 1 + clip)
+    loss = mean(-logsigmoid(beta log r_w - beta log r_l))
+
+The mean of a DDIM step does not depend on x_prev, so a pair whose w and l share x_t (every pair
+of per-step branching, the first of each chunked segment) runs the UNet ONCE for both: the
+micro-batch is reduced to its distinct sources, one policy call and one reference call per
+micro-batch, CFG halves included.
+
+Why shuffle instead of only averaging gradients (DeepSpeed averages them anyway): the number of
+kept pairs differs per rank and per round, and under ZeRO-3 every rank must run the same number of
+forwards. All-gather + one permutation gives every rank exactly the same number of pairs (so the
+same number of micro-batches and UNet calls), keeps every kept pair (the remainder that does not
+fill a micro-batch on every rank waits for the next round instead of being dropped), and mixes
+prompts and timesteps from all ranks into every micro-batch, as the official code does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from spoxl import kernels, sampling
+from spoxl.errors import SpoxlError
+from spoxl.methods.base import Objective, TrainContext
+from spoxl.models.text import PromptEmbeds, encode_prompts, make_time_ids
+from spoxl.spo.pairs import PairBatch, all_gather_pairs, deal, shared_permutation
+from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
+
+DEFAULT_PROMPTS = ["a red circle", "a green square", "a blue cat", "a yellow dog"]
+
+
+@dataclass
+class PreferenceConfig:
+    kind: str = "colour"  # "clip" (step-aware CLIP), "colour", "brightness"
+    path: Optional[str] = None  # clip: a local CLIPModel folder, or "tiny"
+    weights: Optional[str] = None  # clip: trained time-conditioning weights (safetensors)
+    scale: float = 100.0  # programmatic scorers: score = scale * similarity (see spoxl.models.scorers)
+
+
+@dataclass
+class SPOConfig:
+    # prompts: `prompt_file` (.txt one per line, .json list of strings or of {"caption": ...}) or the list
+    prompt_file: Optional[str] = None
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts_per_rank: int = 2  # prompts each rank samples per round
+    # the pool sampler (methods.md 1.2)
+    steps: int = 20
+    cfg_scale: float = 5.0
+    eta: float = 1.0
+    pool_size: int = 2
+    num_inner_step: int = 3
+    divert_start_step: int = 4
+    threshold: float = 0.4
+    resolution: Optional[int] = None  # None: the model's native resolution
+    # the loss (methods.md 1.4)
+    beta: float = 10.0
+    clip: float = 0.1
+    train_cfg: bool = True  # policy/reference means with CFG, as in sampling
+    # share one UNet call between w and l when they share x_t; False: the straightforward path
+    share_sources: bool = True
+    max_empty_rounds: int = 50  # rounds in a row without a single kept pair before giving up
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+    def sampler_config(self) -> PoolSamplerConfig:
+        return PoolSamplerConfig(
+            steps=self.steps, cfg_scale=self.cfg_scale, eta=self.eta, pool_size=self.pool_size,
+            num_inner_step=self.num_inner_step, divert_start_step=self.divert_start_step, threshold=self.threshold,
+        )  # fmt: skip
+
+
+def read_prompts(cfg: SPOConfig) -> list[str]:
+    if cfg.prompt_file is None:
+        prompts = list(cfg.prompts)
+    else:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise SpoxlError(f"prompt file {path} does not exist")
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as e:
+                raise SpoxlError(f"prompt file {path} is not valid JSON: {e}") from None
+            if isinstance(data, dict):  # e.g. {"prompts": [...]}
+                data = next((v for v in data.values() if isinstance(v, list)), [])
+            prompts = [d["caption"] if isinstance(d, dict) and "caption" in d else d for d in data]
+            if not all(isinstance(p, str) for p in prompts):
+                raise SpoxlError(f"prompt file {path}: expected a list of strings or of {{'caption': ...}}")
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SpoxlError("SPO has no prompts (method.prompts is empty and no method.prompt_file)")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Means at x_t for a micro-batch of pairs
+
+
+def pair_means(model, pairs: PairBatch, *, scheduler, steps: int, eta: float, cfg_scale: float,
+               uncond: PromptEmbeds, time_ids: torch.Tensor, prediction_type: str = "epsilon",
+               share_sources: bool = True, device=None, dtype=torch.float32):  # fmt: skip
+    """(mean_w, mean_l) [M, C, H, W] fp32: the DDIM(eta) means of the winner and loser transitions.
+
+    share_sources=True: one UNet call on the distinct sources (x_t_w, plus x_t_l where not shared).
+    share_sources=False: the straightforward path, one call for all w and one for all l.
+    """
+    device = device or pairs.x_w.device
+    m = len(pairs)
+    shared = pairs.shared.to(device)
+    t = pairs.timestep.to(device)
+    if share_sources:
+        unshared = (~shared).nonzero().flatten()
+        sources = torch.cat([pairs.x_t_w.to(device), pairs.x_t_l.to(device)[unshared]])
+        src_t = torch.cat([t, t[unshared]])
+        src_idx = torch.cat([torch.arange(m, device=device), unshared])  # which pair each source serves
+        means = _means(model, sources, src_t, pairs.prev_timestep.to(device)[src_idx], pairs.std.to(device)[src_idx],
+                       pairs.cond.index(src_idx.cpu()).to(device), uncond, time_ids, scheduler, eta, cfg_scale,
+                       prediction_type, dtype)  # fmt: skip
+        l_index = torch.arange(m, device=device)
+        l_index[unshared] = m + torch.arange(len(unshared), device=device)
+        return means[:m], means[l_index]
+    out = []
+    for x_t in (pairs.x_t_w, pairs.x_t_l):
+        out.append(_means(model, x_t.to(device), t, pairs.prev_timestep.to(device), pairs.std.to(device),
+                          pairs.cond.to(device), uncond, time_ids, scheduler, eta, cfg_scale, prediction_type, dtype))  # fmt: skip
+    return out[0], out[1]
+
+
+def _means(model, x_t, t, t_prev, std, cond, uncond, time_ids, scheduler, eta, cfg_scale, prediction_type, dtype):
+    n = x_t.shape[0]
+    a = sampling.alpha_bar(scheduler, t.cpu()).to(x_t.device)
+    a_prev = sampling.alpha_bar(scheduler, t_prev.cpu()).to(x_t.device)
+    un = PromptEmbeds(uncond.embeds[:1].expand(n, -1, -1), uncond.pooled[:1].expand(n, -1)).to(x_t.device, dtype)
+    out = sampling.guided_output(model, x_t.to(dtype), t, cond.to(x_t.device, dtype), un,
+                                 time_ids[:1].expand(n, -1).to(x_t.device, dtype), cfg_scale)  # fmt: skip
+    x0, eps = sampling.split_prediction(out, x_t, a, prediction_type)
+    return sampling.ddim_mean(x0, eps, a_prev, std.float())
+
+
+def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip: float, fused: bool = True, **kw):
+    """(loss, metrics) of SPO on a micro-batch: policy means with grad, reference means without.
+
+    `reference_ctx` is a context manager yielding the reference model (TrainContext.reference).
+    fused=False uses the unfused torch loss (spoxl.kernels.reference) for the benchmark baseline.
+    """
+    mean_w, mean_l = pair_means(policy, pairs, **kw)
+    with reference_ctx() as ref:
+        ref_w, ref_l = pair_means(ref, pairs, **kw)
+    device = mean_w.device
+    args = (pairs.x_w.to(device), pairs.x_l.to(device), mean_w, mean_l, ref_w.detach(), ref_l.detach(),
+            pairs.std.to(device).float())  # fmt: skip
+    if fused:
+        return kernels.spo_loss(*args, beta=beta, clip=clip, return_metrics=True)
+    from spoxl.kernels import reference
+
+    return reference.spo_loss(*args, beta=beta, clip=clip, return_metrics=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+class SPOObjective(Objective):
+    name = "spo"
+    needs_reference = True
+    Config = SPOConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.round = 0  # sampling rounds done (all ranks in step)
+        self.buffer: PairBatch | None = None  # this rank's dealt pairs not yet trained on
+        self.leftover: PairBatch | None = None  # pairs that did not fill a micro-batch on every rank
+        self.empty_rounds = 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def setup(self, ctx: TrainContext) -> None:
+        from spoxl.imaging import default_resolution
+        from spoxl.models.preference import build_preference_model
+
+        cfg = self.config
+        cfg.sampler_config().validate()
+        if not 0 < cfg.clip < 1:
+            raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
+        if cfg.prompts_per_rank < 1:
+            raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        if ctx.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise SpoxlError(f"SPO cannot sample with prediction_type {ctx.prediction_type!r}")
+        self.prompts = read_prompts(cfg)
+        pc = cfg.preference
+        self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights,
+                                             **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
+        if hasattr(self.scorer, "to"):
+            self.scorer = self.scorer.to(ctx.device)
+        comps = ctx.components
+        self.resolution = cfg.resolution or default_resolution(comps)
+        self.uncond = encode_prompts(comps, [""]).to(ctx.device, torch.float32)
+        self.time_ids = make_time_ids(1, (self.resolution, self.resolution), device=ctx.device)
+        self.sampler = PoolSampler(cfg.sampler_config(), comps.scheduler, comps.vae, self.scorer,
+                                   prediction_type=ctx.prediction_type)  # fmt: skip
+
+    # ---- data: sampling rounds ---------------------------------------------------------------
+
+    def _round_prompts(self, ctx: TrainContext) -> list[str]:
+        """This rank's prompts for the current round: consecutive slices of a per-epoch
+        permutation (same on every rank), each rank its own part."""
+        n, per = len(self.prompts), self.config.prompts_per_rank
+        per_round = per * ctx.world_size
+        out = []
+        for j in range(per):
+            pos = self.round * per_round + ctx.rank * per + j
+            epoch, i = divmod(pos, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.run.seed * 7919 + epoch))
+            out.append(self.prompts[int(order[i])])
+        return out
+
+    def _generator(self, ctx: TrainContext) -> torch.Generator:
+        """The round's sampling noise: a function of (seed, rank, round) only, so a resumed run
+        samples exactly what the uninterrupted one did."""
+        return torch.Generator().manual_seed((ctx.config.run.seed * 1_000_003 + self.round) * 4099 + ctx.rank)
+
+    def sample_round(self, ctx: TrainContext) -> PairBatch:
+        """One round on every rank (a collective): sample, all-gather, shuffle, deal."""
+        from spoxl.imaging import initial_latents
+        from spoxl.models.text import encode_with_negative
+
+        comps = ctx.components
+        prompts = self._round_prompts(ctx)
+        gen = self._generator(ctx)
+        cond, uncond = encode_with_negative(comps, prompts)
+        side = self.resolution // (2 ** (len(comps.vae.config.block_out_channels) - 1))
+        latents = torch.randn((len(prompts), comps.unet.config.in_channels, side, side), generator=gen)
+        time_ids = self.time_ids.expand(len(prompts), -1)
+        with ctx.sampling() as policy:
+            result = self.sampler.sample(policy, prompts, cond.to(ctx.device), uncond.to(ctx.device),
+                                         time_ids, latents.to(ctx.device), gen)  # fmt: skip
+        self._log_round(ctx, result)
+        everyone = all_gather_pairs(result.pairs.to(ctx.device), ctx.device).to("cpu")
+        if self.leftover is not None and len(self.leftover):
+            everyone = PairBatch.cat([self.leftover, everyone])
+        perm = shared_permutation(len(everyone), torch.Generator().manual_seed(ctx.config.run.seed + self.round),
+                                  ctx.device)  # fmt: skip
+        mine, self.leftover = deal(everyone, perm, ctx.rank, ctx.world_size, ctx.config.train.micro_batch_size)
+        self.round += 1
+        return mine
+
+    def _log_round(self, ctx: TrainContext, result) -> None:
+        """Acceptance per timestep and the mean final-image score, summed over ranks."""
+        import torch.distributed as dist
+
+        ts = sorted(result.offered, reverse=True)
+        stats = torch.tensor(
+            [[result.accepted[t], result.offered[t]] for t in ts]
+            + [[float(result.final_scores.sum()), result.final_scores.numel()], [len(result.pairs), 1]],
+            dtype=torch.float64, device=ctx.device,
+        )  # fmt: skip
+        if dist.is_available() and dist.is_initialized() and ctx.world_size > 1:
+            dist.all_reduce(stats)
+        stats = stats.cpu()
+        step = ctx.global_step
+        for t, (acc, off) in zip(ts, stats[: len(ts)].tolist()):
+            ctx.log(f"spo/acceptance/t{t:03d}", acc / max(off, 1), step)
+        total_acc, total_off = stats[: len(ts)].sum(0).tolist()
+        ctx.log("spo/acceptance/all", total_acc / max(total_off, 1), step)
+        ctx.log("spo/final_score", stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1), step)
+        ctx.log("spo/pairs_per_round", stats[len(ts) + 1, 0].item(), step)
+        ctx.log("spo/round", self.round, step)
+        self.last_round = {"final_score": stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1),
+                           "acceptance": total_acc / max(total_off, 1)}  # fmt: skip
+
+    def micro_batches(self, ctx: TrainContext):
+        mb = ctx.config.train.micro_batch_size
+        while True:
+            # The buffer length is the same on every rank (equal deals), so every rank decides to
+            # sample at the same time and the collectives inside sample_round line up.
+            while self.buffer is None or len(self.buffer) < mb:
+                fresh = self.sample_round(ctx)
+                if len(fresh) == 0:
+                    self.empty_rounds += 1
+                    if self.empty_rounds >= self.config.max_empty_rounds:
+                        raise SpoxlError(
+                            f"SPO: {self.empty_rounds} sampling rounds in a row gave no trainable pairs "
+                            f"(threshold {self.config.threshold}); lower method.threshold or raise "
+                            f"method.preference.scale")  # fmt: skip
+                    continue
+                self.empty_rounds = 0
+                self.buffer = fresh if self.buffer is None or not len(self.buffer) else PairBatch.cat([self.buffer, fresh])
+            batch, self.buffer = self.buffer.index(slice(0, mb)), self.buffer.index(slice(mb, None))
+            yield batch
+
+    # ---- loss ----------------------------------------------------------------------------------
+
+    def loss(self, ctx: TrainContext, batch: PairBatch):
+        cfg = self.config
+        loss, metrics = spo_pair_loss(
+            ctx.policy, ctx.reference, batch, beta=cfg.beta, clip=cfg.clip,
+            scheduler=ctx.components.scheduler, steps=cfg.steps, eta=cfg.eta,
+            cfg_scale=cfg.cfg_scale if cfg.train_cfg else 1.0, uncond=self.uncond, time_ids=self.time_ids,
+            prediction_type=ctx.prediction_type, share_sources=cfg.share_sources, device=ctx.device, dtype=ctx.dtype,
+        )  # fmt: skip
+        metrics = dict(metrics)
+        metrics["timestep"] = batch.timestep.float().mean()
+        metrics["shared_frac"] = batch.shared.float().mean()
+        return loss, metrics
+
+    # ---- resume --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "empty_rounds": self.empty_rounds,
+            "buffer": self.buffer.state() if self.buffer is not None else None,
+            "leftover": self.leftover.state() if self.leftover is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.empty_rounds = int(state.get("empty_rounds", 0))
+        self.buffer = PairBatch.from_state(state["buffer"]) if state.get("buffer") is not None else None
+        self.leftover = PairBatch.from_state(state["leftover"]) if state.get("leftover") is not None else None
+
+
+OBJECTIVE = SPOObjective

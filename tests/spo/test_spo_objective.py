@@ -1,0 +1,154 @@
+"""The SPO objective's loss: one UNet call for a pair sharing x_t, same loss as separate w/l."""
+
+import contextlib
+import copy
+
+import peft
+import pytest
+import torch
+
+from spoxl import kernels, sampling
+from spoxl.methods.spo import SPOConfig, pair_means, read_prompts, spo_pair_loss
+from spoxl.models.scorers import ColourScorer
+from spoxl.models.text import encode_prompts, encode_with_negative, make_time_ids
+from spoxl.spo.pairs import PairBatch, deal
+from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
+from spoxl.errors import SpoxlError
+
+PROMPTS = ["a red circle", "a green square"]
+STEPS = 6
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.unet(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny_components):
+    unet = copy.deepcopy(tiny_components.unet)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    # make the policy differ from the reference so log-ratios are not all zero
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_components):
+    comps = tiny_components
+    cond, uncond = encode_with_negative(comps, PROMPTS)
+    cfg = PoolSamplerConfig(steps=STEPS, divert_start_step=1, pool_size=2, num_inner_step=2, threshold=0.0)
+    sampler = PoolSampler(cfg, comps.scheduler, comps.vae, ColourScorer(scale=1e6))
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    result = sampler.sample(comps.unet, PROMPTS, cond, uncond, make_time_ids(2, (64, 64)), latents,
+                            torch.Generator().manual_seed(1))  # fmt: skip
+    assert result.pairs.shared.any() and (~result.pairs.shared).any()
+    return result.pairs
+
+
+def kw(comps):
+    return dict(scheduler=comps.scheduler, steps=STEPS, eta=1.0, cfg_scale=5.0,
+                uncond=encode_prompts(comps, [""]), time_ids=make_time_ids(1, (64, 64)))  # fmt: skip
+
+
+def test_shared_x_t_runs_the_unet_once(tiny_components, lora_unet, pairs):
+    shared = pairs.index(pairs.shared)
+    unet = CountingUNet(lora_unet)
+    with torch.no_grad():
+        w1, l1 = pair_means(unet, shared, share_sources=True, **kw(tiny_components))
+        assert unet.calls == 1
+        w2, l2 = pair_means(unet, shared, share_sources=False, **kw(tiny_components))
+        assert unet.calls == 3  # the straightforward path: one more call
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1, l1, rtol=0, atol=0)  # the mean does not depend on x_prev
+
+
+def test_mixed_batch_matches_separate_forwards_loss_and_grads(tiny_components, lora_unet, pairs):
+    def reference():
+        @contextlib.contextmanager
+        def ctx():
+            lora_unet.disable_adapters()
+            try:
+                with torch.no_grad():
+                    yield counting
+            finally:
+                lora_unet.enable_adapters()
+
+        return ctx
+
+    counting = CountingUNet(lora_unet)
+    results = []
+    for share, fused in ((True, True), (False, False)):
+        lora_unet.zero_grad()
+        counting.calls = 0
+        loss, metrics = spo_pair_loss(counting, reference(), pairs, beta=10.0, clip=0.1, fused=fused,
+                                      share_sources=share, **kw(tiny_components))  # fmt: skip
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lora_unet.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), metrics, grads, counting.calls))
+    (loss_a, m_a, g_a, calls_a), (loss_b, m_b, g_b, calls_b) = results
+    assert calls_a == 2 and calls_b == 4  # policy + reference, each once vs twice
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert abs(float(m_a["log_ratio_w"])) > 0  # the policy really differs from the reference
+    assert g_a and g_a.keys() == g_b.keys()
+    assert any(g.abs().sum() > 0 for g in g_a.values())
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=1e-4, atol=1e-7)
+
+
+def test_loss_is_kernels_spo_loss_on_the_recomputed_means(tiny_components, lora_unet, pairs):
+    @contextlib.contextmanager
+    def ref_ctx():
+        lora_unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                yield lora_unet
+        finally:
+            lora_unet.enable_adapters()
+
+    with torch.no_grad():
+        loss, _ = spo_pair_loss(lora_unet, ref_ctx, pairs, beta=10.0, clip=0.1, **kw(tiny_components))
+        mw, ml = pair_means(lora_unet, pairs, **kw(tiny_components))
+        with ref_ctx() as ref:
+            rw, rl = pair_means(ref, pairs, **kw(tiny_components))
+    # plain-torch SPO from methods.md 1.4
+    def log_ratio(x, m, r):
+        return sampling.transition_logprob(x, m, pairs.std) - sampling.transition_logprob(x, r, pairs.std)
+
+    ratio_w = torch.clamp(log_ratio(pairs.x_w, mw, rw).exp(), 0.9, 1.1)
+    ratio_l = torch.clamp(log_ratio(pairs.x_l, ml, rl).exp(), 0.9, 1.1)
+    expected = -torch.nn.functional.logsigmoid(10 * (ratio_w.log() - ratio_l.log())).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_deal_gives_equal_shares_and_keeps_the_rest(pairs):
+    perm = torch.randperm(len(pairs))
+    shares = [deal(pairs, perm, r, 2, 2) for r in range(2)]
+    (a, left_a), (b, left_b) = shares
+    assert len(a) == len(b) and len(a) % 2 == 0
+    assert len(a) + len(b) + len(left_a) == len(pairs)
+    torch.testing.assert_close(left_a.x_w, left_b.x_w)  # the leftover is the same on every rank
+    seen = torch.cat([a.x_w, b.x_w, left_a.x_w]).flatten(1)
+    assert torch.unique(seen, dim=0).shape[0] == len(pairs)
+
+
+def test_prompt_file_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("a red cat\n\na blue dog\n")
+    assert read_prompts(SPOConfig(prompt_file=str(tmp_path / "p.txt"))) == ["a red cat", "a blue dog"]
+    (tmp_path / "p.json").write_text('[{"caption": "a red cat", "trainset_idx": 1}, {"caption": "x"}]')
+    assert read_prompts(SPOConfig(prompt_file=str(tmp_path / "p.json"))) == ["a red cat", "x"]
+    with pytest.raises(SpoxlError, match="does not exist"):
+        read_prompts(SPOConfig(prompt_file=str(tmp_path / "missing.txt")))
+    with pytest.raises(SpoxlError, match="no prompts"):
+        read_prompts(SPOConfig(prompts=[]))

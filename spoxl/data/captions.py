@@ -84,12 +84,19 @@ class ImageCaptionDataset(Dataset):
         else:
             image_col = _pick_column(self.path, image_column, IMAGE_COLUMNS, "image")
             caption_col = _pick_column(self.path, caption_column, CAPTION_COLUMNS, "caption")
-            table = Table.open(self.path, [image_col, caption_col])
-            self._sources = [resolve_image(v, table.base_dir) for v in table.column(image_col)]
-            self._captions = [_caption(v, self.path, i) for i, v in enumerate(table.column(caption_col))]
+            self._table = Table.open(self.path, [image_col, caption_col])
+            self._image_col = image_col
+            # Images stay in the table until asked for (a parquet may hold every image's bytes).
+            self._sources = None
+            self._captions = [_caption(v, self.path, i) for i, v in enumerate(self._table.column(caption_col))]
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._captions)
+
+    def _source(self, i: int):
+        if self._sources is not None:
+            return self._sources[i]
+        return resolve_image(self._table.row(i)[self._image_col], self._table.base_dir)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -97,12 +104,11 @@ class ImageCaptionDataset(Dataset):
     def captions(self) -> list[str]:
         return list(self._captions)
 
-    def _name(self, i: int) -> str:
-        src = self._sources[i]
+    def _name(self, i: int, src) -> str:
         return src if isinstance(src, str) else f"{self.path} row {i}"
 
     def cache_key(self, i: int) -> str:
-        h = hashlib.sha256(source_identity(self._sources[i]))
+        h = hashlib.sha256(source_identity(self._source(i)))
         h.update(self._captions[i].encode())
         h.update(self.augment.describe().encode())
         if self.augment.is_random:  # the crop/flip drawn for this item is part of its content
@@ -110,7 +116,8 @@ class ImageCaptionDataset(Dataset):
         return h.hexdigest()[:32]
 
     def __getitem__(self, i: int) -> dict:
-        image = open_image(self._sources[i], self._name(i))
+        src = self._source(i)
+        image = open_image(src, self._name(i, src))
         w, h = image.size
         gen = item_generator(self.seed, self.epoch, i)
         flip, top, left = self.augment.params(w, h, gen)

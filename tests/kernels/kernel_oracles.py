@@ -9,9 +9,13 @@ needs >= 1 ulp (2^-7 relative) of slack.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+# tests/conftest.py turns the interpreter on unless the caller set TRITON_INTERPRET=0 (GPU runs).
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 # (rtol, atol relative to the reference's largest magnitude) per input dtype.
 TOLERANCES = {
@@ -25,15 +29,15 @@ LOSS_TOLERANCE = (1e-5, 1e-6)
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32, name: str = "") -> None:
     rtol, atol_rel = TOLERANCES[dtype]
-    expected = expected.detach().double()
+    expected = expected.detach().double().cpu()
     atol = atol_rel * float(expected.abs().max()) + 1e-12
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual.detach().double().cpu(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def assert_loss_close(actual, expected, name: str = "loss") -> None:
     rtol, atol = LOSS_TOLERANCE
     torch.testing.assert_close(
-        torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol, atol=atol,
+        torch.as_tensor(actual).double().cpu(), torch.as_tensor(expected).double().cpu(), rtol=rtol, atol=atol,
         msg=lambda m: f"{name}: {m}",
     )  # fmt: skip
 

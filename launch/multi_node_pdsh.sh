@@ -43,4 +43,4 @@ done
 
 run_or_print "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher pdsh \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  --module spoxl.train --config "$CONFIG" "$@"
+  --module spoxl.cluster.train --config "$CONFIG" "$@"

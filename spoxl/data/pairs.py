@@ -3,7 +3,7 @@
 API
   PreferencePairDataset(path, resolution, crop="center", hflip=False, seed=0, drop_ties=True,
                         image_0_column="jpg_0", image_1_column="jpg_1",
-                        label_column="label_0", caption_column="caption")
+                        label_column="label_0", caption_column="caption", joint_flip=True)
   dataset[i] -> {"pixels_w": [3, R, R], "pixels_l": [3, R, R] (in [-1, 1]), "caption": str,
                  "time_ids": [6] float32, "original_size", "crop_top_left", "tie": bool, "index": i}
   dataset.set_epoch(e); dataset.cache_key(i) -> str; len(dataset) counts kept rows only
@@ -15,7 +15,8 @@ drop_ties=False a tie keeps image 0 as "w" and sets tie=True.
 
 Preprocessing follows diffusers' Diffusion-DPO SDXL script: image 1 is first resized to image
 0's size; original_size = image 0's; the pair gets ONE resize, ONE flip decision and ONE crop
-(jointly), so w and l stay pixel-aligned and share time_ids.
+(jointly), so w and l stay pixel-aligned and share time_ids. joint_flip=False flips each image
+on its own (MaPO's official loader); the crop stays shared.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ class PreferencePairDataset(Dataset):
         image_1_column: str = "jpg_1",
         label_column: str = "label_0",
         caption_column: str = "caption",
+        joint_flip: bool = True,
     ):
         self.path = Path(path).expanduser()
         self.augment = Augment(resolution, crop, hflip)
         self.seed = int(seed)
         self.epoch = 0
+        self.joint_flip = bool(joint_flip)
         self.columns = (image_0_column, image_1_column, label_column, caption_column)
         if self.path.is_dir():
             raise SpoxlError(f"preference dataset {self.path} must be a .jsonl or .parquet file, not a folder")
@@ -91,7 +94,7 @@ class PreferencePairDataset(Dataset):
         h.update(source_identity(s1))
         h.update(f"|{caption}|label={self._labels[row]}|{self.augment.describe()}".encode())
         if self.augment.is_random:
-            h.update(f"seed={self.seed},epoch={self.epoch},index={i}".encode())
+            h.update(f"seed={self.seed},epoch={self.epoch},index={i},joint={self.joint_flip}".encode())
         return h.hexdigest()[:32]
 
     def __getitem__(self, i: int) -> dict:
@@ -104,9 +107,12 @@ class PreferencePairDataset(Dataset):
         if im1.size != im0.size:
             im1 = im1.resize(im0.size, Image.BILINEAR)
         w, h = im0.size
-        flip, top, left = self.augment.params(w, h, item_generator(self.seed, self.epoch, i))
+        gen = item_generator(self.seed, self.epoch, i)
+        flip, top, left = self.augment.params(w, h, gen)
+        # MaPO's official loader flips each image on its own; diffusers (default) flips the pair.
+        flip1 = flip if self.joint_flip or not self.augment.hflip else bool(torch.rand((), generator=gen) < 0.5)
         px0 = self.augment.apply(im0, flip, top, left)
-        px1 = self.augment.apply(im1, flip, top, left)
+        px1 = self.augment.apply(im1, flip1, top, left)
         label = self._labels[row]
         # label_0 == 0 means image 1 is preferred: put the winner first.
         pixels_w, pixels_l = (px1, px0) if label == 0.0 else (px0, px1)

@@ -197,3 +197,15 @@ def test_pair_dataset_errors(tmp_path):
     pq.write_table(pa.table({"caption": ["c"], "jpg_0": [b"garbage"], "jpg_1": [b"garbage"], "label_0": [1.0]}), tmp_path / "g.parquet")
     ds = PreferencePairDataset(tmp_path / "g.parquet", 64)
     one_line_error(lambda: ds[0], "cannot read image", "row 0 jpg_0")
+
+
+def test_pairs_independent_flip_option(tmp_path):
+    path = write_pair_table(tmp_path / "pairs.jsonl", n=12)
+    plain = PreferencePairDataset(path, 64)
+    indep = PreferencePairDataset(path, 64, hflip=True, joint_flip=False)
+    differs = 0
+    for i in range(12):
+        w_flipped = not torch.equal(plain[i]["pixels_w"], indep[i]["pixels_w"])
+        l_flipped = not torch.equal(plain[i]["pixels_l"], indep[i]["pixels_l"])
+        differs += w_flipped != l_flipped
+    assert differs > 0  # some pairs flip only one image

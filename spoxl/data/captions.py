@@ -34,7 +34,7 @@ IMAGE_COLUMNS = ("image", "image_path", "file_name", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 
 
-def _pick_column(path: Path, given: str | None, candidates: tuple[str, ...], what: str) -> str:
+def _pick_column(path: Path, given: str | None, candidates: tuple[str, ...]) -> str:
     if given:
         return given
     if path.suffix == ".parquet":
@@ -82,8 +82,8 @@ class ImageCaptionDataset(Dataset):
         if self.path.is_dir():
             self._sources, self._captions = _scan_folder(self.path)
         else:
-            image_col = _pick_column(self.path, image_column, IMAGE_COLUMNS, "image")
-            caption_col = _pick_column(self.path, caption_column, CAPTION_COLUMNS, "caption")
+            image_col = _pick_column(self.path, image_column, IMAGE_COLUMNS)
+            caption_col = _pick_column(self.path, caption_column, CAPTION_COLUMNS)
             self._table = Table.open(self.path, [image_col, caption_col])
             self._image_col = image_col
             # Images stay in the table until asked for (a parquet may hold every image's bytes).

@@ -146,7 +146,8 @@ def run(args) -> int:
           "trainable parameters; frozen weights: "
           + ("the LoRA base UNet" if cfg.lora.enabled else "the reference copy" if has_reference_copy else "")
           + (", " if cfg.lora.enabled or has_reference_copy else "")
-          + "VAE and text encoders.")
+          + "VAE and text encoders. Not included: activations (resolution, micro-batch, gradient "
+          "checkpointing), CUDA/NCCL workspaces, and models a method brings (e.g. SPO's preference model).")
     if cfg.deepspeed.precision == "fp32":
         print("note: DeepSpeed's estimators assume 16-bit training weights; fp32 training needs more.")
     return 0

@@ -13,6 +13,7 @@ from spoxl.config import LoraConfig
 from spoxl.errors import SpoxlError
 
 SDXL_UNET_PARAMS = 2_567_463_684
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _write(path, text):
@@ -165,3 +166,13 @@ def test_param_counts_and_reference_copy():
 def test_estimate_rejects_unknown_stage():
     with pytest.raises(SpoxlError, match="ZeRO stage"):
         estimate(ParamCounts(10, 10, 10, 5, 0), 4, 1, 1)
+
+
+def test_preflight_on_the_4node_example(four_nodes, capsys):
+    """The README's 4 x 8 A100 example recipe is valid and its batch is what its comments say."""
+    config = str(ROOT / "configs" / "spo_sdxl_4node.yaml")
+    assert main(["preflight", "--hostfile", four_nodes, "--config", config, "--global-batch", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 2 x grad accumulation 1 x world size 32 = global batch 64: OK" in out
+    assert "UNet 2,567,463,684 params" in out and "LoRA rank 64" in out and "method spo" in out
+    assert [r[0] for r in _table(out)] == [" ", " ", "*", " "]

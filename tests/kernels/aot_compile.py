@@ -1,0 +1,96 @@
+"""Compile every spoxl Triton kernel ahead of time for NVIDIA GPUs, without a GPU.
+
+Triton's wheel ships ptxas, so `triton.compile` can lower a kernel to PTX and a cubin for a named
+target with no driver present. This catches what the interpreter cannot: kernels that only
+type-check in numpy, ops the GPU backend rejects, constexpr branches the tests never take.
+
+Run in a process WITHOUT TRITON_INTERPRET (the interpreter swaps the JIT functions out):
+    env -u TRITON_INTERPRET python tests/kernels/aot_compile.py [--arch 80 90]
+Prints one line per compiled variant; exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from spoxl.kernels import _triton_kernels as kernels  # noqa: E402
+
+# Pointers that always hold the accumulation dtype (partials, per-sample coefficients, the mean).
+ACC_POINTERS = {
+    "part_ptr", "coef_a_ptr", "coef_c_ptr", "coef_ptr", "mean_ptr", "sqrt_1m_a_ptr", "sqrt_a_ptr",
+    "x0_coef_ptr", "eps_coef_ptr", "std_ptr",
+}  # fmt: skip
+FLAGS = {
+    "sqerr_partials_kernel": ("HAS_L", "HAS_REF"),
+    "scaled_diff_kernel": ("HAS_SECOND",),
+    "pool_step_kernel": ("HAS_NOISE",),
+}
+KERNELS = [
+    "sqerr_partials_kernel",
+    "logratio_partials_kernel",
+    "scaled_diff_kernel",
+    "pool_logprob_partials_kernel",
+    "pool_logprob_backward_kernel",
+    "pool_step_kernel",
+]
+# (data dtype, accumulation dtype) as the wrappers launch them.
+DTYPES = [("fp32", tl.float32), ("bf16", tl.float32), ("fp16", tl.float32), ("fp64", tl.float64)]
+
+
+def signature(fn, data: str, acc) -> dict:
+    acc_name = "fp64" if acc == tl.float64 else "fp32"
+    sig = {}
+    for name in fn.arg_names:
+        if name.isupper():  # constexpr parameters are upper case in these kernels
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{acc_name}" if name in ACC_POINTERS else f"*{data}"
+        else:
+            sig[name] = "i64" if name == "seed" else "i32"
+    # N, NCHUNK and K are runtime ints despite being upper case.
+    for name in ("N", "NCHUNK", "K"):
+        if name in sig:
+            sig[name] = "i32"
+    return sig
+
+
+def variants(name):
+    flags = FLAGS.get(name, ())
+    for values in itertools.product((False, True), repeat=len(flags)):
+        yield dict(zip(flags, values))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", nargs="*", type=int, default=[90])
+    parser.add_argument("--block", type=int, default=2048)
+    args = parser.parse_args(argv)
+    count = 0
+    start = time.time()
+    for arch, name, (data, acc) in itertools.product(args.arch, KERNELS, DTYPES):
+        fn = getattr(kernels, name)
+        for flags in variants(name):
+            constexprs = {**flags, "ACC": acc, "BLOCK": args.block}
+            src = ASTSource(fn=fn, signature=signature(fn, data, acc), constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+            assert compiled.asm.get("cubin"), f"{name}: no cubin"
+            count += 1
+            print(f"ok sm_{arch} {name} {data} {flags}", flush=True)
+    print(f"compiled {count} kernel variants in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,12 +136,15 @@ def test_helpers():
         settings_from_env({"SPOXL_WATCHDOG_TIMEOUT_S": "1", "SPOXL_WATCHDOG_INTERVAL_S": "5"})
 
 
-def test_two_processes_sigkill_inside_a_collective(tmp_path, master_port):
-    """Rank 1 is SIGKILLed while both loop over all_reduce; rank 0 must exit non-zero quickly,
-    naming rank 1 (not blaming itself for the socket error)."""
+@pytest.mark.parametrize("mode", ["collective", "hang"])
+def test_two_processes_sigkill(tmp_path, master_port, mode):
+    """Rank 1 is SIGKILLed. collective: both loop over all_reduce, rank 0's gloo call raises, and
+    rank 0 must exit non-zero quickly naming rank 1 (not blaming itself for the socket error).
+    hang: rank 0's main thread is blocked for good (a NCCL collective never returns), and the
+    watchdog thread must end the process with FAILURE_EXIT_CODE."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "WORLD_SIZE": "2",
            "SPOXL_WATCHDOG_TIMEOUT_S": "4", "SPOXL_WATCHDOG_INTERVAL_S": "0.5"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "watchdog_worker.py"), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(HERE / "watchdog_worker.py"), str(tmp_path), mode],
                               env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     ready = tmp_path / "ready1"
     deadline = time.monotonic() + 60
@@ -154,6 +157,6 @@ def test_two_processes_sigkill_inside_a_collective(tmp_path, master_port):
     _, err = procs[0].communicate(timeout=60)
     elapsed = time.monotonic() - killed_at
     procs[1].wait()
-    assert procs[0].returncode != 0
+    assert procs[0].returncode == (FAILURE_EXIT_CODE if mode == "hang" else 1)
     assert elapsed < 4 + 2 * 0.5 + 10, elapsed
     assert "rank 1 (" in err and "stopped responding" in err, err[-2000:]

@@ -1,8 +1,11 @@
 """Helper process for test_watchdog: a gloo rank looping over all_reduce under watch_job().
-Not a test module (no test_ prefix). argv[1]: folder for the ready marker."""
+Not a test module (no test_ prefix). argv[1]: folder for the ready marker; argv[2] == "hang":
+after the first all_reduce, rank 0 blocks without ever raising (as a rank stuck inside a NCCL
+collective does), so only the watchdog thread can end it."""
 
 import os
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,4 +24,6 @@ with watch_job():
         x.fill_(1.0)
         if step == 0:
             (Path(sys.argv[1]) / f"ready{os.environ['RANK']}").touch()
+            if sys.argv[2:] == ["hang"] and os.environ["RANK"] == "0":
+                threading.Event().wait()  # blocks forever, GIL released
         time.sleep(0.01)

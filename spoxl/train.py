@@ -24,15 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_recipe(config_path, overrides, world_size: int | None):
+    """Everything that can be checked before a process group or a model exists: the config,
+    the ds_config merged at this world size, the objective's data. Returns (config, objective)."""
+    from spoxl.config import load_config
+    from spoxl.engine.ds_config import build_ds_config
+    from spoxl.engine.setup import use_cpu
+    from spoxl.methods.base import objective_class
+
+    cfg = load_config(config_path, overrides)
+    if world_size is not None:  # unknown before launch on multi-node runs: the ranks check it then
+        build_ds_config(cfg, world_size, on_cpu=use_cpu())
+    objective = objective_class(cfg.method.name)(cfg.method.params)
+    objective.check(cfg)
+    return cfg, objective
+
+
 def run(args) -> int:
-    from spoxl.config import dump_yaml, load_config
+    from spoxl.config import dump_yaml
     from spoxl.engine import checkpoint, loop
     from spoxl.engine.logging import MetricsLogger, flatten
     from spoxl.engine.setup import build_training
-    from spoxl.methods.base import objective_class
 
-    cfg = load_config(args.config, args.overrides)
-    objective = objective_class(cfg.method.name)(cfg.method.params)
+    cfg, objective = check_recipe(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", "1")))
     ctx = build_training(cfg, objective)
     out = Path(cfg.run.output_dir)
     logger = MetricsLogger(out, ctx.rank, tensorboard=cfg.logging.tensorboard)
@@ -80,7 +94,8 @@ def main(argv=None) -> int:
         # Every rank hits the same config/data error; print it once.
         if rank == "0":
             print(f"spoxl train: error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        # No destroy_process_group here: with a peer already gone it can block; exiting is enough.
+        return 2
     _shutdown()
     return code
 
@@ -93,4 +108,11 @@ def _shutdown() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if exit_code != 0:
+        # After an error, skip interpreter teardown: destroying a gloo group whose peer is gone (or
+        # DeepSpeed's atexit hooks) can stall for many seconds before the launcher sees the exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

@@ -62,9 +62,12 @@ def _no_gpu() -> bool:
 
 
 def run(args) -> int:
-    from spoxl.config import load_config
+    from spoxl.train import check_recipe
 
-    load_config(args.config, args.overrides)  # one-line errors before any rank starts
+    # One-line errors before any rank starts. The world size is known for a local run only;
+    # with a hostfile the ranks re-check at their real world size.
+    world = args.num_gpus if (args.num_gpus and not args.hostfile) else (1 if _no_gpu() and not args.hostfile else None)
+    check_recipe(args.config, args.overrides, world)
     cmd = launcher_command(args)
     if args.dry_run:
         print(shlex.join(cmd))

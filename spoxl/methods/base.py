@@ -167,6 +167,11 @@ class Objective:
         # config: an instance of self.Config (the validated YAML `method:` section).
         self.config = config if config is not None else self.Config()
 
+    def check(self, config: Any) -> None:
+        """Cheap validation before any process group or model exists (dataset paths, columns), so
+        a bad recipe fails in a second with a one-line SpoxlError. Called by `spoxl train` and
+        spoxl.train; may keep what it opened for setup()."""
+
     def setup(self, ctx: TrainContext) -> None:
         """Called once after the engine exists (build datasets, cache embeddings, ...)."""
 

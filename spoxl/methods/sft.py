@@ -85,8 +85,12 @@ class SFTObjective(Objective):
 
     # ---- data ---------------------------------------------------------------------------------
 
+    def check(self, config) -> None:
+        self.dataset = build_dataset(config)  # opening it checks the path, columns, captions
+
     def setup(self, ctx: TrainContext) -> None:
-        self.dataset = build_dataset(ctx.config)
+        if self.dataset is None:
+            self.dataset = build_dataset(ctx.config)
         n, mb = len(self.dataset), ctx.config.train.micro_batch_size
         per_rank = n // ctx.world_size
         if per_rank < mb:

@@ -1,0 +1,67 @@
+"""Bad recipes and bad data: one-line errors, non-zero exits, no hangs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def spoxl_train(args, tmp_path, num_ranks=2, timeout=240):
+    from test_launcher import env
+
+    cmd = [str(BIN / "spoxl"), "train", "--num-gpus", str(num_ranks), "--master-port", str(free_port()),
+           "--config", "configs/tiny_sft.yaml", "--set", f"run.output_dir={tmp_path / 'run'}",
+           "--set", "logging.progress=false", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if "spoxl train: error:" in line]
+
+
+def one_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unknown_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lrr: 1\n")
+    proc = subprocess.run([str(BIN / "spoxl"), "train", "--config", str(tmp_path / "c.yaml")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    one_error(proc, "unknown key train.lrr")
+    assert proc.returncode == 2
+
+
+def test_batch_sizes_that_do_not_divide(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 5, "zero_optimization": {"stage": 2}}))
+    proc = spoxl_train(["--set", f"deepspeed.config={tmp_path / 'ds.json'}"], tmp_path)
+    one_error(proc, "train_batch_size=5 does not equal", "world size 2")
+
+
+def test_missing_dataset(tmp_path):
+    proc = spoxl_train(["--set", f"data.path={tmp_path / 'nope'}"], tmp_path)
+    one_error(proc, "dataset", "nope does not exist")
+
+
+@pytest.mark.launcher
+def test_unreadable_image_on_one_rank_stops_every_rank(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i}")
+    (data / "2.png").write_bytes(b"this is not a png")  # in rank 1's shard only (no shuffle)
+    proc = spoxl_train(["--set", f"data.path={data}", "--set", "data.shuffle=false", "--set", "train.micro_batch_size=1",
+                        "--set", "train.grad_accum=1", "--set", "logging.sample_every=0"], tmp_path)
+    one_error(proc, "2.png")

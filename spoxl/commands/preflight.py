@@ -85,6 +85,11 @@ def _human(n: int) -> str:
 
 
 def run(args) -> int:
+    import os
+
+    # Preflight only does arithmetic: keep DeepSpeed from probing for a GPU (and warning on stdout
+    # about falling back to CPU) on a login node.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from spoxl.cluster.hostfile import world_size
     from spoxl.cluster.memory import count_params, estimate, estimates_by_stage, gib
     from spoxl.config import load_config

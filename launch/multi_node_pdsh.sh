@@ -35,7 +35,7 @@ source "$SPOXL_ROOT/launch/nccl_env.sh"
 DS_ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/spoxl-ds-env.XXXXXX")"
 export DS_ENV_FILE
 trap 'rm -f "$DS_ENV_FILE"' EXIT
-for var in "${SPOXL_NET_VARS[@]}" DS_ACCELERATOR; do
+for var in "${SPOXL_NET_VARS[@]}" DS_ACCELERATOR SPOXL_WATCHDOG SPOXL_WATCHDOG_TIMEOUT_S SPOXL_WATCHDOG_INTERVAL_S; do
   if [[ -n "${!var:-}" ]]; then
     printf '%s=%s\n' "$var" "${!var}" >>"$DS_ENV_FILE"
   fi

@@ -96,25 +96,31 @@ def scaled_diff_kernel(
     c_ptr,
     d_ptr,
     coef_c_ptr,
+    g_ptr,  # [1]: the upstream gradient of a scalar loss (read only when HAS_G)
     N,
     HAS_SECOND: tl.constexpr,
+    HAS_G: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out_a = coef_a[b] * (a - b) (and out_c = coef_c[b] * (c - d)): every loss backward.
+    """out_a = g * coef_a[b] * (a - b) (and out_c likewise): every backward in this package.
 
     d mse/d pred = 2 (pred - target) / N and d logp/d mean = (x - mean) / (std^2 N) are both a
     per-sample scale times an elementwise difference, so one light kernel writes all gradients
-    without any full-size temporary.
+    without any full-size temporary. Reading g from memory (instead of scaling the coefficients
+    on the host first) saves a launch and a host sync for the common grad_output == 1.
     """
     pid_b, pid_c, cols, mask = _offsets(N, BLOCK)
     base = pid_b * N + cols
-    coef = tl.load(coef_a_ptr + pid_b)
+    g = 1.0
+    if HAS_G:
+        g = tl.load(g_ptr).to(ACC)
+    coef = tl.load(coef_a_ptr + pid_b).to(ACC) * g
     a = tl.load(a_ptr + base, mask=mask, other=0.0).to(ACC)
     b = tl.load(b_ptr + base, mask=mask, other=0.0).to(ACC)
     tl.store(out_a_ptr + base, (coef * (a - b)).to(out_a_ptr.dtype.element_ty), mask=mask)
     if HAS_SECOND:
-        coef = tl.load(coef_c_ptr + pid_b)
+        coef = tl.load(coef_c_ptr + pid_b).to(ACC) * g
         c = tl.load(c_ptr + base, mask=mask, other=0.0).to(ACC)
         d = tl.load(d_ptr + base, mask=mask, other=0.0).to(ACC)
         tl.store(out_c_ptr + base, (coef * (c - d)).to(out_c_ptr.dtype.element_ty), mask=mask)
@@ -214,3 +220,140 @@ def pool_step_kernel(
         else:
             z = tl.randn(seed, offs).to(ACC)
         tl.store(samples_ptr + offs, (mean + std * z).to(samples_ptr.dtype.element_ty), mask=mask)
+
+
+# Loss ids of loss_head_kernel (module constants so the wrappers and the kernel agree).
+SPO, DIFFUSION_DPO, MAPO, NCP_DPO, NCP_CPO, NCP_SFT = 0, 1, 2, 3, 4, 5
+
+
+@triton.jit
+def _log_sigmoid(x):
+    # Stable for either sign without libdevice's log1p: min(x, 0) - log(1 + exp(-|x|)).
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid_neg(x):
+    # sigmoid(-x) = d(-logsigmoid(x))/dx magnitude, without overflow for large |x|.
+    z = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, z / (1.0 + z), 1.0 / (1.0 + z))
+
+
+@triton.jit
+def _mapo_g(m, snr):
+    # g(m) = s m / (exp(s m) - 1) and its derivative; the m = 0 limits are 1 and -s/2.
+    sm = snr * m
+    zero = sm == 0.0
+    safe = tl.where(zero, 1.0, sm)
+    e = tl.exp(safe)
+    g = tl.where(zero, 1.0, safe / (e - 1.0))
+    dg = tl.where(zero, -0.5 * snr, snr * ((e - 1.0) - safe * e) / ((e - 1.0) * (e - 1.0)))
+    return g, dg
+
+
+@triton.jit
+def loss_head_kernel(
+    loss_ptr,  # [1] the loss (fp32, or fp64 under gradcheck)
+    stats_ptr,  # [B, S] fp64 per-sample values for metrics: log-ratios (SPO) or MSEs
+    coef_ptr,  # [2, B] ACC: per-sample input-gradient scales for the w and l tensors
+    part_ptr,  # [B, NCHUNK, S] ACC partial sums from the reduction kernel
+    std_ptr,  # [B] (SPO only)
+    param_ptr,  # fp64 [5]: beta, clip (SPO) or snr (MaPO), T (MaPO), 1/B, 1/N
+    B,
+    NCHUNK,
+    LOSS: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Phase 2 of every loss, one program: sum the chunk partials, apply the loss head in fp64,
+    write the loss, the per-sample stats and dL/d(input) coefficients (gradient in forward).
+
+    The backward is then one elementwise kernel: grad = g * coef[b] * (a - b). SPO's clamp zeroes
+    coef where exp(log-ratio) is outside [1 - clip, 1 + clip] (inclusive bounds, as torch.clamp).
+    """
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    s0 = tl.zeros([BLOCK_B], dtype=tl.float64)
+    s1 = tl.zeros([BLOCK_B], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_B], dtype=tl.float64)
+    s3 = tl.zeros([BLOCK_B], dtype=tl.float64)
+    for c0 in range(0, NCHUNK, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m2 = rmask[:, None] & (cols[None, :] < NCHUNK)
+        base = (rows[:, None] * NCHUNK + cols[None, :]) * S
+        s0 += tl.sum(tl.load(part_ptr + base, mask=m2, other=0.0).to(tl.float64), axis=1)
+        s1 += tl.sum(tl.load(part_ptr + base + 1, mask=m2, other=0.0).to(tl.float64), axis=1)
+        if S == 4:
+            s2 += tl.sum(tl.load(part_ptr + base + 2, mask=m2, other=0.0).to(tl.float64), axis=1)
+            s3 += tl.sum(tl.load(part_ptr + base + 3, mask=m2, other=0.0).to(tl.float64), axis=1)
+    beta = tl.load(param_ptr)
+    p1 = tl.load(param_ptr + 1)
+    p2 = tl.load(param_ptr + 2)
+    # Scalars come from an fp64 buffer: float kernel arguments would be fp32, and 1-valued ints
+    # are specialised to constants by Triton.
+    inv_b = tl.load(param_ptr + 3)
+    inv_n = tl.load(param_ptr + 4)
+    if LOSS == 0:  # SPO: s0, s1 = sums of (x - ref)^2 - (x - mean)^2
+        std = tl.load(std_ptr + rows, mask=rmask, other=1.0).to(tl.float64)
+        two_scale = inv_n / (std * std)  # d log-ratio / d mean = (x - mean) * two_scale
+        lr_w = 0.5 * s0 * two_scale
+        lr_l = 0.5 * s1 * two_scale
+        lo = 1.0 - p1
+        hi = 1.0 + p1
+        r_w = tl.exp(lr_w)
+        r_l = tl.exp(lr_l)
+        in_w = (r_w >= lo) & (r_w <= hi)
+        in_l = (r_l >= lo) & (r_l <= hi)
+        log_r_w = tl.log(tl.minimum(tl.maximum(r_w, lo), hi))
+        log_r_l = tl.log(tl.minimum(tl.maximum(r_l, lo), hi))
+        logit = beta * (log_r_w - log_r_l)
+        per_sample = -_log_sigmoid(logit)
+        d_logit = -_sigmoid_neg(logit) * inv_b
+        # grad mean = dL/dlr * (x - mean) * two_scale = coef * (mean - x), coef = -dL/dlr * two_scale
+        coef_w = -tl.where(in_w, d_logit * beta, 0.0) * two_scale
+        coef_l = tl.where(in_l, d_logit * beta, 0.0) * two_scale
+        tl.store(stats_ptr + rows * S, lr_w, mask=rmask)
+        tl.store(stats_ptr + rows * S + 1, lr_l, mask=rmask)
+    else:  # MSE-based: s0..s3 = sums of squared errors of pred_w, pred_l, ref_w, ref_l
+        mse_w = s0 * inv_n
+        mse_l = s1 * inv_n
+        ref_w = s2 * inv_n
+        ref_l = s3 * inv_n
+        if LOSS == 1:  # Diffusion-DPO
+            logit = -0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))
+            per_sample = -_log_sigmoid(logit)
+            d_logit = -_sigmoid_neg(logit) * inv_b
+            d_w = d_logit * (-0.5 * beta)
+            d_l = d_logit * (0.5 * beta)
+        elif LOSS == 2:  # MaPO: p1 = snr, p2 = T
+            g_w, dg_w = _mapo_g(mse_w, p1)
+            g_l, dg_l = _mapo_g(mse_l, p1)
+            logit = p2 * (g_w - g_l)
+            per_sample = mse_w - beta * _log_sigmoid(logit)
+            d_logit = -beta * _sigmoid_neg(logit) * inv_b
+            d_w = inv_b + d_logit * p2 * dg_w
+            d_l = -d_logit * p2 * dg_l
+        elif LOSS == 5:  # NCP sft
+            per_sample = mse_w
+            d_w = tl.zeros([BLOCK_B], dtype=tl.float64) + inv_b
+            d_l = tl.zeros([BLOCK_B], dtype=tl.float64)
+        else:  # NCP dpo (3) / cpo (4): logit = beta (d_ref - d_theta), d_ref = 0 for cpo
+            d_ref = ref_w - ref_l
+            if LOSS == 4:
+                d_ref = tl.zeros([BLOCK_B], dtype=tl.float64)
+            logit = beta * (d_ref - (mse_w - mse_l))
+            per_sample = -_log_sigmoid(logit)
+            d_logit = -_sigmoid_neg(logit) * inv_b
+            d_w = -beta * d_logit
+            d_l = beta * d_logit
+        coef_w = d_w * 2.0 * inv_n  # d mse / d pred = 2 (pred - target) / N
+        coef_l = d_l * 2.0 * inv_n
+        tl.store(stats_ptr + rows * S, mse_w, mask=rmask)
+        tl.store(stats_ptr + rows * S + 1, mse_l, mask=rmask)
+        tl.store(stats_ptr + rows * S + 2, ref_w, mask=rmask)
+        tl.store(stats_ptr + rows * S + 3, ref_l, mask=rmask)
+    tl.store(coef_ptr + rows, coef_w.to(coef_ptr.dtype.element_ty), mask=rmask)
+    tl.store(coef_ptr + B + rows, coef_l.to(coef_ptr.dtype.element_ty), mask=rmask)
+    loss = tl.sum(tl.where(rmask, per_sample, 0.0), axis=0) * inv_b
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))

@@ -3,9 +3,13 @@
 Imported lazily by spoxl.kernels.dispatch, only when the triton backend is chosen; with
 TRITON_INTERPRET=1 in the environment before this import, the same kernels run on CPU tensors.
 
-Each Function computes per-sample reductions (forward reads every input once) and its backward
-launches one light elementwise kernel (reads the inputs again, writes the gradients directly).
-The [B]-sized loss math on top is _heads', shared with the torch backend.
+Losses run as three launches: a reduction kernel that reads every input once and writes
+per-chunk partial sums, a one-program head kernel that finishes the sums and applies the loss in
+fp64, writing the loss and each sample's gradient coefficient (gradient in forward, as Liger),
+and in backward one elementwise kernel grad = g * coef[b] * (a - b) that writes the gradients
+directly. Metrics, when asked for, come from the per-sample stats through _heads (the torch
+backend's code) without touching the latents again. The log-prob ops return [B] or [B, k]
+values, so their (tiny) head stays in torch.
 """
 
 from __future__ import annotations
@@ -53,102 +57,125 @@ def _grid(batch: int, n: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample squared errors (Diffusion-DPO, MaPO, NCP)
+# Shared launchers
 
 
-def _squared_errors(pred_w, target_w, pred_l=None, target_l=None, ref_w=None, ref_l=None):
-    """[B, 4] per-sample means of (p_w-t_w)^2, (p_l-t_l)^2, (r_w-t_w)^2, (r_l-t_l)^2 (zeros where absent),
-    plus the flattened policy tensors the backward needs."""
+def _sqerr_partials(pred_w, target_w, pred_l=None, target_l=None, ref_w=None, ref_l=None):
+    """[B, NCHUNK, 4] partial sums of (p_w-t_w)^2, (p_l-t_l)^2, (r_w-t_w)^2, (r_l-t_l)^2 (zeros where
+    absent), plus the flattened policy tensors the backward needs."""
     has_l, has_ref = pred_l is not None, ref_w is not None
     batch, n = pred_w.shape[0], pred_w[0].numel()
     acc = _acc_dtype(pred_w, pred_l, target_w, target_l, ref_w, ref_l)
     flat = [_flat(t) if t is not None else None for t in (pred_w, target_w, pred_l, target_l, ref_w, ref_l)]
     p_w, t_w, p_l, t_l, r_w, r_l = [f if f is not None else flat[0] for f in flat]
     grid = _grid(batch, n)
-    partials = torch.zeros(batch, grid[1], 4, dtype=acc, device=pred_w.device)
+    alloc = torch.empty if has_l and has_ref else torch.zeros  # absent slots must read as zero
+    partials = alloc(batch, grid[1], 4, dtype=acc, device=pred_w.device)
     K.sqerr_partials_kernel[grid](
         partials, p_w, t_w, p_l, t_l, r_w, r_l, n, grid[1],
         HAS_L=has_l, HAS_REF=has_ref, ACC=_tl(acc), **_launch_config(n),
     )  # fmt: skip
-    return partials.sum(1) / n, (p_w, t_w, p_l, t_l)
+    return partials, (p_w, t_w, p_l, t_l)
 
 
-def _scaled_diffs(shape, a, b, coef_ab, dtype_ab, c=None, d=None, coef_cd=None, dtype_cd=None):
-    """coef_ab[b] * (a - b) (and coef_cd[b] * (c - d)) reshaped to `shape`, in the given dtypes."""
+def _scaled_diffs(shape, a, b, coef_ab, dtype_ab, c=None, d=None, coef_cd=None, dtype_cd=None, g=None):
+    """g * coef_ab[b] * (a - b) (and likewise for c, d) reshaped to `shape`, in the given dtypes;
+    g is an optional 1-element tensor (the upstream gradient of a scalar loss)."""
     batch, n = a.shape
     has_second = c is not None
-    acc = coef_ab.dtype
+    acc = _acc_dtype(a, coef_ab)
     out_ab = torch.empty(batch, n, dtype=dtype_ab, device=a.device)
     out_cd = torch.empty(batch, n, dtype=dtype_cd, device=a.device) if has_second else out_ab
     K.scaled_diff_kernel[_grid(batch, n)](
-        out_ab, a, b, coef_ab.contiguous(),
-        out_cd, c if has_second else a, d if has_second else b, (coef_cd if has_second else coef_ab).contiguous(),
-        n, HAS_SECOND=has_second, ACC=_tl(acc), **_launch_config(n),
+        out_ab, a, b, coef_ab,
+        out_cd, c if has_second else a, d if has_second else b, coef_cd if has_second else coef_ab,
+        g if g is not None else coef_ab, n,
+        HAS_SECOND=has_second, HAS_G=g is not None, ACC=_tl(acc), **_launch_config(n),
     )  # fmt: skip
     return out_ab.view(shape), (out_cd.view(shape) if has_second else None)
 
 
-class PairSquaredError(torch.autograd.Function):
-    """(mse_w, mse_l, ref_mse_w, ref_mse_l) per sample; gradients flow into pred_w and pred_l only.
-
-    ref_w/ref_l may be None (reference-free losses); the matching outputs are then zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, pred_w, pred_l, target_w, target_l, ref_w, ref_l):
-        mse, saved = _squared_errors(pred_w, target_w, pred_l, target_l, ref_w, ref_l)
-        ctx.save_for_backward(*saved)
-        ctx.meta = (pred_w.shape, pred_w.dtype, pred_l.dtype, pred_w[0].numel())
-        outputs = tuple(mse[:, i].contiguous() for i in range(4))
-        ctx.mark_non_differentiable(outputs[2], outputs[3])
-        return outputs
-
-    @staticmethod
-    def backward(ctx, g_w, g_l, _g_ref_w, _g_ref_l):
-        p_w, t_w, p_l, t_l = ctx.saved_tensors
-        shape, dtype_w, dtype_l, n = ctx.meta
-        acc = _acc_dtype(p_w)
-        # d mse / d pred = 2 (pred - target) / N.
-        grad_w, grad_l = _scaled_diffs(
-            shape, p_w, t_w, g_w.to(acc) * (2.0 / n), dtype_w, p_l, t_l, g_l.to(acc) * (2.0 / n), dtype_l
-        )
-        return grad_w, grad_l, None, None, None, None
+def _loss_head(loss_id, partials, params, n, std=None):
+    """Phase 2 (one program): (loss 0-d, stats [B, S] fp64, coef [2, B]) from the chunk partials."""
+    batch, nchunk, width = partials.shape
+    device = partials.device
+    loss = torch.empty((), dtype=partials.dtype, device=device)
+    stats = torch.empty(batch, width, dtype=torch.float64, device=device)
+    coef = torch.empty(2, batch, dtype=partials.dtype, device=device)
+    # beta, clip|snr, T, 1/B, 1/N in fp64 (float kernel arguments would be rounded to fp32).
+    param = torch.tensor([*params, 1.0 / batch, 1.0 / n], dtype=torch.float64).to(device, non_blocking=True)
+    block_b = triton.next_power_of_2(batch)
+    block_c = max(1, min(triton.next_power_of_2(nchunk), max(1, 4096 // block_b)))
+    K.loss_head_kernel[(1,)](
+        loss, stats, coef, partials, std if std is not None else param, param, batch, nchunk,
+        LOSS=loss_id, S=width, BLOCK_B=block_b, BLOCK_C=block_c,
+    )  # fmt: skip
+    return loss, stats, coef
 
 
 # ---------------------------------------------------------------------------------------------
-# Gaussian transition log-probabilities (SPO, pool scoring)
+# Fused losses: reduction kernel + head kernel forward (gradient coefficients computed there),
+# one elementwise kernel backward.
+
+NCP_LOSS_IDS = {"dpo": K.NCP_DPO, "cpo": K.NCP_CPO, "sft": K.NCP_SFT}
 
 
-class SpoLogRatios(torch.autograd.Function):
-    """Per-sample log pi_theta(x|mean) - log pi_ref(x|ref_mean) for w and l; grads into mean_w, mean_l."""
+class FusedPairLoss(torch.autograd.Function):
+    """Diffusion-DPO / MaPO / NCP: (loss, stats [B, 4] = mse_w, mse_l, ref_mse_w, ref_mse_l).
+
+    Gradients flow into pred_w and pred_l; ref_w/ref_l may be None (MaPO, NCP cpo/sft).
+    """
 
     @staticmethod
-    def forward(ctx, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std):
+    def forward(ctx, loss_id, params, pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+        partials, saved = _sqerr_partials(pred_w, target_w, pred_l, target_l, ref_w, ref_l)
+        loss, stats, coef = _loss_head(loss_id, partials, params, pred_w[0].numel())
+        ctx.save_for_backward(*saved, coef)
+        ctx.meta = (pred_w.shape, pred_w.dtype, pred_l.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        p_w, t_w, p_l, t_l, coef = ctx.saved_tensors
+        shape, dtype_w, dtype_l = ctx.meta
+        grad_w, grad_l = _scaled_diffs(
+            shape, p_w, t_w, coef[0], dtype_w, p_l, t_l, coef[1], dtype_l, g=g_loss.reshape(1).contiguous()
+        )
+        return None, None, grad_w, grad_l, None, None, None, None
+
+
+class FusedSpoLoss(torch.autograd.Function):
+    """SPO: (loss, stats [B, 2] = log-ratios of w and l); gradients into mean_w and mean_l.
+
+    The reduction forms (x - ref)^2 - (x - mean)^2 per element, so the log(std) and
+    log(sqrt(2 pi)) terms cancel exactly instead of between two rounded sums.
+    """
+
+    @staticmethod
+    def forward(ctx, params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std):
         batch, n = x_w.shape[0], x_w[0].numel()
         acc = _acc_dtype(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l)
-        x_w, x_l, mean_w_f, mean_l_f, ref_w, ref_l = map(_flat, (x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l))
-        std = std.to(acc)
+        x_w, x_l, m_w, m_l, r_w, r_l = map(_flat, (x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l))
         grid = _grid(batch, n)
         partials = torch.empty(batch, grid[1], 2, dtype=acc, device=x_w.device)
         K.logratio_partials_kernel[grid](
-            partials, x_w, mean_w_f, ref_w, x_l, mean_l_f, ref_l, n, grid[1], ACC=_tl(acc), **_launch_config(n)
+            partials, x_w, m_w, r_w, x_l, m_l, r_l, n, grid[1], ACC=_tl(acc), **_launch_config(n)
         )
-        # log p - log p_ref = mean[(x - ref)^2 - (x - mean)^2] / (2 std^2)
-        ratios = partials.sum(1) / (2 * std.unsqueeze(1) ** 2 * n)
-        ctx.save_for_backward(x_w, x_l, mean_w_f, mean_l_f, std)
-        ctx.meta = (mean_w.shape, mean_w.dtype, mean_l.dtype, acc, n)
-        return ratios[:, 0].contiguous(), ratios[:, 1].contiguous()
+        loss, stats, coef = _loss_head(K.SPO, partials, params, n, std=std.to(acc).contiguous())
+        ctx.save_for_backward(x_w, x_l, m_w, m_l, coef)
+        ctx.meta = (mean_w.shape, mean_w.dtype, mean_l.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, g_w, g_l):
-        x_w, x_l, mean_w, mean_l, std = ctx.saved_tensors
-        shape, dtype_w, dtype_l, acc, n = ctx.meta
-        # d log p / d mean = (x - mean) / (std^2 N); written as coef * (mean - x) with coef < 0.
-        scale = -1.0 / (std**2 * n)
+    def backward(ctx, g_loss, _g_stats):
+        x_w, x_l, m_w, m_l, coef = ctx.saved_tensors
+        shape, dtype_w, dtype_l = ctx.meta
         grad_w, grad_l = _scaled_diffs(
-            shape, mean_w, x_w, g_w.to(acc) * scale, dtype_w, mean_l, x_l, g_l.to(acc) * scale, dtype_l
+            shape, m_w, x_w, coef[0], dtype_w, m_l, x_l, coef[1], dtype_l, g=g_loss.reshape(1).contiguous()
         )
-        return None, None, grad_w, grad_l, None, None, None
+        return None, None, None, grad_w, grad_l, None, None, None
 
 
 class TransitionLogprob(torch.autograd.Function):
@@ -156,18 +183,19 @@ class TransitionLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_prev, mean, std):
-        mse, (m, x, _, _) = _squared_errors(mean, x_prev)
+        partials, (m, x, _, _) = _sqerr_partials(mean, x_prev)
+        mse = partials[..., 0].sum(1) / m.shape[1]
         std = std.to(mse.dtype)
         ctx.save_for_backward(m, x, std)
         ctx.meta = (mean.shape, mean.dtype)
-        return -mse[:, 0] / (2 * std**2) - torch.log(std) - sampling.LOG_SQRT_2PI
+        return -mse / (2 * std**2) - torch.log(std) - sampling.LOG_SQRT_2PI
 
     @staticmethod
     def backward(ctx, g):
         m, x, std = ctx.saved_tensors
         shape, dtype = ctx.meta
         # d logp / d mean = (x - mean) / (std^2 N), written as coef * (mean - x).
-        coef = -g.to(std.dtype) / (std**2 * m.shape[1])
+        coef = (-g.to(std.dtype) / (std**2 * m.shape[1])).contiguous()
         grad_mean, _ = _scaled_diffs(shape, m, x, coef, dtype)
         return None, grad_mean, None
 
@@ -211,11 +239,6 @@ class PoolLogprobs(torch.autograd.Function):
 # Ops with the public signatures (inputs already validated by spoxl.kernels.ops)
 
 
-def _maybe_metrics(loss_and_metrics, return_metrics: bool):
-    """(loss, metrics) when asked for, else the loss (the head then computed no metrics at all)."""
-    return loss_and_metrics if return_metrics else loss_and_metrics[0]
-
-
 def _std(std, like: torch.Tensor) -> torch.Tensor:
     return per_sample("std", std, like.shape[0], like.device, _acc_dtype(like))
 
@@ -256,23 +279,37 @@ def pool_logprobs(samples, mean, ref_mean, std):
     return PoolLogprobs.apply(samples, mean, ref_mean, _std(std, mean))
 
 
+def _with_metrics(loss, metrics_fn, return_metrics: bool):
+    """The fused kernels return the loss; metrics come from the fp64 per-sample stats through the
+    same _heads code as the torch backend, and only when asked for."""
+    if not return_metrics:
+        return loss
+    with torch.no_grad():
+        return loss, metrics_fn()[1]
+
+
 def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
-    lr_w, lr_l = SpoLogRatios.apply(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
-    return _maybe_metrics(_heads.spo_head(lr_w, lr_l, beta, clip, return_metrics), return_metrics)
+    params = (float(beta), float(clip), 0.0)
+    loss, stats = FusedSpoLoss.apply(params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
+    return _with_metrics(loss, lambda: _heads.spo_head(stats[:, 0], stats[:, 1], beta, clip), return_metrics)
 
 
 def diffusion_dpo_loss(
     pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
 ):
-    mse_w, mse_l, ref_w, ref_l = PairSquaredError.apply(pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l)
-    return _maybe_metrics(_heads.diffusion_dpo_head(mse_w, mse_l, ref_w, ref_l, beta, return_metrics), return_metrics)
+    params = (float(beta), 0.0, 0.0)
+    loss, stats = FusedPairLoss.apply(K.DIFFUSION_DPO, params, pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l)
+    return _with_metrics(loss, lambda: _heads.diffusion_dpo_head(*stats.unbind(1), beta), return_metrics)
 
 
 def mapo_loss(
     pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
 ):
-    mse_w, mse_l, _, _ = PairSquaredError.apply(pred_w, pred_l, target_w, target_l, None, None)
-    return _maybe_metrics(_heads.mapo_head(mse_w, mse_l, beta, snr, num_train_timesteps, return_metrics), return_metrics)
+    params = (float(beta), float(snr), float(num_train_timesteps))
+    loss, stats = FusedPairLoss.apply(K.MAPO, params, pred_w, pred_l, target_w, target_l, None, None)
+    return _with_metrics(
+        loss, lambda: _heads.mapo_head(stats[:, 0], stats[:, 1], beta, snr, num_train_timesteps), return_metrics
+    )
 
 
 def ncp_loss(
@@ -288,7 +325,9 @@ def ncp_loss(
     return_metrics=False,
 ):
     refs = (ref_feat_w, ref_feat_l) if kind == "dpo" else (None, None)
-    mse_w, mse_l, ref_w, ref_l = PairSquaredError.apply(feat_w, feat_l, target_feat_w, target_feat_l, *refs)
-    if kind != "dpo":
-        ref_w = ref_l = None
-    return _maybe_metrics(_heads.ncp_head(mse_w, mse_l, ref_w, ref_l, beta, kind, return_metrics), return_metrics)
+    params = (float(beta), 0.0, 0.0)
+    loss, stats = FusedPairLoss.apply(NCP_LOSS_IDS[kind], params, feat_w, feat_l, target_feat_w, target_feat_l, *refs)
+    ref_w, ref_l = (stats[:, 2], stats[:, 3]) if kind == "dpo" else (None, None)
+    return _with_metrics(
+        loss, lambda: _heads.ncp_head(stats[:, 0], stats[:, 1], ref_w, ref_l, beta, kind), return_metrics
+    )

@@ -30,11 +30,12 @@ from spoxl.kernels import _triton_kernels as kernels  # noqa: E402
 # Pointers that always hold the accumulation dtype (partials, per-sample coefficients, the mean).
 ACC_POINTERS = {
     "part_ptr", "coef_a_ptr", "coef_c_ptr", "coef_ptr", "mean_ptr", "sqrt_1m_a_ptr", "sqrt_a_ptr",
-    "x0_coef_ptr", "eps_coef_ptr", "std_ptr",
+    "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "loss_ptr",
 }  # fmt: skip
+FP64_POINTERS = {"stats_ptr", "param_ptr"}
 FLAGS = {
     "sqerr_partials_kernel": ("HAS_L", "HAS_REF"),
-    "scaled_diff_kernel": ("HAS_SECOND",),
+    "scaled_diff_kernel": ("HAS_SECOND", "HAS_G"),
     "pool_step_kernel": ("HAS_NOISE",),
 }
 KERNELS = [
@@ -44,6 +45,7 @@ KERNELS = [
     "pool_logprob_partials_kernel",
     "pool_logprob_backward_kernel",
     "pool_step_kernel",
+    "loss_head_kernel",
 ]
 # (data dtype, accumulation dtype) as the wrappers launch them.
 DTYPES = [("fp32", tl.float32), ("bf16", tl.float32), ("fp16", tl.float32), ("fp64", tl.float64)]
@@ -55,18 +57,24 @@ def signature(fn, data: str, acc) -> dict:
     for name in fn.arg_names:
         if name.isupper():  # constexpr parameters are upper case in these kernels
             sig[name] = "constexpr"
+        elif name in FP64_POINTERS:
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = f"*{acc_name}" if name in ACC_POINTERS else f"*{data}"
         else:
             sig[name] = "i64" if name == "seed" else "i32"
-    # N, NCHUNK and K are runtime ints despite being upper case.
-    for name in ("N", "NCHUNK", "K"):
+    # B, N, NCHUNK and K are runtime ints despite being upper case.
+    for name in ("B", "N", "NCHUNK", "K"):
         if name in sig:
             sig[name] = "i32"
     return sig
 
 
 def variants(name):
+    if name == "loss_head_kernel":  # every loss head; SPO reduces 2 values per sample, the rest 4
+        for loss in range(6):
+            yield {"LOSS": loss, "S": 2 if loss == kernels.SPO else 4, "BLOCK_B": 8, "BLOCK_C": 64}
+        return
     flags = FLAGS.get(name, ())
     for values in itertools.product((False, True), repeat=len(flags)):
         yield dict(zip(flags, values))
@@ -81,8 +89,10 @@ def main(argv=None) -> int:
     start = time.time()
     for arch, name, (data, acc) in itertools.product(args.arch, KERNELS, DTYPES):
         fn = getattr(kernels, name)
+        if name == "loss_head_kernel" and data in ("bf16", "fp16"):
+            continue  # reads only accumulation-dtype partials: fp32 and fp64 cover it
         for flags in variants(name):
-            constexprs = {**flags, "ACC": acc, "BLOCK": args.block}
+            constexprs = dict(flags) if name == "loss_head_kernel" else {**flags, "ACC": acc, "BLOCK": args.block}
             src = ASTSource(fn=fn, signature=signature(fn, data, acc), constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             assert compiled.asm.get("cubin"), f"{name}: no cubin"

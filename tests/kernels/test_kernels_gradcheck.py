@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+import spoxl.kernels._triton_kernels as K
 import spoxl.kernels._triton_ops as T
 from kernel_oracles import INTERPRETER
 
@@ -31,23 +32,45 @@ def _r(shape, grad=False):
     return torch.randn(shape, dtype=torch.float64, requires_grad=grad)
 
 
+def _near(base, scale):
+    return (base + scale * torch.randn_like(base)).detach()
+
+
+# (loss id, params (beta, clip|snr, T), with reference): betas small enough for O(1) logits.
+PAIR_LOSSES = {
+    "diffusion_dpo": (K.DIFFUSION_DPO, (50.0, 0.0, 0.0), True),
+    "mapo": (K.MAPO, (0.1, 0.5, 10.0), False),
+    "ncp_dpo": (K.NCP_DPO, (20.0, 0.0, 0.0), True),
+    "ncp_cpo": (K.NCP_CPO, (20.0, 0.0, 0.0), False),
+    "ncp_sft": (K.NCP_SFT, (20.0, 0.0, 0.0), False),
+}
+
+
+@pytest.mark.parametrize("loss", list(PAIR_LOSSES))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_pair_squared_error(shape, check):
-    args = (_r(shape, True), _r(shape, True), _r(shape), _r(shape), _r(shape), _r(shape))
-    assert check(lambda *a: T.PairSquaredError.apply(*a)[:2], args)
+def test_fused_pair_loss(shape, loss, check):
+    loss_id, params, has_ref = PAIR_LOSSES[loss]
+    t_w, t_l = _r(shape), _r(shape)
+    preds = (_near(t_w, 0.3).requires_grad_(True), _near(t_l, 0.3).requires_grad_(True))
+    refs = (_near(t_w, 0.3), _near(t_l, 0.3)) if has_ref else (None, None)
+
+    def fn(p_w, p_l):
+        return T.FusedPairLoss.apply(loss_id, params, p_w, p_l, t_w, t_l, *refs)[0]
+
+    assert check(fn, preds)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_pair_squared_error_without_reference(shape, check):
-    args = (_r(shape, True), _r(shape, True), _r(shape), _r(shape), None, None)
-    assert check(lambda *a: T.PairSquaredError.apply(*a)[:2], args)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_spo_log_ratios(shape, check):
+def test_fused_spo_loss(shape, check):
     std = torch.rand(shape[0], dtype=torch.float64) + 0.5
-    args = (_r(shape), _r(shape), _r(shape, True), _r(shape, True), _r(shape), _r(shape), std)
-    assert check(T.SpoLogRatios.apply, args)
+    x_w, x_l = _r(shape), _r(shape)
+    means = (_near(x_w, 0.5).requires_grad_(True), _near(x_l, 0.5).requires_grad_(True))
+    refs = (_near(means[0], 0.02), _near(means[1], 0.02))
+
+    def fn(m_w, m_l):
+        return T.FusedSpoLoss.apply((10.0, 0.1, 0.0), x_w, x_l, m_w, m_l, *refs, std)[0]
+
+    assert check(fn, means)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -64,18 +87,19 @@ def test_pool_logprobs(shape, check):
     assert check(T.PoolLogprobs.apply, (samples, _r(shape, True), _r(shape, True), std))
 
 
-def test_full_losses_in_fp64():
-    """The Functions composed with the [B] heads: gradcheck the losses end to end (fast mode:
-    random projections of the Jacobian, since every column costs interpreter launches)."""
+def test_public_losses_in_fp64():
+    """The public wrappers end to end (fast mode), including the metrics path staying off the graph."""
     shape = (2, 2, 3, 3)
     std = torch.tensor([0.5, 0.8], dtype=torch.float64)
     x = [_r(shape) for _ in range(2)]
-    means = [(x[i] + 0.3 * _r(shape)).detach().requires_grad_(True) for i in range(2)]
-    refs = [(m + 0.02 * _r(shape)).detach() for m in means]
-    assert gradcheck(lambda mw, ml: T.spo_loss(x[0], x[1], mw, ml, refs[0], refs[1], std).double(), means, fast_mode=True)
+    means = [_near(x[i], 0.3).requires_grad_(True) for i in range(2)]
+    refs = [_near(m, 0.02) for m in means]
+    assert gradcheck(lambda mw, ml: T.spo_loss(x[0], x[1], mw, ml, *refs, std), means, fast_mode=True)
     t = [_r(shape) for _ in range(2)]
-    preds = [(t[i] + 0.05 * _r(shape)).detach().requires_grad_(True) for i in range(2)]
-    ref_preds = [t[i] + 0.05 * _r(shape) for i in range(2)]
-    assert gradcheck(lambda pw, pl: T.diffusion_dpo_loss(pw, pl, *ref_preds, *t, beta=50.0).double(), preds, fast_mode=True)
-    assert gradcheck(lambda pw, pl: T.mapo_loss(pw, pl, *t, num_train_timesteps=10).double(), preds, fast_mode=True)
-    assert gradcheck(lambda pw, pl: T.ncp_loss(pw, pl, *ref_preds, *t, beta=20.0).double(), preds, fast_mode=True)
+    preds = [_near(t[i], 0.05).requires_grad_(True) for i in range(2)]
+    ref_preds = [_near(t[i], 0.05) for i in range(2)]
+    assert gradcheck(lambda pw, pl: T.diffusion_dpo_loss(pw, pl, *ref_preds, *t, beta=50.0), preds, fast_mode=True)
+    assert gradcheck(
+        lambda pw, pl: T.mapo_loss(pw, pl, *t, num_train_timesteps=10, return_metrics=True)[0], preds, fast_mode=True
+    )
+    assert gradcheck(lambda pw, pl: T.ncp_loss(pw, pl, *ref_preds, *t, beta=20.0), preds, fast_mode=True)

@@ -36,7 +36,11 @@ require_int() {
 }
 
 # use_python_env DIR: DIR/bin must hold python and deepspeed, and spoxl must import.
-# Exports PATH with DIR/bin first and sets DEEPSPEED to the launcher executable.
+# Sets PYTHON and DEEPSPEED to the env's executables (the launcher starts every rank with its own
+# interpreter, so nothing depends on PATH order) and appends DIR/bin to PATH, so that tools the
+# env brings (ninja, which DeepSpeed's JIT op builds call) are found when the system has none.
+# Appended, not prepended: processes that disagree on which ninja builds a shared
+# TORCH_EXTENSIONS_DIR make each other rebuild every op (ninja versions keep incompatible logs).
 use_python_env() {
   local env_dir="$1"
   [[ -n "$env_dir" ]] || die "PYTHON_ENV is not set (the virtualenv/conda env that has spoxl installed)"
@@ -46,9 +50,11 @@ use_python_env() {
   "$env_dir/bin/python" -c "import importlib.util as u, sys
 sys.exit(not (u.find_spec('spoxl') and u.find_spec('deepspeed')))" 2>/dev/null \
     || die "PYTHON_ENV '$env_dir' cannot import spoxl and deepspeed (pip install -e . in that env)"
-  PATH="$env_dir/bin:$PATH"
+  PATH="$PATH:$env_dir/bin"
   export PATH
   # shellcheck disable=SC2034  # read by the scripts that source this file
+  PYTHON="$env_dir/bin/python"
+  # shellcheck disable=SC2034
   DEEPSPEED="$env_dir/bin/deepspeed"
 }
 

@@ -27,7 +27,7 @@ require_int MASTER_PORT "$MASTER_PORT"
 [[ -n "$MASTER_ADDR" ]] || die "MASTER_ADDR is not set (the first host's address, e.g. its IB IP)"
 command -v pdsh >/dev/null || die "pdsh is not installed on this machine (apt-get install pdsh)"
 # Parse the hostfile with line-numbered errors before pdsh fans out.
-python -m spoxl.cluster.hostfile "$HOSTFILE" || exit 2
+"$PYTHON" -m spoxl.cluster.hostfile "$HOSTFILE" || exit 2
 # shellcheck source=launch/nccl_env.sh
 source "$SPOXL_ROOT/launch/nccl_env.sh"
 

@@ -31,7 +31,7 @@ require_file HOSTFILE "$HOSTFILE"
 require_int NODE_RANK "$NODE_RANK"
 require_int MASTER_PORT "$MASTER_PORT"
 [[ -n "$MASTER_ADDR" ]] || die "MASTER_ADDR is not set (the address of the node with NODE_RANK=0)"
-python -m spoxl.cluster.hostfile "$HOSTFILE" >/dev/null || exit 2
+"$PYTHON" -m spoxl.cluster.hostfile "$HOSTFILE" >/dev/null || exit 2
 # shellcheck source=launch/nccl_env.sh
 source "$SPOXL_ROOT/launch/nccl_env.sh"
 

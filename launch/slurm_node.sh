@@ -11,7 +11,7 @@ cd "$SPOXL_ROOT"
 use_python_env "${PYTHON_ENV:-$SPOXL_ROOT/.venv}"
 
 HOSTFILE="${TMPDIR:-/tmp}/spoxl-hostfile-${SLURM_JOB_ID:-nojob}"
-exports="$(python -m spoxl.cluster.slurm --hostfile "$HOSTFILE")" || exit 2
+exports="$("$PYTHON" -m spoxl.cluster.slurm --hostfile "$HOSTFILE")" || exit 2
 eval "$exports"  # MASTER_ADDR MASTER_PORT NODE_RANK NNODES GPUS_PER_NODE WORLD_SIZE
 export HOSTFILE
 echo "spoxl slurm: node $NODE_RANK/$NNODES ($(hostname)), $GPUS_PER_NODE GPUs, world size $WORLD_SIZE," \

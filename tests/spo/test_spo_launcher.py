@@ -1,0 +1,56 @@
+"""SPO through the real deepspeed launcher, 2 CPU ranks (gloo), on the demo setting
+(configs/tiny_spo.yaml): ZeRO-2 trains and the preference score of final samples on held-out seeds
+rises; ZeRO-3 runs the same training (same per-step losses) and exports a non-empty LoRA."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.launcher
+
+
+def train(out: Path, stage: str, steps: int) -> str:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".venv" / "torch_extensions"))  # fmt: skip
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "spoxl.train", "--config", "configs/tiny_spo.yaml",
+           "--set", f"run.output_dir={out}", "--set", f"deepspeed.config=ds_configs/{stage}.json",
+           "--set", f"train.max_steps={steps}", "--set", "logging.sample_every=0"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return (out / "train.log").read_text()
+
+
+def losses(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"step \d+/\d+ loss ([0-9.]+)", log)]
+
+
+def test_spo_zero2_improves_preference_and_zero3_trains_the_same(tmp_path):
+    from spoxl.demo_report import build_report
+
+    z2, z3 = tmp_path / "zero2", tmp_path / "zero3"
+    log2 = train(z2, "zero2", 40)
+    assert "step 40/40" in log2
+    assert list((z2 / "tensorboard").glob("events.*")) and (z2 / "checkpoints" / "step_00000040").is_dir()
+    report = build_report(z2, seeds=8)
+    # Fixed seeds: the held-out final images score higher after SPO, by a real margin
+    # (measured: +1.5 +- 0.4 at 40 steps, 78% of seeds better).
+    assert report["diff_mean"] > 0.5 and report["diff_mean"] > 2 * report["diff_stderr"], report
+    assert report["win_rate"] >= 0.6, report
+    assert (z2 / "report.md").is_file() and "tuned > base" in (z2 / "report.md").read_text()
+
+    log3 = train(z3, "zero3", 12)
+    # ZeRO-3 partitions the UNet but computes the same thing: same rounds, same pairs, same losses.
+    l2, l3 = losses(log2)[:12], losses(log3)
+    assert len(l3) == 12 and l3 == pytest.approx(l2, abs=2e-4)
+    lora = load_file(z3 / "export" / "pytorch_lora_weights.safetensors")
+    assert lora and all(t.numel() > 0 for t in lora.values())

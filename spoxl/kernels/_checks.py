@@ -44,11 +44,6 @@ def per_sample(name: str, v, batch: int, device, dtype=torch.float32) -> torch.T
     return t.reshape(batch).contiguous()
 
 
-def positive_std(std: torch.Tensor) -> None:
-    if not bool(torch.all(std > 0)):
-        raise SpoxlError("std must be > 0 for a transition log-probability (eta = 0 makes the step deterministic)")
-
-
 def pool_size(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SpoxlError(f"k (the pool size) must be a positive int, got {k!r}")

@@ -95,6 +95,22 @@ def _scaled_diffs(shape, a, b, coef_ab, dtype_ab, c=None, d=None, coef_cd=None, 
     return out_ab.view(shape), (out_cd.view(shape) if has_second else None)
 
 
+_PARAM_CACHE: dict = {}
+
+
+def _head_params(params, batch: int, n: int, device) -> torch.Tensor:
+    """beta, clip|snr, T, 1/B, 1/N as an fp64 device tensor (float kernel arguments would be
+    rounded to fp32), cached so a training loop does not copy it host-to-device every step."""
+    key = (tuple(params), batch, n, str(device))
+    cached = _PARAM_CACHE.get(key)
+    if cached is None:
+        if len(_PARAM_CACHE) > 256:
+            _PARAM_CACHE.clear()
+        cached = torch.tensor([*params, 1.0 / batch, 1.0 / n], dtype=torch.float64, device=device)
+        _PARAM_CACHE[key] = cached
+    return cached
+
+
 def _loss_head(loss_id, partials, params, n, std=None):
     """Phase 2 (one program): (loss 0-d, stats [B, S] fp64, coef [2, B]) from the chunk partials."""
     batch, nchunk, width = partials.shape
@@ -102,8 +118,7 @@ def _loss_head(loss_id, partials, params, n, std=None):
     loss = torch.empty((), dtype=partials.dtype, device=device)
     stats = torch.empty(batch, width, dtype=torch.float64, device=device)
     coef = torch.empty(2, batch, dtype=partials.dtype, device=device)
-    # beta, clip|snr, T, 1/B, 1/N in fp64 (float kernel arguments would be rounded to fp32).
-    param = torch.tensor([*params, 1.0 / batch, 1.0 / n], dtype=torch.float64).to(device, non_blocking=True)
+    param = _head_params(params, batch, n, device)
     block_b = triton.next_power_of_2(batch)
     block_c = max(1, min(triton.next_power_of_2(nchunk), max(1, 4096 // block_b)))
     K.loss_head_kernel[(1,)](
@@ -298,7 +313,9 @@ def diffusion_dpo_loss(
     pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
 ):
     params = (float(beta), 0.0, 0.0)
-    loss, stats = FusedPairLoss.apply(K.DIFFUSION_DPO, params, pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l)
+    loss, stats = FusedPairLoss.apply(
+        K.DIFFUSION_DPO, params, pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l
+    )
     return _with_metrics(loss, lambda: _heads.diffusion_dpo_head(*stats.unbind(1), beta), return_metrics)
 
 

@@ -22,7 +22,9 @@ def _check_std(std, batch: int) -> None:
     """std: a float > 0, or one value per sample (tensor values are not inspected: that would sync)."""
     if isinstance(std, torch.Tensor):
         if std.numel() not in (1, batch):
-            raise SpoxlError(f"std must be a float or hold one value per sample ({batch}), got shape {tuple(std.shape)}")
+            raise SpoxlError(
+                f"std must be a float or hold one value per sample ({batch}), got shape {tuple(std.shape)}"
+            )
     elif not float(std) > 0:
         raise SpoxlError(f"std must be > 0, got {std}")
 

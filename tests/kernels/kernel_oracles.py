@@ -31,7 +31,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float
     rtol, atol_rel = TOLERANCES[dtype]
     expected = expected.detach().double().cpu()
     atol = atol_rel * float(expected.abs().max()) + 1e-12
-    torch.testing.assert_close(actual.detach().double().cpu(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    actual = actual.detach().double().cpu()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def assert_loss_close(actual, expected, name: str = "loss") -> None:

@@ -40,6 +40,9 @@ for var in "${SPOXL_NET_VARS[@]}" DS_ACCELERATOR SPOXL_WATCHDOG SPOXL_WATCHDOG_T
     printf '%s=%s\n' "$var" "${!var}" >>"$DS_ENV_FILE"
   fi
 done
+if [[ "${SPOXL_DRY_RUN:-0}" == "1" ]]; then
+  sed 's/^/DS_ENV_FILE: /' "$DS_ENV_FILE" >&2
+fi
 
 run_or_print "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher pdsh \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

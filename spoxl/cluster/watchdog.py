@@ -176,7 +176,7 @@ class Watchdog:
 
     def lost_store_message(self, exc: BaseException) -> str:
         where = f" at {self.store_address}" if self.store_address else ""
-        return (f"lost the job's rendezvous store{where}, hosted by rank 0: rank 0 or its node died "
+        return (f"lost the job's rendezvous store{where} (hosted by rank 0's process): rank 0 or its node died "
                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
 
     def describe(self, rank: int) -> str:
@@ -210,6 +210,22 @@ class Watchdog:
 
     # ---- exceptions in the main thread --------------------------------------------------------------
 
+    def on_exit_status(self, code) -> None:
+        """This rank is exiting with a non-zero status without an exception (e.g. a one-line
+        user error it printed itself): record it as the job's failure."""
+        self._stop.set()
+        me = f"rank {self.rank} ({self.describe(self.rank)})"
+        self._record(me, f"exited with status {code}")
+
+    def _record(self, me: str, what: str) -> None:
+        try:
+            failure = self.store.compare_set(_FAILED, "", f"{me} {what}").decode()
+        except Exception:
+            failure = f"{me} {what}"
+        self._ended = True
+        self.log(f"spoxl watchdog: {me} {what}"
+                 + ("" if failure.startswith(me) else f"; first failure in the job: {failure}"))
+
     def on_exception(self, exc: BaseException) -> None:
         """Record why this rank is failing. A communication error is a symptom: wait (up to
         timeout_s + 2 intervals) for the watchdog that diagnoses the dead peer, then print that."""
@@ -233,14 +249,7 @@ class Watchdog:
                     self.log(f"spoxl watchdog: {me} stops after a communication error; cause: {failure}")
                     return
                 time.sleep(min(self.interval_s, 1.0))
-        summary = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        try:
-            failure = self.store.compare_set(_FAILED, "", f"{me} raised {summary}").decode()
-        except Exception:
-            failure = f"{me} raised {summary}"
-        self._ended = True
-        self.log(f"spoxl watchdog: {me} failed: {summary}"
-                 + ("" if failure.startswith(me) else f"; first failure in the job: {failure}"))
+        self._record(me, "raised " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300])
 
 
 def _default_group_watchdog(timeout_s: float, interval_s: float) -> Watchdog | None:
@@ -304,7 +313,7 @@ def watch_job():
     except SystemExit as e:
         wd = starter.close()
         if wd is not None and e.code not in (0, None):
-            wd.on_exception(RuntimeError(f"exited with status {e.code}"))
+            wd.on_exit_status(e.code)
         elif wd is not None:
             wd.finish()
         raise

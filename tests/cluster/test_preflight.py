@@ -176,3 +176,12 @@ def test_preflight_on_the_4node_example(four_nodes, capsys):
     assert "micro-batch 2 x grad accumulation 1 x world size 32 = global batch 64: OK" in out
     assert "UNet 2,567,463,684 params" in out and "LoRA rank 64" in out and "method spo" in out
     assert [r[0] for r in _table(out)] == [" ", " ", "*", " "]
+
+
+def test_preflight_single_node_without_hostfile(recipe, capsys):
+    assert main(["preflight", "--num-gpus", "8", "--config", recipe(train={"grad_accum": 4})]) == 0
+    out = capsys.readouterr().out
+    assert "--num-gpus: 1 node(s), 8 ranks (localhost)" in out
+    assert "micro-batch 1 x grad accumulation 4 x world size 8 = global batch 32: OK" in out
+    # ZeRO-2 on 8 ranks: 2 + 18/8 bytes per parameter.
+    assert _table(out)[2][3][0] == pytest.approx((2 + 18 / 8) * SDXL_UNET_PARAMS / 2**30, abs=0.01)

@@ -159,6 +159,29 @@ def test_single_node_script_command(tmp_path, recipe):
                                                  "spoxl.cluster.train", "--config", recipe, "--resume"]
 
 
+def test_pdsh_script_command_and_forwarded_env(tmp_path, recipe):
+    # A stand-in pdsh on PATH (the real one is not needed for a dry run).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "pdsh").chmod(0o755)
+    (tmp_path / "hosts").write_text("gpu01 slots=8\ngpu02 slots=8\n")
+    r = _script("multi_node_pdsh.sh", tmp_path, ["--set", "train.lr=2e-5"], CONFIG=recipe, HOSTFILE="hosts",
+                MASTER_ADDR="10.0.0.1", PATH=f"{bin_dir}:{os.environ['PATH']}", NCCL_SOCKET_IFNAME="ib0",
+                SPOXL_WATCHDOG_TIMEOUT_S="90")
+    assert r.returncode == 0, r.stderr
+    assert shlex.split(r.stdout.strip().splitlines()[-1])[1:] == [
+        "--hostfile", str(tmp_path / "hosts"), "--launcher", "pdsh", "--master_addr", "10.0.0.1",
+        "--master_port", "29500", "--module", "spoxl.cluster.train", "--config", recipe, "--set", "train.lr=2e-5"]
+    forwarded = dict(line.removeprefix("DS_ENV_FILE: ").split("=", 1) for line in r.stderr.splitlines()
+                     if line.startswith("DS_ENV_FILE: "))
+    # gloo follows NCCL's interface when it is a plain name; watchdog and NCCL teardown settings travel.
+    assert forwarded["NCCL_SOCKET_IFNAME"] == forwarded["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert forwarded["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert forwarded["SPOXL_WATCHDOG_TIMEOUT_S"] == "90"
+    assert "NCCL_IB_HCA" not in forwarded  # unset stays unset (NCCL then uses every HCA)
+
+
 @pytest.mark.parametrize(
     "script, env, words",
     [

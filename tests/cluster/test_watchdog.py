@@ -95,10 +95,18 @@ def test_rank_that_finished_cleanly_is_not_declared_dead(store, master_port):
 def test_exception_in_a_rank_is_recorded_and_named(store, master_port):
     dogs, clock, logs, exits = _ring(store, master_port)
     dogs[1].on_exception(ValueError("bad latent shape [2, 3]"))
-    assert logs[-1] == "spoxl watchdog: rank 1 (node1 pid 101) failed: ValueError: bad latent shape [2, 3]"
+    assert logs[-1] == "spoxl watchdog: rank 1 (node1 pid 101) raised ValueError: bad latent shape [2, 3]"
     clock.now += 5
     assert _tick(dogs[2]) == 2
     assert "rank 1 (node1 pid 101) raised ValueError: bad latent shape [2, 3]" in logs[-1]
+
+
+def test_nonzero_exit_status_is_recorded(store, master_port):
+    dogs, clock, logs, exits = _ring(store, master_port, world=2)
+    dogs[0].on_exit_status(2)
+    assert logs[-1] == "spoxl watchdog: rank 0 (node0 pid 100) exited with status 2"
+    clock.now += 5
+    assert _tick(dogs[1]) == 1 and "rank 0 (node0 pid 100) exited with status 2" in logs[-1]
 
 
 def test_communication_error_waits_for_the_real_cause(store, master_port):
@@ -123,7 +131,7 @@ def test_lost_store_means_rank0_died(master_port):
     time.sleep(0.2)
     dog.tick()
     assert exits == [FAILURE_EXIT_CODE]
-    assert f"lost the job's rendezvous store at 127.0.0.1:{master_port}, hosted by rank 0" in logs[-1]
+    assert f"lost the job's rendezvous store at 127.0.0.1:{master_port} (hosted by rank 0's process)" in logs[-1]
 
 
 def test_helpers():

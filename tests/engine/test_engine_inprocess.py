@@ -9,11 +9,12 @@ from spoxl.methods.sft import SFTObjective
 from spoxl.models.tiny import build_tiny_sdxl
 
 
-def one_step_update(tmp_path, clip):
+def one_step_update(tmp_path, clip, checkpointing=False):
     # AdamW's first step is lr * g / (|g| + eps) per element; with eps >> |g| it is ~ lr * g / eps,
     # linear in the (clipped) gradient, so the update's norm reveals the gradient norm used.
     ctx, obj = make(tmp_path, ["lora.enabled=true", "train.lr=1e4", "optim.eps=1e3", f"train.grad_clip={clip}",
-                               "train.max_steps=1"])
+                               "train.max_steps=1", f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+    assert ctx.unet.is_gradient_checkpointing == checkpointing
     before = trainable(ctx)
     loop.train(ctx, obj, ctx.logger)
     after = trainable(ctx)
@@ -29,9 +30,11 @@ def test_gradient_clipping_clips_only_above_threshold(tmp_path):
     assert norm == pytest.approx(norm2, rel=1e-5)  # same data, same gradient
     assert unclipped == pytest.approx(lr_over_eps * norm, rel=1e-2)
     assert clipped == pytest.approx(lr_over_eps * clip, rel=1e-2)
-    # A threshold above the norm leaves the gradient alone.
-    loose, _ = one_step_update(tmp_path / "c", clip=norm * 10)
+    # A threshold above the norm leaves the gradient alone (and gradient checkpointing, on for this
+    # run, recomputes activations without changing the gradient).
+    loose, norm3 = one_step_update(tmp_path / "c", clip=norm * 10, checkpointing=True)
     assert loose == pytest.approx(unclipped, rel=1e-4)
+    assert norm3 == pytest.approx(norm, rel=1e-4)
 
 
 class NaNAfterFirst(SFTObjective):
@@ -112,3 +115,25 @@ def test_latest_ignores_a_partial_save(tmp_path):
     assert checkpoint.latest_tag(ckpt) == "step_00000002"
     (ckpt / checkpoint.LATEST).write_text("step_00000004")  # even a pointer to it is not trusted
     assert checkpoint.latest_tag(ckpt) == "step_00000002"
+
+
+def test_bf16_trains_with_fp32_master_weights(tmp_path):
+    ctx, obj = make(tmp_path, ["deepspeed.precision=bf16", "train.max_steps=3", "train.lr=1e-2"])
+    assert ctx.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in ctx.unet.parameters())
+    assert next(ctx.components.vae.parameters()).dtype == torch.bfloat16  # frozen parts in compute dtype
+    start = fixed_loss(ctx, obj)
+    loop.train(ctx, obj, ctx.logger)
+    assert fixed_loss(ctx, obj) < start
+
+
+def test_lr_warmup_and_schedules():
+    from spoxl.config import load_config
+    from spoxl.engine.setup import lr_lambda
+
+    f = lr_lambda(load_config(None, ["train.warmup_steps=4", "train.max_steps=14", "train.lr_schedule=cosine"]))
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    f = lr_lambda(load_config(None, ["train.max_steps=10", "train.lr_schedule=linear"]))
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.5)
+    assert lr_lambda(load_config(None, []))(50) == 1.0

@@ -57,6 +57,13 @@ def test_kill9_resume_equals_uninterrupted_and_universal_resume(tmp_path, tiny_d
     ok(launch(["--module", "spoxl.train", *TRAIN, "--set", f"run.output_dir={a}"]))
     assert (a / "samples" / "step_00000003.png").is_file() and list((a / "tensorboard").glob("events.*"))
     assert "step 6/6" in (a / "train.log").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(a / "tensorboard")).Reload()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/step_time_s",
+                "train/mse", "memory/cpu_rss_mib"):
+        assert len(events.Scalars(tag)) == 6, tag
+    assert [e.step for e in events.Images("samples")] == [3, 6]
     assert sorted(p.name for p in (a / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
     # Same run, SIGKILLed in the middle of saving step 4: `latest` must still name step 2.

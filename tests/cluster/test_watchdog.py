@@ -3,6 +3,7 @@ processes (gloo, no DeepSpeed) where one is SIGKILLed inside a collective."""
 
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,21 @@ def test_lost_store_means_rank0_died(master_port):
     dog.tick()
     assert exits == [FAILURE_EXIT_CODE]
     assert f"lost the job's rendezvous store at 127.0.0.1:{master_port} (hosted by rank 0's process)" in logs[-1]
+
+
+def test_two_processes_exception_in_one_rank(tmp_path, master_port):
+    """Rank 1 raises; rank 0, inside all_reduce, gets a socket error but names rank 1's exception."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "WORLD_SIZE": "2",
+           "SPOXL_WATCHDOG_TIMEOUT_S": "4", "SPOXL_WATCHDOG_INTERVAL_S": "0.5"}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "watchdog_worker.py"), str(tmp_path), "raise"],
+                              env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errs = [p.communicate(timeout=90)[1] for p in procs]
+    # Rank 0 ends either from its watchdog thread (status 3) or from the socket error in all_reduce
+    # (status 1), whichever comes first; rank 1 may be torn down by gloo while exiting (SIGABRT).
+    assert procs[0].returncode in (1, FAILURE_EXIT_CODE) and procs[1].returncode != 0
+    assert "rank 1 (" in errs[1] and "raised ValueError: bad latent shape [2, 3]" in errs[1]
+    assert re.search(r"spoxl watchdog: rank 0 .*rank 1 \(\S+ pid \d+\) raised ValueError: bad latent shape", errs[0]), \
+        errs[0][-2000:]
 
 
 def test_helpers():

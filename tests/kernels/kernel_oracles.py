@@ -11,11 +11,29 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from spoxl.kernels import use_backend
+
 # tests/conftest.py turns the interpreter on unless the caller set TRITON_INTERPRET=0 (GPU runs).
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Runs a test on both backends: the torch reference, and the real Triton kernels under the
+    interpreter that tests/conftest.py turns on. (A fixture here, imported by the test modules,
+    rather than a tests/kernels/conftest.py: a second module named `conftest` on sys.path would
+    shadow tests/conftest.py for `from conftest import ...` elsewhere.)"""
+    if request.param == "triton" and not INTERPRETER:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (GPU runs: test_kernels_gpu.py)")
+    monkeypatch.delenv("SPOXL_KERNELS", raising=False)
+    with use_backend(request.param):
+        yield request.param
+
 
 # (rtol, atol relative to the reference's largest magnitude) per input dtype.
 TOLERANCES = {

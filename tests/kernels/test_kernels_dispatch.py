@@ -11,6 +11,7 @@ import torch
 import spoxl.kernels as K
 from spoxl.errors import SpoxlError
 from kernel_oracles import INTERPRETER
+from kernel_oracles import backend  # noqa: F401 (fixture)
 from spoxl.kernels import dispatch
 
 CPU = torch.device("cpu")

@@ -11,6 +11,7 @@ import torch
 
 import spoxl.kernels as K
 from kernel_oracles import INTERPRETER, assert_close, assert_loss_close, diffusion_dpo, leaf, mapo, ncp, spo
+from kernel_oracles import backend  # noqa: F401 (fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 4x8x8 latents, an odd non-power-of-two shape, and one with N = 2304 > one 2048 block (2 chunks).

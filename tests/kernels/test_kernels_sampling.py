@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler
 
 import spoxl.kernels as K
 from kernel_oracles import assert_close, gaussian_logprob, leaf
+from kernel_oracles import backend  # noqa: F401 (fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(2, 4, 8, 8), (3, 3, 5, 7)]

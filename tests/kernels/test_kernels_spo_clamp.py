@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import spoxl.kernels as K
+from kernel_oracles import backend  # noqa: F401 (fixture)
 
 CLIP = 0.1
 GAP = 2e-3  # distance of the ratio from the clamp edge, far above fp32 rounding of the log-ratio

@@ -152,6 +152,25 @@ def test_slurm_node_script_builds_the_per_node_launch(tmp_path, recipe):
     assert hostfile.read_text().count("slots=8") == 4
 
 
+def test_sbatch_script_runs_one_launcher_per_node_through_srun(tmp_path, recipe):
+    # A stand-in srun: records its options, then runs the task once (as on node SLURM_NODEID).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nopts=()\nwhile [[ "$1" == --* ]]; do opts+=("$1"); shift; done\n'
+                                  'echo "srun ${opts[*]}" >&2\nexec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--set", "train.max_steps=5"],
+                       env=_clean_env(**FAKE_SLURM, SLURM_SUBMIT_DIR=str(ROOT), PYTHON_ENV=str(VENV), CONFIG=recipe,
+                                      SPOXL_DRY_RUN="1", TMPDIR=str(tmp_path),
+                                      PATH=f"{bin_dir}:{os.environ['PATH']}"),
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --wait=120" in r.stderr
+    assert "spoxl slurm: node 2/4" in r.stderr and "world size 32, master gpu01:29742" in r.stderr
+    cmd = shlex.split(r.stdout.strip().splitlines()[-1])
+    assert cmd[cmd.index("--node_rank") + 1] == "2" and cmd[-2:] == ["--set", "train.max_steps=5"]
+
+
 def test_single_node_script_command(tmp_path, recipe):
     r = _script("single_node.sh", tmp_path, ["--resume"], CONFIG=recipe, NUM_GPUS="4", MASTER_PORT="29601")
     assert r.returncode == 0, r.stderr

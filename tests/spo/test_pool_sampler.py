@@ -8,6 +8,7 @@ from spoxl.errors import SpoxlError
 from spoxl.models.scorers import ColourScorer
 from spoxl.models.text import encode_with_negative, make_time_ids
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig, pair_gap
+from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square", "a blue cat"]
 

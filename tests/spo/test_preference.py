@@ -9,6 +9,7 @@ from spoxl.errors import SpoxlError
 from spoxl.models.preference import StepAwareCLIP, build_preference_model, timestep_embedding
 from spoxl.models.scorers import BrightnessScorer, ColourScorer
 from spoxl.spo.pool_sampler import pair_gap
+from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a blue square", "a green cat"]
 

@@ -14,6 +14,7 @@ from spoxl.models.text import encode_prompts, encode_with_negative, make_time_id
 from spoxl.spo.pairs import PairBatch, deal
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
 from spoxl.errors import SpoxlError
+from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square"]
 STEPS = 6

@@ -14,6 +14,7 @@ import torch
 
 from spoxl import sampling
 from spoxl.kernels import _heads
+from spoxl.kernels._checks import per_sample
 
 
 def _maybe_metrics(loss_and_metrics, return_metrics: bool):
@@ -37,20 +38,15 @@ def pool_noise(shape, device, seed) -> torch.Tensor:
 def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None):
     """k DDIM(eta) candidates around one shared mean: samples = mean + std * z_j (epsilon prediction)."""
     batch = x_t.shape[0]
-    a = _as_batch(alpha_bar_t, batch, x_t.device)
-    a_prev = _as_batch(alpha_bar_prev, batch, x_t.device)
+    a = per_sample("alpha_bar_t", alpha_bar_t, batch, x_t.device)
+    a_prev = per_sample("alpha_bar_prev", alpha_bar_prev, batch, x_t.device)
     pred_x0, pred_eps = sampling.split_prediction(eps, x_t, a, "epsilon")
-    std = sampling.ddim_std(a, a_prev, _as_batch(eta, batch, x_t.device))
+    std = sampling.ddim_std(a, a_prev, per_sample("eta", eta, batch, x_t.device))
     mean = sampling.ddim_mean(pred_x0, pred_eps, a_prev, std)
     if noise is None:
         noise = pool_noise((batch, k, *x_t.shape[1:]), x_t.device, seed)
     samples = mean.unsqueeze(1) + sampling.bcast(std, noise) * noise.float()
     return samples.to(x_t.dtype), mean, std
-
-
-def _as_batch(v, batch, device) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32, device=device)
-    return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
 
 
 def transition_logprob(x_prev, mean, std):

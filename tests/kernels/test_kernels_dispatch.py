@@ -115,6 +115,7 @@ def test_package_import_does_not_import_triton():
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 0), "positive int"),
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, noise=torch.randn(2, 4)), "noise"),
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, seed=-3), "seed"),
+        (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), torch.rand(3), 0.6, 1.0, 2), "alpha_bar_t must"),
         (lambda: K.pool_logprobs(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), 1.0), "at least one more"),
         (lambda: K.transition_logprob(torch.randn(4), torch.randn(4), 1.0), "batch dimension"),
     ],

@@ -24,9 +24,7 @@ prompts and timesteps from all ranks into every micro-batch, as the official cod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,7 +49,7 @@ class PreferenceConfig:
 
 @dataclass
 class SPOConfig:
-    # prompts: `prompt_file` (.txt one per line, .json list of strings or of {"caption": ...}) or the list
+    # prompts: `prompt_file` (.txt one per line, .json/.jsonl strings or {"caption": ...}) or the list
     prompt_file: Optional[str] = None
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_per_rank: int = 2  # prompts each rank samples per round
@@ -81,24 +79,13 @@ class SPOConfig:
 
 
 def read_prompts(cfg: SPOConfig) -> list[str]:
-    if cfg.prompt_file is None:
-        prompts = list(cfg.prompts)
-    else:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise SpoxlError(f"prompt file {path} does not exist")
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as e:
-                raise SpoxlError(f"prompt file {path} is not valid JSON: {e}") from None
-            if isinstance(data, dict):  # e.g. {"prompts": [...]}
-                data = next((v for v in data.values() if isinstance(v, list)), [])
-            prompts = [d["caption"] if isinstance(d, dict) and "caption" in d else d for d in data]
-            if not all(isinstance(p, str) for p in prompts):
-                raise SpoxlError(f"prompt file {path}: expected a list of strings or of {{'caption': ...}}")
-        else:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """The round prompts: `prompt_file` (spoxl.data.prompts.load_prompts: .txt / .json / .jsonl,
+    the official 4k_training_prompts.json layout included) or the inline list."""
+    if cfg.prompt_file is not None:
+        from spoxl.data.prompts import load_prompts
+
+        return load_prompts(cfg.prompt_file)
+    prompts = [p for p in cfg.prompts if p.strip()]
     if not prompts:
         raise SpoxlError("SPO has no prompts (method.prompts is empty and no method.prompt_file)")
     return prompts

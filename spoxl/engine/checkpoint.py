@@ -130,7 +130,14 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
     if ctx.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt_dir / tag
-        if stale.exists():  # a partial save of this very step from a killed run
+        if stale.exists():  # an older save of this very step (e.g. from a killed run)
+            if latest_tag(ckpt_dir) == tag:
+                # Never let `latest` name a folder being rewritten: point it at the previous one.
+                older = [t for t in complete_tags(ckpt_dir) if t < tag]
+                if older:
+                    _write_atomic(ckpt_dir / LATEST, older[-1])
+                else:
+                    (ckpt_dir / LATEST).unlink(missing_ok=True)
             shutil.rmtree(stale)
     _barrier()
     client_state = {"global_step": ctx.global_step, "config": ctx.config.to_dict()}
@@ -151,6 +158,7 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last)
     _barrier()
+    ctx.last_checkpoint_step = ctx.global_step
     return tag
 
 
@@ -205,6 +213,7 @@ def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
     else:
         own = torch.load(own_file, map_location="cpu", weights_only=True)
     ctx.global_step = int(own["global_step"])
+    ctx.last_checkpoint_step = ctx.global_step
     if "objective" in own and own.get("world_size") == ctx.world_size:
         objective.load_state_dict(own["objective"])
     if ctx.ema is not None and own.get("ema") is not None:

@@ -109,7 +109,10 @@ def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
                            f"{grad_norm}); update skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} total)")
             logger.scalar("train/nonfinite_steps", nonfinite_total, ctx.global_step)
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                tag = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+                if ctx.last_checkpoint_step == ctx.global_step:  # the last good state is already saved
+                    tag = checkpoint.tag_for(ctx.global_step)
+                else:
+                    tag = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
                 raise NonFiniteAbort(
                     f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; aborting. "
                     f"The last good state is saved as {cfg.checkpoint_dir / tag} (lower train.lr, check the "
@@ -145,7 +148,9 @@ def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
 
     if progress is not None:
         progress.close()
-    if cfg.checkpoint.save_final and checkpoint.latest_tag(cfg.checkpoint_dir) != checkpoint.tag_for(ctx.global_step):
+    # Decided from in-memory state, identical on every rank (ranks of a multi-node job may not
+    # share a filesystem view, and a save is collective).
+    if cfg.checkpoint.save_final and ctx.last_checkpoint_step != ctx.global_step:
         checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
     last["train/nonfinite_steps"] = nonfinite_total
     return last

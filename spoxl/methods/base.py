@@ -88,6 +88,7 @@ class TrainContext:
     logger: Any = None  # spoxl.engine.logging.MetricsLogger (rank 0 writes; every rank may call)
     global_step: int = 0  # optimizer steps done so far
     lora: bool = True
+    last_checkpoint_step: int = -1  # step of the newest checkpoint saved or loaded in this run
     ema: Any = None  # spoxl.engine.ema.EMA when ema.enabled (updated by the loop, saved in checkpoints)
 
     # ---- model access -------------------------------------------------------------------------

@@ -137,3 +137,11 @@ def test_lr_warmup_and_schedules():
     f = lr_lambda(load_config(None, ["train.max_steps=10", "train.lr_schedule=linear"]))
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5)
     assert lr_lambda(load_config(None, []))(50) == 1.0
+
+
+def test_zero3_offload_config_trains(tmp_path):
+    # Optimizer and parameters offloaded to CPU, stepped by the client torch AdamW.
+    ctx, obj = make(tmp_path, ["deepspeed.config=zero3_offload", "train.max_steps=2", "train.lr=1e-2"])
+    start = fixed_loss(ctx, obj)
+    loop.train(ctx, obj, ctx.logger)
+    assert fixed_loss(ctx, obj) < start

@@ -189,6 +189,8 @@ class SPOObjective(Objective):
         pc = cfg.preference
         self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights,
                                              **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
+        if hasattr(self.scorer, "check_prompts"):
+            self.scorer.check_prompts(self.prompts)  # every rank has every prompt: all fail alike
         if hasattr(self.scorer, "to"):
             self.scorer = self.scorer.to(ctx.device)
         comps = ctx.components

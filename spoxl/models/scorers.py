@@ -59,6 +59,11 @@ class ColourScorer:
     def __init__(self, scale: float = DEFAULT_SCALE):
         self.scale = float(scale)
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Fail before any sampling (on every rank alike) if a prompt names no colour."""
+        for p in prompts:
+            prompt_colour(p)
+
     def score(self, images: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor:
         check_inputs(images, prompts)
         as_timesteps(timesteps, images.shape[0], images.device)

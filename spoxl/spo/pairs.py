@@ -83,12 +83,17 @@ def all_gather_pairs(pairs: PairBatch, device) -> PairBatch:
     out = {}
     for f in fields(PairBatch):
         t = getattr(pairs, f.name).to(device)
+        is_bool = t.dtype == torch.bool
+        if is_bool:  # not every backend gathers bools
+            t = t.to(torch.uint8)
         # all_gather needs equal shapes: pad every rank to the largest count, then cut.
         padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
         padded[: len(pairs)] = t
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded)
         out[f.name] = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+        if is_bool:
+            out[f.name] = out[f.name].bool()
     return PairBatch(**out)
 
 

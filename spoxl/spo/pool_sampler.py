@@ -183,7 +183,7 @@ class PoolSampler:
                 x0, eps_all = denoise(cur, t_score, k)
             else:  # the final latents are the images; the preference model sees t = 0
                 t_score, x0, eps_all = 0, cur, None
-            scores = self.score(x0, prompts_k, t_score).view(B, k)
+            scores = self.score(x0, prompts_k, t_score).view(B, k).cpu()  # tiny; selection on the host
             best, worst = scores.argmax(1), scores.argmin(1)
             gap = pair_gap(scores[arange, best], scores[arange, worst])
             keep = (gap > c.threshold) & (best != worst)

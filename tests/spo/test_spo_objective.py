@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spoxl import kernels, sampling
-from spoxl.methods.spo import SPOConfig, pair_means, read_prompts, spo_pair_loss
+from spoxl.methods.spo import SPOConfig, SPOObjective, pair_means, read_prompts, spo_pair_loss
 from spoxl.models.scorers import ColourScorer
 from spoxl.models.text import encode_prompts, encode_with_negative, make_time_ids
 from spoxl.spo.pairs import PairBatch, deal
@@ -153,3 +153,16 @@ def test_prompt_file_formats(tmp_path):
         read_prompts(SPOConfig(prompt_file=str(tmp_path / "missing.txt")))
     with pytest.raises(SpoxlError, match="no prompts"):
         read_prompts(SPOConfig(prompts=[]))
+
+
+def test_colour_scorer_rejects_colourless_prompts_at_setup(tmp_path):
+    # before any sampling (a rank failing mid-round would leave the others waiting in a collective)
+    from spoxl.config import load_config
+    from spoxl.engine.setup import build_training
+
+    cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "logging.tensorboard=false",
+                                                'method.prompts=["a red circle", "a cat"]'])  # fmt: skip
+    objective = SPOObjective(cfg.method.params)
+    ctx = build_training(cfg, objective)
+    with pytest.raises(SpoxlError, match="'a cat' names no colour"):
+        objective.setup(ctx)

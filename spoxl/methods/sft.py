@@ -8,8 +8,9 @@ weight = min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v.
 Data: `data.path` None trains on a small deterministic synthetic set (coloured squares with
 captions; tests and smoke runs); otherwise spoxl.data.captions.ImageCaptionDataset (an image
 folder with .txt captions, or a .jsonl/.parquet table). Images and captions are encoded by the
-frozen VAE / text encoders per micro-batch. Each rank walks its own equal-sized shard of a
-per-epoch permutation, so the data position is just (epoch, index) and resuming is exact.
+frozen VAE / text encoders per micro-batch, or once into `data.cache_dir` (spoxl.data.cache).
+Each rank walks its own equal-sized shard of a per-epoch permutation, so the data position is
+just (epoch, index) and resuming is exact.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class SyntheticCaptionDataset(torch.utils.data.Dataset):
         r = self.resolution
         return {"pixels": pixels, "caption": caption, "time_ids": make_time_ids(1, (r, r))[0], "index": i}
 
+    def cache_key(self, i: int) -> str:
+        import hashlib
+
+        pixels, caption = self.items[i]
+        return hashlib.sha256(pixels.numpy().tobytes() + caption.encode()).hexdigest()[:32]
+
 
 def build_dataset(cfg):
     d = cfg.data
@@ -91,6 +98,14 @@ class SFTObjective(Objective):
     def setup(self, ctx: TrainContext) -> None:
         if self.dataset is None:
             self.dataset = build_dataset(ctx.config)
+        if ctx.config.data.cache_dir:
+            from spoxl.data.cache import CachedDataset
+
+            # Every rank encodes its share of the missing entries, then all meet at a barrier.
+            self.dataset = CachedDataset(self.dataset, ctx.components, ctx.config.data.cache_dir)
+            encoded = self.dataset.build(ctx.rank, ctx.world_size)
+            if ctx.logger is not None:
+                ctx.logger.info(f"latent/text cache {ctx.config.data.cache_dir}: {encoded} item(s) encoded on rank 0")
         n, mb = len(self.dataset), ctx.config.train.micro_batch_size
         per_rank = n // ctx.world_size
         if per_rank < mb:
@@ -128,29 +143,24 @@ class SFTObjective(Objective):
 
     # ---- loss ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode(self, ctx: TrainContext, batch, generator) -> tuple[torch.Tensor, object]:
-        """(scaled VAE latents x0 in fp32, PromptEmbeds) with the frozen encoders."""
-        from spoxl.models.text import encode_prompts
-
-        vae = ctx.components.vae
-        pixels = batch["pixels"].to(ctx.device, next(vae.parameters()).dtype)
-        dist = vae.encode(pixels).latent_dist
-        x0 = dist.sample(generator=generator).float() * vae.config.scaling_factor
-        return x0, encode_prompts(ctx.components, list(batch["caption"]))
-
     def loss(self, ctx: TrainContext, batch):
+        from spoxl.data.cache import maybe_encode
+
         gen = ctx.generator
         if self.config.fixed_noise:
             gen = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed * 1000 + ctx.rank)
-        x0, prompt = self.encode(ctx, batch, gen)
+        # Latents + text embeddings (read from the cache when data.cache_dir is set). The VAE
+        # sample noise is drawn on the CPU: from `gen` on CPU runs, else the (checkpointed) global RNG.
+        batch = maybe_encode(ctx.components, batch, generator=gen if gen.device.type == "cpu" else None)
+        x0 = batch["latents"].to(ctx.device, torch.float32)
         b = x0.shape[0]
         scheduler = ctx.components.scheduler
         noise = torch.randn(x0.shape, generator=gen, device=ctx.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=ctx.device)
         a = alpha_bar(scheduler, t.cpu()).to(ctx.device)
         x_t = add_noise(x0, noise, a)
-        output = ctx.unet_output(ctx.policy, x_t, t, prompt.embeds, prompt.pooled, batch["time_ids"])
+        output = ctx.unet_output(ctx.policy, x_t, t, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
+                                 batch["time_ids"])
         target = training_target(x0, noise, a, ctx.prediction_type)
         mse = (output.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))  # per sample, fp32
         weight = snr_weight(a, self.config.snr_gamma, ctx.prediction_type)

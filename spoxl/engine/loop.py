@@ -63,7 +63,7 @@ def _mean_metrics(acc: list[dict]) -> dict[str, float]:
     return out
 
 
-def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
+def train(ctx, objective, logger) -> dict:
     """Run until train.max_steps optimizer steps are done; returns the last logged scalars."""
     cfg = ctx.config
     engine = ctx.engine
@@ -100,6 +100,12 @@ def train(ctx, objective, logger, *, start_tag: str | None = None) -> dict:
             # was applied. Say so: the weights are still finite, but the step was meaningless.
             logger.warning(f"step {ctx.global_step + 1}: non-finite loss but finite gradients; DeepSpeed applied the step")
 
+        if skipped and not bad_loss and cfg.deepspeed.precision == "fp16":
+            # fp16 dynamic loss scaling: an overflow lowers the scale and skips the update. Normal
+            # while the scale settles; not counted towards the abort (a NaN loss still is).
+            logger.info(f"step {ctx.global_step + 1}: fp16 gradient overflow, update skipped "
+                        f"(loss scale now {getattr(engine.optimizer, 'loss_scale', '?')})")
+            continue
         if skipped:
             # DeepSpeed did not apply the update (and did not advance the LR schedule); nor do we
             # advance the step counter, so the run still ends after max_steps good updates.

@@ -31,18 +31,25 @@ def use_cpu() -> bool:
 
 def _ensure_process_env() -> None:
     """A single process started without a launcher still needs the torch.distributed rendezvous env."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
     import socket
 
+    def free_port() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return str(s.getsockname()[1])
+
+    if os.environ.get("SPOXL_SELF_RENDEZVOUS") == "1" and os.environ.get("WORLD_SIZE") == "1":
+        # Inherited from a single-process parent (e.g. a test process) whose group holds that port.
+        os.environ["MASTER_PORT"] = free_port()
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or free_port()
+    os.environ["SPOXL_SELF_RENDEZVOUS"] = "1"
 
 
 def init_distributed(cfg) -> tuple[int, int, torch.device]:

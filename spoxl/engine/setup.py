@@ -62,6 +62,10 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     import deepspeed
     import torch.distributed as dist
 
+    if not cpu:
+        # Bind this rank's GPU before NCCL starts (otherwise every rank's communicator may
+        # touch GPU 0).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="gloo" if cpu else "nccl",
@@ -72,9 +76,7 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     if cpu:
         device = torch.device("cpu")
     else:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return rank, world, device
 
 

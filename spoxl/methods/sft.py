@@ -150,8 +150,12 @@ class SFTObjective(Objective):
         if self.config.fixed_noise:
             gen = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed * 1000 + ctx.rank)
         # Latents + text embeddings (read from the cache when data.cache_dir is set). The VAE
-        # sample noise is drawn on the CPU: from `gen` on CPU runs, else the (checkpointed) global RNG.
-        batch = maybe_encode(ctx.components, batch, generator=gen if gen.device.type == "cpu" else None)
+        # sample noise is drawn on the CPU: from `gen` on CPU runs; on GPUs from the (checkpointed)
+        # global CPU RNG, or a fixed CPU generator in fixed_noise mode.
+        vae_gen = gen
+        if gen.device.type != "cpu":
+            vae_gen = torch.Generator().manual_seed(ctx.config.run.seed * 1000 + ctx.rank) if self.config.fixed_noise else None
+        batch = maybe_encode(ctx.components, batch, generator=vae_gen)
         x0 = batch["latents"].to(ctx.device, torch.float32)
         b = x0.shape[0]
         scheduler = ctx.components.scheduler

@@ -36,8 +36,11 @@ def trainable(ctx) -> dict:
 
 
 def fixed_loss(ctx, objective) -> float:
-    """The objective's loss on its first micro-batch, without training (fixed_noise makes it deterministic)."""
+    """The SFT loss on the dataset's first micro-batch, without training and without moving the
+    data position (fixed_noise makes it deterministic)."""
+    position = objective.state_dict()
+    objective.load_state_dict({"epoch": 0, "index": 0})
     batch = next(iter(objective.micro_batches(ctx)))
-    objective.index = 0
+    objective.load_state_dict(position)
     with torch.no_grad():
         return float(objective.loss(ctx, batch)[0])

@@ -117,14 +117,18 @@ def test_latest_ignores_a_partial_save(tmp_path):
     assert checkpoint.latest_tag(ckpt) == "step_00000002"
 
 
-def test_bf16_trains_with_fp32_master_weights(tmp_path):
-    ctx, obj = make(tmp_path, ["deepspeed.precision=bf16", "train.max_steps=3", "train.lr=1e-2"])
+def test_bf16_with_gradient_accumulation(tmp_path):
+    ctx, obj = make(tmp_path, ["deepspeed.precision=bf16", "train.max_steps=3", "train.lr=1e-2", "train.grad_accum=2",
+                               "data.synthetic_size=6"])
     assert ctx.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in ctx.unet.parameters())
     assert next(ctx.components.vae.parameters()).dtype == torch.bfloat16  # frozen parts in compute dtype
     start = fixed_loss(ctx, obj)
     loop.train(ctx, obj, ctx.logger)
     assert fixed_loss(ctx, obj) < start
+    # 3 optimizer steps of 2 micro-batches each: 6 micro-batches = 2 epochs of 3 batches.
+    assert ctx.engine.global_steps == 3 and ctx.engine.micro_steps == 6
+    assert obj.state_dict() == {"epoch": 1, "index": 3}
 
 
 def test_lr_warmup_and_schedules():

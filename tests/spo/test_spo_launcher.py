@@ -1,6 +1,7 @@
 """SPO through the real deepspeed launcher, 2 CPU ranks (gloo), on the demo setting
 (configs/tiny_spo.yaml): ZeRO-2 trains and the preference score of final samples on held-out seeds
-rises; ZeRO-3 runs the same training (same per-step losses) and exports a non-empty LoRA."""
+rises; ZeRO-3 runs the same training (same per-step losses, same exported LoRA, hence the same
+rise)."""
 
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
@@ -47,7 +49,7 @@ def test_spo_zero2_improves_preference_and_zero3_trains_the_same(tmp_path):
 
     z2, z3 = tmp_path / "zero2", tmp_path / "zero3"
     # Both launches at once: most of a launch is start-up (imports, process group), which overlaps.
-    p2, p3 = launch(z2, "zero2", 40), launch(z3, "zero3", 12)
+    p2, p3 = launch(z2, "zero2", 40), launch(z3, "zero3", 40)
     log2, log3 = finish(p2, z2), finish(p3, z3)
     assert "step 40/40" in log2
     assert list((z2 / "tensorboard").glob("events.*")) and (z2 / "checkpoints" / "step_00000040").is_dir()
@@ -58,8 +60,14 @@ def test_spo_zero2_improves_preference_and_zero3_trains_the_same(tmp_path):
     assert report["win_rate"] >= 0.6, report
     assert (z2 / "report.md").is_file() and "tuned > base" in (z2 / "report.md").read_text()
 
-    # ZeRO-3 partitions the UNet but computes the same thing: same rounds, same pairs, same losses.
-    l2, l3 = losses(log2)[:12], losses(log3)
-    assert len(l3) == 12 and l3 == pytest.approx(l2, abs=2e-4)
-    lora = load_file(z3 / "export" / "pytorch_lora_weights.safetensors")
-    assert lora and all(t.numel() > 0 for t in lora.values())
+    # ZeRO-3 partitions the UNet but computes the same thing: same rounds, same pairs, same losses,
+    # the same trained LoRA (up to float reduction order through 40 Adam steps), the same rise.
+    l2, l3 = losses(log2), losses(log3)
+    assert len(l3) == 40 and l3 == pytest.approx(l2, abs=2e-4)
+    lora2 = load_file(z2 / "export" / "pytorch_lora_weights.safetensors")
+    lora3 = load_file(z3 / "export" / "pytorch_lora_weights.safetensors")
+    assert lora3.keys() == lora2.keys() and all(t.numel() > 0 for t in lora3.values())
+    for key in lora2:  # elementwise, Adam's normalisation amplifies 1e-7 gradient noise on tiny entries
+        assert (lora3[key] - lora2[key]).norm() <= 2e-3 * lora2[key].norm() + 1e-6, key
+    report3 = build_report(z3, seeds=8)
+    assert report3["diff_mean"] > 0.5 and report3["diff_mean"] > 2 * report3["diff_stderr"], report3

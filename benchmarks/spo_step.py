@@ -202,7 +202,7 @@ def run_path(name: str, comps, encode, res: int, args, device, dtype) -> dict:
             continue
         rows.append({
             "path": name, "shape": args.shape, "device": device_name(device), "dtype": str(dtype).split(".")[-1],
-            "prompts": len(prompts), "k": args.k, "inner_steps": args.inner, "steps": args.steps, "pairs": n,
+            "prompts": len(prompts), "k": args.k, "lora_rank": args.lora_rank, "micro_batch": args.micro_batch, "inner_steps": args.inner, "steps": args.steps, "pairs": n,
             "sample_s": round(t_sample, 4), "train_s": round(total - t_sample, 4), "total_s": round(total, 4),
             "pairs_per_s": round(n / total, 4), "sample_unet_calls": unet.calls, "train_unet_calls": train_unet.calls,
             "unet_calls_per_pair": round((unet.calls + train_unet.calls) / max(n, 1), 4),

@@ -295,7 +295,10 @@ def build_preference_model(kind: str, *, path: str | None = None, weights: str |
     from spoxl.models import scorers
 
     if kind in ("clip", "step_aware_clip"):
-        if path in (None, "", "tiny"):
+        if not path:
+            raise SpoxlError("preference model 'clip' needs a path: a local CLIPModel folder "
+                             "(e.g. PickScore_v1), or 'tiny' for the toy model")
+        if path == "tiny":
             model = StepAwareCLIP.tiny()
             if weights:
                 model.load(weights)

@@ -102,3 +102,7 @@ def test_softmax_gap_matches_the_documented_scale():
 def test_unknown_preference_model():
     with pytest.raises(SpoxlError, match="unknown preference model"):
         build_preference_model("pickscore_v9")
+    with pytest.raises(SpoxlError, match="needs a path"):
+        build_preference_model("clip", path=None)
+    with pytest.raises(SpoxlError, match="has no config.json"):
+        build_preference_model("clip", path="/nonexistent/clip")

@@ -1,0 +1,24 @@
+"""benchmarks/spo_step.py runs both paths on the tiny model and reports what it claims."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from spo_threads import one_thread  # noqa: F401  (autouse fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_spo_step_benchmark_compares_the_two_paths(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("spo_step", REPO / "benchmarks" / "spo_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--steps", "6", "--divert", "1", "--inner", "1", "--repeats", "1", "--lora-rank", "4",
+                       "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "spo_step_tiny_cpu.csv"))}
+    ours, plain = rows["ours"], rows["straightforward"]
+    assert int(ours["pairs"]) == int(plain["pairs"]) > 0  # same noise, threshold 0: the same pairs
+    assert int(ours["sample_unet_calls"]) == 6  # one call per denoising step for the whole pool
+    assert int(plain["sample_unet_calls"]) > int(ours["sample_unet_calls"])
+    assert float(ours["train_unet_calls_per_pair"]) < float(plain["train_unet_calls_per_pair"])
+    assert "ratios (ours / straightforward)" in capsys.readouterr().out

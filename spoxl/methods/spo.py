@@ -266,8 +266,6 @@ class SPOObjective(Objective):
         ctx.log("spo/final_score", stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1), step)
         ctx.log("spo/pairs_per_round", stats[len(ts) + 1, 0].item(), step)
         ctx.log("spo/round", self.round, step)
-        self.last_round = {"final_score": stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1),
-                           "acceptance": total_acc / max(total_off, 1)}  # fmt: skip
 
     def micro_batches(self, ctx: TrainContext):
         mb = ctx.config.train.micro_batch_size

@@ -93,11 +93,13 @@ class PoolSampler:
 
     # ---- pieces --------------------------------------------------------------------------------
 
+    def _prev(self, t: int) -> int:
+        """The next timestep on the inference grid (negative after the last step)."""
+        return int(sampling.prev_timestep(self.scheduler, t, self.config.steps))
+
     def _alpha(self, t: int):
-        c = self.config
-        return sampling.alpha_bar(self.scheduler, t), sampling.alpha_bar(
-            self.scheduler, sampling.prev_timestep(self.scheduler, t, c.steps)
-        )
+        """(alpha_bar at t, alpha_bar at the next grid timestep)."""
+        return sampling.alpha_bar(self.scheduler, t), sampling.alpha_bar(self.scheduler, self._prev(t))
 
     def _denoise(self, unet, x, t, cond, uncond, time_ids, dtype):
         """(pred_x0, pred_eps) in fp32 for the whole batch: ONE UNet call (CFG halves included)."""
@@ -164,7 +166,7 @@ class PoolSampler:
             samples = samples.float()
             logp, _ = kernels.pool_logprobs(samples, mean, mean, std)
             # Each record: (x_t [B, k], x_prev [B, k], t, t_prev, std [B], logp [B, k]).
-            records = [(x.unsqueeze(1).expand_as(samples), samples, t, _prev(self, t), std, logp)]
+            records = [(x.unsqueeze(1).expand_as(samples), samples, t, self._prev(t), std, logp)]
             cur = samples.reshape(B * k, *x.shape[1:])
             for j in range(start + 1, end):  # inner steps: every chain on its own
                 tj = timesteps[j]
@@ -174,7 +176,7 @@ class PoolSampler:
                 nxt = nxt[:, 0].float()
                 logp_j = kernels.transition_logprob(nxt, mean_j, std_j)
                 records.append(
-                    (cur.view(B, k, *x.shape[1:]), nxt.view(B, k, *x.shape[1:]), tj, _prev(self, tj),
+                    (cur.view(B, k, *x.shape[1:]), nxt.view(B, k, *x.shape[1:]), tj, self._prev(tj),
                      std_j.view(B, k)[:, 0], logp_j.view(B, k))
                 )  # fmt: skip
                 cur = nxt
@@ -241,7 +243,3 @@ class PoolSampler:
             shared=z(dtype=torch.bool), logp_w=z(), logp_l=z(),
             embeds=z(*cond.embeds.shape[1:]), pooled=z(*cond.pooled.shape[1:]), prompt_index=z(dtype=torch.long),
         )  # fmt: skip
-
-
-def _prev(sampler: PoolSampler, t: int) -> int:
-    return int(sampling.prev_timestep(sampler.scheduler, t, sampler.config.steps))

@@ -2,7 +2,6 @@
 fine-tuning, kill -9 + resume == uninterrupted, universal checkpoint 2 ranks -> 1 rank."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

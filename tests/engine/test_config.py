@@ -107,3 +107,20 @@ def test_unknown_ds_config_name():
     with pytest.raises(SpoxlError, match="zero9 does not exist"):
         build_ds_config(cfg, 1)
     assert build_ds_config(load_config(None, ["deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3
+
+
+def test_spoxl_train_builds_the_deepspeed_command():
+    import argparse
+
+    from spoxl.commands.train import add_arguments, launcher_command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", "configs/tiny_sft.yaml", "--num-gpus", "2", "--master-port", "29123",
+                              "--set", "train.lr=1e-5", "--resume", "--launcher-args", "--no_ssh_check"])
+    cmd = launcher_command(args)
+    assert cmd[0].endswith("deepspeed")
+    assert cmd[1:] == ["--num_gpus", "2", "--master_port", "29123", "--no_ssh_check", "--module", "spoxl.train",
+                       "--config", "configs/tiny_sft.yaml", "--set", "train.lr=1e-5", "--resume"]
+    args = parser.parse_args(["--config", "c.yaml", "--hostfile", "hosts", "--master-port", "1"])
+    assert launcher_command(args)[1:3] == ["--hostfile", "hosts"]

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
                         help="ranks on this machine (GPUs; on CPU, processes); default: all GPUs, 1 on CPU")
     parser.add_argument("--hostfile", default=None, help="MPI-style hostfile for multi-node runs")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
-    parser.add_argument("--launcher-args", default="", help="extra deepspeed launcher flags, one quoted string")
+    parser.add_argument("--launcher-args", default="", help="extra deepspeed launcher flags as one string, e.g. --launcher-args=\"--no_ssh_check\"")
     parser.add_argument("--dry-run", action="store_true", help="print the deepspeed command and exit")
 
 

@@ -117,7 +117,7 @@ def test_spoxl_train_builds_the_deepspeed_command():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--config", "configs/tiny_sft.yaml", "--num-gpus", "2", "--master-port", "29123",
-                              "--set", "train.lr=1e-5", "--resume", "--launcher-args", "--no_ssh_check"])
+                              "--set", "train.lr=1e-5", "--resume", "--launcher-args=--no_ssh_check"])
     cmd = launcher_command(args)
     assert cmd[0].endswith("deepspeed")
     assert cmd[1:] == ["--num_gpus", "2", "--master_port", "29123", "--no_ssh_check", "--module", "spoxl.train",

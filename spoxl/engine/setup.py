@@ -181,7 +181,11 @@ def build_training(cfg, objective, *, components=None):
         components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file)
     # Frozen parts: compute dtype, on the device, never seen by DeepSpeed (so never partitioned).
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        getattr(components, name).to(device=device, dtype=dtype)
+        part = getattr(components, name)
+        # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.
+        if next(part.parameters()).dtype != dtype:
+            part.to(dtype=dtype)
+        part.to(device=device)
     components.freeze_frozen_parts()
 
     unet = components.unet

@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 
 
 def spoxl_train(args, tmp_path, num_ranks=2, timeout=240):
-    from test_launcher import env
+    from test_engine_launcher import env
 
     cmd = [str(BIN / "spoxl"), "train", "--num-gpus", str(num_ranks), "--master-port", str(free_port()),
            "--config", "configs/tiny_sft.yaml", "--set", f"run.output_dir={tmp_path / 'run'}",

@@ -1,4 +1,4 @@
-"""Run by test_launcher.py under `deepspeed --num_gpus 2` (every rank runs this file).
+"""Run by test_engine_launcher.py under `deepspeed --num_gpus 2` (every rank runs this file).
 
 For the ZeRO stage given on the command line, trains the tiny UNet twice in the same processes,
 with LoRA and with full fine-tuning, on a fixed batch with fixed noise, and checks on every rank:

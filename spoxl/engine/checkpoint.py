@@ -149,6 +149,7 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
         "objective": objective.state_dict(),
         "rng": rng_state(ctx.generator),
         "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+        "model_shape": _model_shape(ctx.config),
     }
     _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
     _fault_injection(ctx)
@@ -188,12 +189,32 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / (p.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
+def _model_shape(cfg) -> dict:
+    """The recipe values that decide which tensors a checkpoint holds; a resume must match them."""
+    shape = {"lora.enabled": cfg.lora.enabled, "model.path": cfg.model.path}
+    if cfg.lora.enabled:
+        shape.update({"lora.rank": cfg.lora.rank, "lora.target_modules": list(cfg.lora.target_modules)})
+    return shape
+
+
+def _check_model_shape(ctx, ckpt_dir: Path, tag: str) -> None:
+    """A one-line error instead of DeepSpeed's key/shape mismatch traceback."""
+    saved = torch.load(ckpt_dir / tag / "spoxl_rank0.pt", map_location="cpu", weights_only=True).get("model_shape")
+    if not saved:
+        return
+    for key, now in _model_shape(ctx.config).items():
+        if key in saved and saved[key] != now:
+            raise SpoxlError(f"checkpoint {ckpt_dir / tag} was trained with {key}={saved[key]!r} but the recipe "
+                             f"says {now!r}; resume with the same recipe (or a fresh checkpoint.dir)")
+
+
 def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
     """Resume from the latest complete checkpoint (None when there is none). Collective."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    _check_model_shape(ctx, ckpt_dir, tag)
     load_tag = tag + UNIVERSAL_SUFFIX if universal else tag
     if universal and not (ckpt_dir / load_tag).is_dir():
         raise SpoxlError(f"no universal checkpoint {ckpt_dir / load_tag}; convert first: "

@@ -5,6 +5,7 @@ import torch
 
 from inprocess import fixed_loss, fixed_unet_input, make, trainable
 from spoxl.engine import checkpoint, loop
+from spoxl.errors import SpoxlError
 from spoxl.methods.sft import SFTObjective
 from spoxl.models.tiny import build_tiny_sdxl
 
@@ -62,6 +63,10 @@ def test_nonfinite_steps_are_skipped_then_abort_with_last_good_checkpoint(tmp_pa
     for n, v in trainable(ctx2).items():
         assert torch.equal(v, good[n]), n
     assert ctx2.global_step == 1
+    # Resuming with a recipe whose LoRA differs is a one-line error, not a DeepSpeed key mismatch.
+    ctx3, obj3 = make(tmp_path / "other", ["lora.rank=8"])
+    with pytest.raises(SpoxlError, match="was trained with lora.rank=4 but the recipe says 8"):
+        checkpoint.load(ctx3, obj3, ckpt)
 
 
 class WithReference(SFTObjective):

@@ -46,4 +46,4 @@ fi
 
 run_or_print "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher pdsh \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  --module spoxl.cluster.train --config "$CONFIG" "$@"
+  --module spoxl.train --config "$CONFIG" "$@"

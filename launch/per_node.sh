@@ -43,4 +43,4 @@ fi
 
 run_or_print "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${log_args[@]}" \
-  --module spoxl.cluster.train --config "$CONFIG" "$@"
+  --module spoxl.train --config "$CONFIG" "$@"

@@ -21,4 +21,4 @@ require_int MASTER_PORT "$MASTER_PORT"
 export PYTHONUNBUFFERED=1
 
 run_or_print "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
-  --module spoxl.cluster.train --config "$CONFIG" "$@"
+  --module spoxl.train --config "$CONFIG" "$@"

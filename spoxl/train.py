@@ -1,9 +1,14 @@
 """Training entry point, one process per rank:
 
-    deepspeed --num_gpus N -m spoxl.train --config configs/tiny_sft.yaml [--set a.b=c ...] [--resume]
+    deepspeed --num_gpus N --module spoxl.train --config configs/tiny_sft.yaml [--set a.b=c ...] [--resume]
 
-(on CPU: `deepspeed --num_gpus 2` gives 2 CPU ranks; `spoxl train ...` wraps this command).
-Without a launcher it runs as a single rank.
+(on CPU: `deepspeed --num_gpus 2` gives 2 CPU ranks; `spoxl train ...` wraps this command; the
+deepspeed launcher spells the module flag `--module`, it has no `-m`). Without a launcher it runs
+as a single rank.
+
+Every rank runs under the job-wide failure watchdog (spoxl.cluster.watchdog): when any rank dies
+(exception, SIGKILL, lost node) every rank exits non-zero within the watchdog timeout, naming the
+failed rank, instead of waiting in a collective.
 """
 
 from __future__ import annotations
@@ -84,11 +89,25 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from spoxl.errors import SpoxlError
+    from spoxl.cluster.watchdog import watch_job
 
     args = build_parser().parse_args(argv)
     try:
-        code = run(args)
+        with watch_job():
+            code = _run_reporting_errors(args)
+            if code:
+                raise SystemExit(code)  # watch_job records a non-zero exit as this rank's failure
+    except SystemExit as e:
+        return int(e.code or 0)
+    _shutdown()
+    return 0
+
+
+def _run_reporting_errors(args) -> int:
+    from spoxl.errors import SpoxlError
+
+    try:
+        return run(args)
     except SpoxlError as e:
         rank = os.environ.get("RANK", "0")
         # Every rank hits the same config/data error; print it once.
@@ -96,8 +115,6 @@ def main(argv=None) -> int:
             print(f"spoxl train: error: {e}", file=sys.stderr, flush=True)
         # No destroy_process_group here: with a peer already gone it can block; exiting is enough.
         return 2
-    _shutdown()
-    return code
 
 
 def _shutdown() -> None:

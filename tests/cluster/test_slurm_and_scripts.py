@@ -147,7 +147,7 @@ def test_slurm_node_script_builds_the_per_node_launch(tmp_path, recipe):
     hostfile = tmp_path / "spoxl-hostfile-4242"
     assert cmd[0] == str(VENV / "bin" / "deepspeed")
     assert cmd[1:] == ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "2", "--master_addr", "gpu01",
-                       "--master_port", "29742", "--module", "spoxl.cluster.train", "--config", recipe,
+                       "--master_port", "29742", "--module", "spoxl.train", "--config", recipe,
                        "--set", "train.max_steps=2"]
     assert hostfile.read_text().count("slots=8") == 4
 
@@ -175,7 +175,7 @@ def test_single_node_script_command(tmp_path, recipe):
     r = _script("single_node.sh", tmp_path, ["--resume"], CONFIG=recipe, NUM_GPUS="4", MASTER_PORT="29601")
     assert r.returncode == 0, r.stderr
     assert shlex.split(r.stdout.strip())[1:] == ["--num_gpus", "4", "--master_port", "29601", "--module",
-                                                 "spoxl.cluster.train", "--config", recipe, "--resume"]
+                                                 "spoxl.train", "--config", recipe, "--resume"]
 
 
 def test_pdsh_script_command_and_forwarded_env(tmp_path, recipe):
@@ -191,7 +191,7 @@ def test_pdsh_script_command_and_forwarded_env(tmp_path, recipe):
     assert r.returncode == 0, r.stderr
     assert shlex.split(r.stdout.strip().splitlines()[-1])[1:] == [
         "--hostfile", str(tmp_path / "hosts"), "--launcher", "pdsh", "--master_addr", "10.0.0.1",
-        "--master_port", "29500", "--module", "spoxl.cluster.train", "--config", recipe, "--set", "train.lr=2e-5"]
+        "--master_port", "29500", "--module", "spoxl.train", "--config", recipe, "--set", "train.lr=2e-5"]
     forwarded = dict(line.removeprefix("DS_ENV_FILE: ").split("=", 1) for line in r.stderr.splitlines()
                      if line.startswith("DS_ENV_FILE: "))
     # gloo follows NCCL's interface when it is a plain name; watchdog and NCCL teardown settings travel.

@@ -113,14 +113,14 @@ def test_two_nodes_train_and_agree_on_weights(tmp_path, master_port):
 
 
 def _rank_process(launcher: subprocess.Popen) -> psutil.Process:
-    # The rank runs `python -u -m spoxl.cluster.train --local_rank=0 ...`; the deepspeed runner and
+    # The rank runs `python -u -m spoxl.train --local_rank=0 ...`; the deepspeed runner and
     # deepspeed.launcher.launch above it name the module after `--module`, not `-m`.
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
             cmd = child.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if any(a == "-m" and b == "spoxl.cluster.train" for a, b in zip(cmd, cmd[1:])):
+        if any(a == "-m" and b == "spoxl.train" for a, b in zip(cmd, cmd[1:])):
             return child
     raise AssertionError("rank process not found")
 

@@ -42,5 +42,5 @@ if [[ -n "$LOG_DIR" ]]; then
 fi
 
 run_or_print "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${log_args[@]}" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" ${log_args[@]+"${log_args[@]}"} \
   --module spoxl.train --config "$CONFIG" "$@"

@@ -5,7 +5,7 @@ set -euo pipefail
 
 # ---- EDIT THIS BLOCK (or export the variables) ---------------------------------------------------
 PYTHON_ENV="${PYTHON_ENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv}"  # env with spoxl + deepspeed
-CONFIG="${CONFIG:-configs/spo_sdxl_4node.yaml}"  # training recipe (YAML)
+CONFIG="${CONFIG:-configs/spo_sdxl.yaml}"        # training recipe (YAML)
 NUM_GPUS="${NUM_GPUS:-8}"                         # ranks on this machine
 MASTER_PORT="${MASTER_PORT:-29500}"               # any free TCP port (two jobs on one box: differ)
 # ---- end of the block ----------------------------------------------------------------------------

@@ -145,16 +145,14 @@ def ddpm_posterior(x_t: torch.Tensor, pred_x0: torch.Tensor, a, a_prev):
     """The DDPM posterior q(x_prev | x_t, x0): (mean, variance) with fixed_small variance.
 
     beta = 1 - a / a_prev; mean = sqrt(a_prev) beta / (1 - a) x0 + sqrt(a / a_prev)(1 - a_prev)/(1 - a) x_t.
+    The variance is DDIM's at eta = 1 (the same quantity; NCP steps with this posterior).
     """
     a_b, ap_b = bcast(a, x_t), bcast(a_prev, x_t)
     beta = 1 - a_b / ap_b
     mean = (ap_b.sqrt() * beta / (1 - a_b)) * pred_x0.float() + (
         (a_b / ap_b).sqrt() * (1 - ap_b) / (1 - a_b)
     ) * x_t.float()
-    a = torch.as_tensor(a, dtype=torch.float32)
-    a_prev = torch.as_tensor(a_prev, dtype=torch.float32)
-    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    return mean, variance
+    return mean, ddim_std(a, a_prev, eta=1.0) ** 2
 
 
 def transition_logprob(x_prev: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
@@ -260,11 +258,3 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     dtype = next(vae.parameters()).dtype
     images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return images.float().clamp(-1, 1)
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generator=None) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled VAE latents (a sample from the latent distribution)."""
-    dtype = next(vae.parameters()).dtype
-    dist = vae.encode(images.to(dtype)).latent_dist
-    return dist.sample(generator=generator).float() * vae.config.scaling_factor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -10,7 +9,7 @@ def add_arguments(p) -> None:
     p.add_argument("--unet-file", default=None, help="single-file UNet .safetensors replacing the folder's UNet")
     p.add_argument("--vae-file", default=None, help="single-file VAE .safetensors replacing the folder's VAE")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help="text file with one prompt per line")
+    p.add_argument("--prompts", default=None, help="prompt file: .txt (one per line), .json or .jsonl")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 = DDPM-like)")
@@ -25,14 +24,13 @@ def add_arguments(p) -> None:
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    """--prompt values, then the prompts of --prompts FILE (.txt lines, or SPO-style .json/.jsonl)."""
+    from spoxl.data.prompts import load_prompts
     from spoxl.errors import SpoxlError
 
     out = list(prompts)
     if prompts_file:
-        f = Path(prompts_file)
-        if not f.is_file():
-            raise SpoxlError(f"prompts file {f} does not exist")
-        out += [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        out += load_prompts(prompts_file)
     if not out:
         raise SpoxlError("no prompts: pass --prompt TEXT or --prompts FILE")
     return out

@@ -82,8 +82,3 @@ def make_time_ids(
     target_size = target_size or original_size
     row = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=dtype, device=device)
     return row.expand(batch, 6).clone()
-
-
-def added_cond(prompt: PromptEmbeds, time_ids: torch.Tensor) -> dict:
-    """The UNet's `added_cond_kwargs` for the `text_time` addition embedding."""
-    return {"text_embeds": prompt.pooled, "time_ids": time_ids}

@@ -42,7 +42,7 @@ def test_sample_from_tiny_folder_equals_tiny_in_memory(tiny_dir, tmp_path):
     "args, message",
     [
         (["--model", "/does/not/exist", "--prompt", "x"], "model path /does/not/exist does not exist"),
-        (["--prompts", "/no/prompts.txt"], "prompts file /no/prompts.txt does not exist"),
+        (["--prompts", "/no/prompts.txt"], "prompt file /no/prompts.txt does not exist"),
         ([], "no prompts"),
         (["--prompt", "x", "--lora", "/no/lora.safetensors"], "LoRA file /no/lora.safetensors does not exist"),
         (["--prompt", "x", "--out", "grid.jpg"], "must end in .png"),
@@ -57,3 +57,23 @@ def test_sample_bad_input_is_one_line_error(args, message, tmp_path):
     err_lines = [line for line in proc.stderr.splitlines() if line.startswith("spoxl sample: error:")]
     assert len(err_lines) == 1 and message in err_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sample_reads_spo_style_json_prompt_file(tmp_path, monkeypatch):
+    import json
+
+    import spoxl.imaging
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"caption": "a red circle"}, {"caption": "a blue square"}]))
+    seen = {}
+
+    def fake_sample_images(components, all_prompts, **kwargs):
+        import torch
+
+        seen["prompts"] = all_prompts
+        return torch.zeros(len(all_prompts), 3, 8, 8)
+
+    monkeypatch.setattr(spoxl.imaging, "sample_images", fake_sample_images)
+    assert main(["sample", "--prompts", str(prompts), "--out", str(tmp_path / "g.png")]) == 0
+    assert seen["prompts"] == ["a red circle", "a blue square"]

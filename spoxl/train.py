@@ -45,6 +45,21 @@ def check_recipe(config_path, overrides, world_size: int | None):
     return cfg, objective
 
 
+def refuse_to_overwrite(cfg) -> None:
+    """A fresh run (no --resume) in a run dir that already holds checkpoints would mix its
+    checkpoints with the old run's, and pruning by step number would delete the new ones. Checked
+    before any process group exists; every rank sees the same run dir (a rank that does not, on a
+    multi-node job without a shared filesystem, is stopped by the watchdog when rank 0 exits)."""
+    from spoxl.engine import checkpoint
+    from spoxl.errors import SpoxlError
+
+    tag = checkpoint.latest_tag(cfg.checkpoint_dir)
+    if tag is not None:
+        step = int(tag.split("_")[-1])
+        raise SpoxlError(f"run.output_dir {cfg.run.output_dir} already holds checkpoints up to step {step} "
+                         f"({cfg.checkpoint_dir}): pass --resume to continue it, or choose a fresh run.output_dir")
+
+
 def run(args) -> int:
     from spoxl.config import dump_yaml
     from spoxl.engine import checkpoint, loop
@@ -52,6 +67,8 @@ def run(args) -> int:
     from spoxl.engine.setup import build_training
 
     cfg, objective = check_recipe(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", "1")))
+    if not args.resume:
+        refuse_to_overwrite(cfg)
     ctx = build_training(cfg, objective)
     out = Path(cfg.run.output_dir)
     logger = MetricsLogger(out, ctx.rank, tensorboard=cfg.logging.tensorboard)

@@ -157,7 +157,7 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
     if ctx.rank == 0:
         (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))
         _write_atomic(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, keep_last, tag)
     _barrier()
     ctx.last_checkpoint_step = ctx.global_step
     return tag
@@ -179,10 +179,14 @@ def _save_file(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and partial leftovers."""
+def _prune(ckpt_dir: Path, keep_last: int, just_saved: str) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and partial leftovers.
+
+    Never the one just saved (and named by `latest_spoxl`), even when higher step numbers from
+    another run share the folder: losing it would make a resume fall back to that other run.
+    """
     tags = complete_tags(ckpt_dir)
-    keep = set(tags[-keep_last:])
+    keep = set(tags[-keep_last:]) | {just_saved}
     for p in ckpt_dir.iterdir():
         if _TAG.match(p.name) and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)

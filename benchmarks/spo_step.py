@@ -168,7 +168,7 @@ def run_path(name: str, comps, encode, res: int, args, device, dtype) -> dict:
             comps.unet.enable_adapters()
 
     train_unet = CountingUNet(comps.unet)  # training calls are counted, never split
-    kw = dict(scheduler=comps.scheduler, steps=args.steps, eta=1.0, cfg_scale=args.cfg, uncond=uncond.index(slice(0, 1)),
+    kw = dict(scheduler=comps.scheduler, cfg_scale=args.cfg, uncond=uncond.index(slice(0, 1)),
               time_ids=time_ids[:1], share_sources=ours, device=device, dtype=dtype)  # fmt: skip
 
     def sync():

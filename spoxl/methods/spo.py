@@ -95,10 +95,11 @@ def read_prompts(cfg: SPOConfig) -> list[str]:
 # Means at x_t for a micro-batch of pairs
 
 
-def pair_means(model, pairs: PairBatch, *, scheduler, steps: int, eta: float, cfg_scale: float,
+def pair_means(model, pairs: PairBatch, *, scheduler, cfg_scale: float,
                uncond: PromptEmbeds, time_ids: torch.Tensor, prediction_type: str = "epsilon",
                share_sources: bool = True, device=None, dtype=torch.float32):  # fmt: skip
     """(mean_w, mean_l) [M, C, H, W] fp32: the DDIM(eta) means of the winner and loser transitions.
+    The sampler's eta enters only through the std stored with each pair (pairs.std).
 
     share_sources=True: one UNet call on the distinct sources (x_t_w, plus x_t_l where not shared).
     share_sources=False: the straightforward path, one call for all w and one for all l.
@@ -113,7 +114,7 @@ def pair_means(model, pairs: PairBatch, *, scheduler, steps: int, eta: float, cf
         src_t = torch.cat([t, t[unshared]])
         src_idx = torch.cat([torch.arange(m, device=device), unshared])  # which pair each source serves
         means = _means(model, sources, src_t, pairs.prev_timestep.to(device)[src_idx], pairs.std.to(device)[src_idx],
-                       pairs.cond.index(src_idx.cpu()).to(device), uncond, time_ids, scheduler, eta, cfg_scale,
+                       pairs.cond.index(src_idx.cpu()).to(device), uncond, time_ids, scheduler, cfg_scale,
                        prediction_type, dtype)  # fmt: skip
         l_index = torch.arange(m, device=device)
         l_index[unshared] = m + torch.arange(len(unshared), device=device)
@@ -121,11 +122,11 @@ def pair_means(model, pairs: PairBatch, *, scheduler, steps: int, eta: float, cf
     out = []
     for x_t in (pairs.x_t_w, pairs.x_t_l):
         out.append(_means(model, x_t.to(device), t, pairs.prev_timestep.to(device), pairs.std.to(device),
-                          pairs.cond.to(device), uncond, time_ids, scheduler, eta, cfg_scale, prediction_type, dtype))  # fmt: skip
+                          pairs.cond.to(device), uncond, time_ids, scheduler, cfg_scale, prediction_type, dtype))  # fmt: skip
     return out[0], out[1]
 
 
-def _means(model, x_t, t, t_prev, std, cond, uncond, time_ids, scheduler, eta, cfg_scale, prediction_type, dtype):
+def _means(model, x_t, t, t_prev, std, cond, uncond, time_ids, scheduler, cfg_scale, prediction_type, dtype):
     n = x_t.shape[0]
     a = sampling.alpha_bar(scheduler, t.cpu()).to(x_t.device)
     a_prev = sampling.alpha_bar(scheduler, t_prev.cpu()).to(x_t.device)
@@ -293,7 +294,7 @@ class SPOObjective(Objective):
         cfg = self.config
         loss, metrics = spo_pair_loss(
             ctx.policy, ctx.reference, batch, beta=cfg.beta, clip=cfg.clip,
-            scheduler=ctx.components.scheduler, steps=cfg.steps, eta=cfg.eta,
+            scheduler=ctx.components.scheduler,
             cfg_scale=cfg.cfg_scale if cfg.train_cfg else 1.0, uncond=self.uncond, time_ids=self.time_ids,
             prediction_type=ctx.prediction_type, share_sources=cfg.share_sources, device=ctx.device, dtype=ctx.dtype,
         )  # fmt: skip

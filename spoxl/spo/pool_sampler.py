@@ -164,7 +164,10 @@ class PoolSampler:
             a, a_prev = self._alpha(t)
             samples, mean, std = kernels.pool_step(x, eps, a, a_prev, c.eta, k, seed=_seed(generator))
             samples = samples.float()
-            logp, _ = kernels.pool_logprobs(samples, mean, mean, std)
+            # Log-probs under the policy mean only (the sampler has no reference): all B x k
+            # candidates in one transition_logprob call, each against its prompt's shared mean.
+            logp = kernels.transition_logprob(samples.flatten(0, 1), mean.repeat_interleave(k, 0),
+                                              std.repeat_interleave(k)).view(B, k)  # fmt: skip
             # Each record: (x_t [B, k], x_prev [B, k], t, t_prev, std [B], logp [B, k]).
             records = [(x.unsqueeze(1).expand_as(samples), samples, t, self._prev(t), std, logp)]
             cur = samples.reshape(B * k, *x.shape[1:])

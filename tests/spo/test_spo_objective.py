@@ -58,7 +58,7 @@ def pairs(tiny_components):
 
 
 def kw(comps):
-    return dict(scheduler=comps.scheduler, steps=STEPS, eta=1.0, cfg_scale=5.0,
+    return dict(scheduler=comps.scheduler, cfg_scale=5.0,
                 uncond=encode_prompts(comps, [""]), time_ids=make_time_ids(1, (64, 64)))  # fmt: skip
 
 
@@ -166,3 +166,42 @@ def test_colour_scorer_rejects_colourless_prompts_at_setup(tmp_path):
     ctx = build_training(cfg, objective)
     with pytest.raises(SpoxlError, match="'a cat' names no colour"):
         objective.setup(ctx)
+
+
+def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
+    """The objective's own training path (its setup's uncond, time_ids, dtype, prediction type, and
+    the a_prev/std stored with each pair) must give the means the sampler drew from: log p of x_w
+    and x_l under the training-time policy means equals what the sampler stored. The expected
+    values come from the sampler, not from pair_means, so a mismatch between the two sides fails."""
+    import spoxl.methods.spo as spo_module
+    from spoxl.config import load_config
+    from spoxl.engine.setup import build_training
+
+    cfg = load_config("configs/tiny_spo.yaml", [
+        f"run.output_dir={tmp_path}", "logging.tensorboard=false", "method.steps=6", "method.divert_start_step=1",
+        "method.pool_size=2", "method.num_inner_step=2", "method.threshold=0.0", "method.preference.scale=1e6",
+        "train.micro_batch_size=2"])  # fmt: skip
+    objective = SPOObjective(cfg.method.params)
+    ctx = build_training(cfg, objective)
+    objective.setup(ctx)
+    with torch.no_grad():  # a LoRA that really changes the policy, so policy != reference
+        for name, p in ctx.components.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    batch = objective.sample_round(ctx)
+    if objective.leftover is not None and len(objective.leftover):
+        batch = PairBatch.cat([batch, objective.leftover])
+    assert len(batch) > 0 and batch.shared.any() and (~batch.shared).any()  # both kinds of transition
+
+    captured = []
+    real = spo_module.pair_means
+    monkeypatch.setattr(spo_module, "pair_means", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    with torch.no_grad():
+        objective.loss(ctx, batch)
+    (mean_w, mean_l), (ref_w, ref_l) = captured  # policy first, then the reference
+    std = batch.std
+    torch.testing.assert_close(kernels.transition_logprob(batch.x_w, mean_w, std), batch.logp_w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.transition_logprob(batch.x_l, mean_l, std), batch.logp_l, rtol=1e-4, atol=1e-4)
+    # the check can fail: the reference (adapters off) does not reproduce the policy's samples
+    gap = (kernels.transition_logprob(batch.x_w, ref_w, std) - batch.logp_w).abs().max()
+    assert gap > 1e-3

@@ -1,7 +1,8 @@
 """Export trained UNet weights: LoRA (diffusers and kohya keys) and full/merged diffusers UNets.
 
 API (every function is COLLECTIVE under ZeRO-3: call it on every rank; rank 0 writes, all ranks
-return after the files exist)
+return after the files exist; an error on rank 0 (bad overrides, a full disk) is raised as the
+same one-line SpoxlError on every rank, so no rank is left waiting)
   export_lora(model, out_dir, formats=("diffusers", "kohya"), overrides=None) -> {format: Path}
       diffusers: OUT/pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.save_lora_weights,
                  peft keys `unet.<module>.lora_A.weight`, LoraConfig in the metadata; loads with
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from spoxl.engine.zero_utils import barrier, gathered_state_dict, is_rank0, unwrap
+from spoxl.engine.zero_utils import errors_on_every_rank, gathered_state_dict, is_rank0, unwrap
 from spoxl.errors import SpoxlError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -77,20 +78,6 @@ def _apply_overrides(state: dict[str, torch.Tensor], overrides: dict[str, torch.
         state[k] = v.detach().to("cpu", torch.float32, copy=True)
 
 
-def _gathered_lora(model, overrides) -> dict[str, torch.Tensor]:
-    """LoRA tensors under their module.state_dict() names, fp32 CPU, on rank 0 ({} elsewhere)."""
-    unet = unwrap(model)
-    adapter = _adapter_name(unet)
-    state = gathered_state_dict(model, keep=lambda n, t: f".{adapter}." in n and "lora_" in n, rank0_only=True)
-    if not is_rank0():
-        return {}
-    _apply_overrides(state, overrides)
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:  # would mean a ZeRO-3 parameter escaped the gather; never write such a file
-        raise RuntimeError(f"LoRA tensor {empty[0]} is empty after gathering")
-    return state
-
-
 def lora_state_dict(model, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """peft-keyed UNet LoRA weights (e.g. `...to_q.lora_A.weight`), scaling folded into lora_B.
 
@@ -102,14 +89,22 @@ def lora_state_dict(model, overrides: dict[str, torch.Tensor] | None = None) -> 
     if not has_lora(unet):
         raise SpoxlError("the model has no LoRA adapter to export (use the unet format for full fine-tuning)")
     adapter = _adapter_name(unet)
-    state = _gathered_lora(model, overrides)
-    if not is_rank0():
-        return {}
-    for module_name, layer in _lora_layers(unet).items():
-        key = f"{module_name}.lora_B.{adapter}.weight"
-        if key in state:
-            state[key] = state[key] * float(layer.scaling[adapter])
-    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet, state_dict=state, adapter_name=adapter).items()}
+    # fp32 CPU copies under module.state_dict() names, on rank 0 ({} elsewhere).
+    state = gathered_state_dict(model, keep=lambda n, t: f".{adapter}." in n and "lora_" in n, rank0_only=True)
+    out: dict[str, torch.Tensor] = {}
+    with errors_on_every_rank():  # rank 0 alone inside: its errors reach every rank
+        if is_rank0():
+            _apply_overrides(state, overrides)
+            empty = [k for k, v in state.items() if v.numel() == 0]
+            if empty:  # would mean a ZeRO-3 parameter escaped the gather; never write such a file
+                raise SpoxlError(f"LoRA tensor {empty[0]} is empty after gathering")
+            for module_name, layer in _lora_layers(unet).items():
+                key = f"{module_name}.lora_B.{adapter}.weight"
+                if key in state:
+                    state[key] = state[key] * float(layer.scaling[adapter])
+            peft = get_peft_model_state_dict(unet, state_dict=state, adapter_name=adapter)
+            out = {k: v.contiguous() for k, v in peft.items()}
+    return out
 
 
 def _alpha_is_rank_metadata(unet) -> dict:
@@ -129,10 +124,6 @@ def export_lora(
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Path]:
     """Write the UNet LoRA as safetensors in the given formats (collective; rank 0 writes)."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
     bad = [f for f in formats if f not in ("diffusers", "kohya")]
     if bad:
         raise SpoxlError(f"unknown LoRA format {bad[0]!r} (use diffusers or kohya)")
@@ -144,23 +135,33 @@ def export_lora(
         paths["diffusers"] = out_dir / LORA_FILE
     if "kohya" in formats:
         paths["kohya"] = out_dir / KOHYA_FILE
-    if is_rank0():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if "diffusers" in formats:
-            StableDiffusionXLPipeline.save_lora_weights(
-                out_dir,
-                # peft keys (lora_A/lora_B), what diffusers' own savers write today. Do NOT pass
-                # through convert_state_dict_to_diffusers: diffusers 0.42 loads that older
-                # `.lora.down` layout back without the attention LoRAs (checked in tests).
-                unet_lora_layers=peft_state,
-                unet_lora_adapter_metadata=_alpha_is_rank_metadata(unet),
-                weight_name=LORA_FILE,
-            )
-        if "kohya" in formats:
-            kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
-            save_file({k: v.contiguous() for k, v in kohya.items()}, str(paths["kohya"]))
-    barrier()
+    # The all_reduce that closes this block doubles as the barrier: every rank returns after the
+    # files exist, or raises rank 0's error.
+    with errors_on_every_rank():
+        if is_rank0():
+            _write_lora(unet, peft_state, out_dir, formats, paths)
     return paths
+
+
+def _write_lora(unet, peft_state, out_dir: Path, formats, paths) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "diffusers" in formats:
+        StableDiffusionXLPipeline.save_lora_weights(
+            out_dir,
+            # peft keys (lora_A/lora_B), what diffusers' own savers write today. Do NOT pass
+            # through convert_state_dict_to_diffusers: diffusers 0.42 loads that older
+            # `.lora.down` layout back without the attention LoRAs (checked in tests).
+            unet_lora_layers=peft_state,
+            unet_lora_adapter_metadata=_alpha_is_rank_metadata(unet),
+            weight_name=LORA_FILE,
+        )
+    if "kohya" in formats:
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
+        save_file({k: v.contiguous() for k, v in kohya.items()}, str(paths["kohya"]))
 
 
 # ---- full / merged UNet ------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _fresh_unet(unet, state: dict[str, torch.Tensor]):
             fresh.add_adapter(unet.peft_config[adapter], adapter_name=adapter)
     missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise RuntimeError(f"UNet state does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SpoxlError(f"UNet state does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return fresh
 
 
@@ -198,20 +199,20 @@ def export_unet(
     by peft's own merge, and the wrappers removed, so the folder is a plain SDXL UNet.
     """
     unet = unwrap(model)
+    if has_lora(unet) and not merge_lora:  # known on every rank: fail before gathering
+        raise SpoxlError("a LoRA UNet can only be exported as a merged UNet (or use diffusers/kohya)")
     state = gathered_state_dict(model, rank0_only=True)
     target = Path(out_dir) / UNET_SUBFOLDER
-    if is_rank0():
-        _apply_overrides(state, overrides)
-        fresh = _fresh_unet(unet, state)
-        del state
-        if has_lora(fresh):
-            if not merge_lora:
-                raise SpoxlError("a LoRA UNet can only be exported as a merged UNet (or use diffusers/kohya)")
-            fresh.fuse_lora(lora_scale=1.0)
-            fresh.unload_lora()
-        fresh.to(dtype)
-        fresh.save_pretrained(target, safe_serialization=True)
-    barrier()
+    with errors_on_every_rank():  # its closing all_reduce doubles as the barrier
+        if is_rank0():
+            _apply_overrides(state, overrides)
+            fresh = _fresh_unet(unet, state)
+            del state
+            if has_lora(fresh):
+                fresh.fuse_lora(lora_scale=1.0)
+                fresh.unload_lora()
+            fresh.to(dtype)
+            fresh.save_pretrained(target, safe_serialization=True)
     return target
 
 

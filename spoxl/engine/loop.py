@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from spoxl.engine import checkpoint
 from spoxl.engine.logging import memory_stats
+from spoxl.engine.zero_utils import raise_on_every_rank
 from spoxl.errors import SpoxlError
 
 
@@ -46,12 +47,7 @@ def _next_batch(batches):
         batch = next(batches)
     except SpoxlError as e:
         error, batch = str(e), None
-    if _any_rank(error is not None):
-        messages = [error]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            messages = [None] * dist.get_world_size()
-            dist.all_gather_object(messages, error)
-        raise SpoxlError(next(m for m in messages if m is not None))
+    raise_on_every_rank(error)
     return batch
 
 

@@ -8,6 +8,12 @@ API
   gathered_state_dict(model, keep=, rank0_only=) -> {name: fp32 CPU tensor} of params + buffers,
                                         gathered chunk by chunk so peak extra memory stays bounded
   rank(), world_size(), is_rank0(), barrier()  -> work with or without torch.distributed
+  raise_on_every_rank(error)         -> collective: if any rank has an error message, every rank
+                                        raises SpoxlError with the first one (by rank)
+  errors_on_every_rank()             -> context manager around work some ranks do alone (rank 0
+                                        writing files): an exception inside it is re-raised as
+                                        that one-line SpoxlError on EVERY rank, not just the one
+                                        that failed (the others would wait in the next collective)
 
 Why this exists: under ZeRO-3 a parameter above `stage3_param_persistence_threshold` holds an
 empty tensor (numel 0) outside a forward pass, so `module.state_dict()` silently returns empty
@@ -132,3 +138,41 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if _dist_ready():
         torch.distributed.barrier()
+
+
+def raise_on_every_rank(error: str | None) -> None:
+    """Collective: every rank raises SpoxlError(<first error by rank>) when any rank has one."""
+    from spoxl.errors import SpoxlError
+
+    if world_size() == 1:
+        if error is not None:
+            raise SpoxlError(error)
+        return
+    dist = torch.distributed
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        messages = [None] * world_size()
+        dist.all_gather_object(messages, error)
+        raise SpoxlError(next(m for m in messages if m is not None))
+
+
+@contextlib.contextmanager
+def errors_on_every_rank():
+    """Run the block; if it raised on any rank, raise the same one-line SpoxlError on every rank.
+
+    Collective (every rank must enter it, also those with nothing to do inside). The block itself
+    must not run collectives: a rank that fails half-way would leave the others waiting in them.
+    """
+    from spoxl.errors import SpoxlError
+
+    error = None
+    try:
+        yield
+    except SpoxlError as e:
+        error = str(e)
+    except Exception as e:  # e.g. a full disk while rank 0 writes: still one line, on every rank
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise_on_every_rank(error)

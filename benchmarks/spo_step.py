@@ -10,7 +10,8 @@ ours:             the whole pool (prompts x k candidates, CFG halves) in ONE UNe
 straightforward:  one UNet call per candidate (each with its CFG halves, as the official pipeline
                   loops over its k samples); separate w and l forwards; the unfused torch loss.
 
-Both paths draw the same noise and keep every pair (threshold 0), so they train on the same pairs.
+Each path gets its own components built from the same seed (identical starting weights), draws
+the same noise and keeps every pair (threshold 0), so both sample and train on the same pairs.
 Prints pairs/s, UNet calls per trained pair and peak memory for each, and the ratios; writes
 benchmarks/results/spo_step_<shape>_<device>.csv.
 """
@@ -247,8 +248,15 @@ def main(argv=None) -> int:
         print("spo_step: --shape sdxl needs a GPU (SDXL at 1024 px on CPU would take hours)", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    comps, encode, res = build(args.shape, device, dtype, args.lora_rank, args.seed)
-    results = [run_path(name, comps, encode, res, args, device, dtype) for name in args.paths.split(",")]
+    results = []
+    for name in args.paths.split(","):
+        # Fresh components per path, built from the same seed: each path trains its LoRA, so
+        # sharing one set would make the second path sample from the first one's trained policy.
+        comps, encode, res = build(args.shape, device, dtype, args.lora_rank, args.seed)
+        results.append(run_path(name, comps, encode, res, args, device, dtype))
+        del comps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     cols = ["path", "pairs", "pairs_per_s", "unet_calls_per_pair", "train_unet_calls_per_pair", "sample_s", "train_s",
             "peak_mem_mib"]  # fmt: skip

@@ -194,7 +194,8 @@ class StepAwareCLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None):
         """A CLIPModel + tokenizer from a local folder (e.g. a PickScore_v1 copy), optionally with
-        the trained time-conditioning weights from a safetensors file written by `save`."""
+        trained SPM weights from a safetensors file written by `save` (spoxl.spo.spm_training);
+        the official .bin release is not loadable (see `load`)."""
         from transformers import AutoTokenizer, CLIPModel
 
         path = Path(path)
@@ -222,6 +223,15 @@ class StepAwareCLIP(nn.Module):
         file = Path(file)
         if not file.is_file():
             raise SpoxlError(f"preference model weights {file} do not exist")
+        if file.suffix != ".safetensors":
+            # The released official SPMs (SPO-Diffusion-Models/Step-Aware_Preference_Models,
+            # *_step-aware_preference_model.bin) are torch pickles with the official code's module
+            # names; no key map into this module is defined yet (methods.md 1.6 does not give the
+            # names), so they are refused rather than loaded with a guessed mapping.
+            raise SpoxlError(
+                f"preference model weights {file}: only safetensors written by StepAwareCLIP.save "
+                "(python -m spoxl.spo.spm_training ... --out FILE.safetensors) can be loaded; the official "
+                "*_step-aware_preference_model.bin checkpoints are not loadable yet")  # fmt: skip
         missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
         if unexpected or any(not k.startswith("clip.") for k in missing):
             bad = (unexpected or [k for k in missing if not k.startswith("clip.")])[0]

@@ -205,7 +205,11 @@ class SPOObjective(Objective):
 
     def _round_prompts(self, ctx: TrainContext) -> list[str]:
         """This rank's prompts for the current round: consecutive slices of a per-epoch
-        permutation (same on every rank), each rank its own part."""
+        permutation (same on every rank), each rank its own part.
+
+        Not spoxl.data.prompts.shard_prompts: that is a fixed strided split of one list (padded by
+        repetition); SPO needs a fresh order every epoch, a position that is a function of the
+        round counter alone (resume), and rounds that run across an epoch boundary."""
         n, per = len(self.prompts), self.config.prompts_per_rank
         per_round = per * ctx.world_size
         out = []

@@ -9,7 +9,8 @@ API
   spoxl.engine.export.export_all(model, out, formats, ema=ema) writes the EMA under OUT/ema/
 
 What it tracks: the parameters with requires_grad (the LoRA tensors, or the whole UNet for full
-fine-tuning), by their `named_parameters()` names on the unwrapped module, in fp32 on CPU: the
+fine-tuning), by their `named_parameters()` names on the unwrapped module, in fp32 on CPU (read
+from DeepSpeed's fp32 master copy under bf16/fp16, see zero_utils.gathered_state_dict): the
 shadow never occupies accelerator memory and is not sharded by ZeRO (SimpleTuner keeps its EMA
 the same way). Under ZeRO-3 each update gathers the trainable parameters chunk by chunk
 (deepspeed.zero.GatheredParameters, DeepSpeed #2056), so every rank must call update().

@@ -6,7 +6,9 @@ API
   gathered(params, modifier_rank)    -> context manager: full data visible on every rank inside it
                                         (deepspeed.zero.GatheredParameters; a no-op without ZeRO-3)
   gathered_state_dict(model, keep=, rank0_only=) -> {name: fp32 CPU tensor} of params + buffers,
-                                        gathered chunk by chunk so peak extra memory stays bounded
+                                        gathered chunk by chunk so peak extra memory stays bounded;
+                                        trainable params of a bf16/fp16 engine are read from
+                                        DeepSpeed's fp32 master copy, not the rounded module weights
   rank(), world_size(), is_rank0(), barrier()  -> work with or without torch.distributed
   raise_on_every_rank(error)         -> collective: if any rank has an error message, every rank
                                         raises SpoxlError with the first one (by rank)
@@ -20,6 +22,13 @@ empty tensor (numel 0) outside a forward pass, so `module.state_dict()` silently
 tensors (LongLoRA #160). Every read of trained weights (export, EMA) goes through `gathered`.
 GatheredParameters is a collective: EVERY rank must enter it with the same parameters, in the
 same order, or the job hangs.
+
+Why fp32 master weights: under bf16/fp16 DeepSpeed casts the module's parameters to the compute
+dtype and keeps the fp32 weights the optimizer updates in its own (partitioned) buffers. A read
+of the module gives the weights rounded to bf16 (8 bits of mantissa), not what was trained, and
+not what a checkpoint holds (`spoxl export` merges the fp32 master copy from it). So trainable
+parameters of such an engine are read with deepspeed.utils.safe_get_full_fp32_param, which
+assembles the full fp32 tensor at ZeRO 1/2/3 (a collective at every stage: all ranks, same order).
 """
 
 from __future__ import annotations
@@ -84,6 +93,15 @@ def _chunks(params: list[tuple[str, torch.Tensor]], limit: int):
         yield chunk
 
 
+def _fp32_master_reader(model):
+    """safe_get_full_fp32_param for a DeepSpeed engine that computes in bf16/fp16, else None."""
+    if not _is_engine(model) or not (model.bfloat16_enabled() or model.fp16_enabled()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param
+
+
 def gathered_state_dict(
     model,
     keep: Callable[[str, torch.Tensor], bool] | None = None,
@@ -104,6 +122,18 @@ def gathered_state_dict(
     persistent = set(module.state_dict(keep_vars=True).keys())
     out: dict[str, torch.Tensor] = {}
     write = not rank0_only or is_rank0()
+    master = _fp32_master_reader(model)
+    if master is not None:
+        # Trainable params: DeepSpeed's fp32 master copy (one collective per parameter; the
+        # optimizer's partitions are gathered by DeepSpeed itself, so no GatheredParameters).
+        rest = []
+        for name, p in named:
+            full = master(p) if p.requires_grad else None
+            if full is None:  # frozen, or an optimizer without an fp32 copy (same on every rank)
+                rest.append((name, p))
+            elif write:
+                out[name] = full.detach().to("cpu", torch.float32, copy=True)
+        named = rest
     for chunk in _chunks(named, chunk_elements):
         with gathered([p for _, p in chunk]):
             if write:

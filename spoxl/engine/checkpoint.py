@@ -230,22 +230,33 @@ def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
     own_file = ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt"
     if not own_file.is_file():
         # A universal resume on more ranks than were saved: this rank has no state of its own;
-        # rank 0's step counter applies, its data position and RNG do not (resume is then not exact).
+        # rank 0's step counter (and EMA) apply.
         own_file = ckpt_dir / tag / "spoxl_rank0.pt"
-        own = torch.load(own_file, map_location="cpu", weights_only=True)
-        own.pop("rng")
-        own.pop("objective")
-    else:
-        own = torch.load(own_file, map_location="cpu", weights_only=True)
+    own = torch.load(own_file, map_location="cpu", weights_only=True)
     ctx.global_step = int(own["global_step"])
     ctx.last_checkpoint_step = ctx.global_step
-    if "objective" in own and own.get("world_size") == ctx.world_size:
+    saved_world = own.get("world_size")
+    if saved_world == ctx.world_size:
         objective.load_state_dict(own["objective"])
+        set_rng_state(own["rng"], ctx.generator)
+    else:
+        # The data position and RNG streams were per rank: they cannot be split or merged over a
+        # different rank count, so they restart. Say so: the run is no longer an exact resume.
+        _warn(ctx, f"checkpoint {ckpt_dir / tag} was saved on {saved_world} rank(s), resuming on {ctx.world_size}: "
+                   f"weights, optimizer and LR schedule continue from step {ctx.global_step}, but the data "
+                   f"position ({type(objective).__name__} state) and the RNG streams restart from the beginning")
     if ctx.ema is not None and own.get("ema") is not None:
         ctx.ema.load_state_dict(own["ema"])
-    if "rng" in own and own.get("world_size") == ctx.world_size:
-        set_rng_state(own["rng"], ctx.generator)
     return tag
+
+
+def _warn(ctx, message: str) -> None:
+    """One warning line from rank 0 (train.log and stderr through the run's logger)."""
+    logger = getattr(ctx, "logger", None)
+    if logger is not None:
+        logger.warning(message)
+    elif ctx.rank == 0:
+        print(f"[spoxl] warning: {message}", file=sys.stderr, flush=True)
 
 
 def to_universal(ckpt_dir, tag: str | None = None) -> Path:

@@ -42,3 +42,27 @@ def test_fresh_run_in_a_run_dir_with_checkpoints_is_refused(tmp_path, monkeypatc
     # With --resume the check does not apply (the engine would be built next).
     with pytest.raises(AssertionError, match="checked before the engine"):
         train.run(train.build_parser().parse_args([*argv, "--resume"]))
+
+
+def test_resume_on_another_rank_count_warns_that_data_position_restarts(tmp_path):
+    import torch
+
+    from inprocess import make
+    from spoxl.engine import loop
+
+    ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
+    loop.train(ctx, obj, ctx.logger)
+    ckpt = tmp_path / "a" / "checkpoints"
+    tag = checkpoint.save(ctx, obj, ckpt, keep_last=1)
+    assert obj.state_dict() != {"epoch": 0, "index": 0}
+    # Pretend it was saved on 2 ranks (what a universal resume 2 -> 1 rank meets).
+    own = ckpt / tag / "spoxl_rank0.pt"
+    state = torch.load(own, weights_only=True)
+    torch.save({**state, "world_size": 2}, own)
+
+    ctx2, obj2 = make(tmp_path / "b", ["train.max_steps=1"])
+    assert checkpoint.load(ctx2, obj2, ckpt) == tag
+    assert ctx2.global_step == 1
+    assert obj2.state_dict() == {"epoch": 0, "index": 0}  # restarted, and the log says so:
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "saved on 2 rank(s), resuming on 1" in log and "data position" in log and "restart" in log

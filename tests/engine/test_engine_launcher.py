@@ -98,5 +98,6 @@ def test_kill9_resume_equals_uninterrupted_and_universal_resume(tmp_path, tiny_d
                "--set", "checkpoint.load_universal=true", "--resume"], num_ranks=1))
     log = (a / "train.log").read_text()
     assert "step_00000006 at step 6" in log and "1 rank(s)" in log
+    assert "saved on 2 rank(s), resuming on 1" in log and "data position" in log  # said, not silent
     for k, v in lora_of(a).items():
         assert torch.equal(v, reference[k]), k

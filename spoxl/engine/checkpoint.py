@@ -152,7 +152,6 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
         "model_shape": _model_shape(ctx.config),
     }
     _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
-    _fault_injection(ctx)
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if ctx.rank == 0:
         (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))
@@ -161,16 +160,6 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
     _barrier()
     ctx.last_checkpoint_step = ctx.global_step
     return tag
-
-
-def _fault_injection(ctx) -> None:
-    """Test hook: SPOXL_TEST_KILL_IN_SAVE=<step> SIGKILLs rank 0 in the middle of that step's save
-    (files written, checkpoint not yet declared complete), as a crash or preemption would."""
-    at = os.environ.get("SPOXL_TEST_KILL_IN_SAVE")
-    if at and int(at) == ctx.global_step and ctx.rank == 0:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _save_file(obj, path: Path) -> None:

@@ -66,7 +66,8 @@ def test_kill9_resume_equals_uninterrupted_and_universal_resume(tmp_path, tiny_d
     assert sorted(p.name for p in (a / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
     # Same run, SIGKILLed in the middle of saving step 4: `latest` must still name step 2.
-    killed = launch(["--module", "spoxl.train", *TRAIN, "--set", f"run.output_dir={b}"], SPOXL_TEST_KILL_IN_SAVE="4")
+    killed = launch([str(REPO / "tests/engine/train_killed_in_save.py"), "--kill-in-save", "4", *TRAIN,
+                     "--set", f"run.output_dir={b}"])
     assert killed.returncode != 0
     assert (b / "checkpoints" / "latest_spoxl").read_text() == "step_00000002"
     assert (b / "checkpoints" / "step_00000004").is_dir()  # the partial save is there, ignored

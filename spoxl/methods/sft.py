@@ -10,7 +10,7 @@ captions; tests and smoke runs); otherwise spoxl.data.captions.ImageCaptionDatas
 folder with .txt captions, or a .jsonl/.parquet table). Images and captions are encoded by the
 frozen VAE / text encoders per micro-batch, or once into `data.cache_dir` (spoxl.data.cache).
 Each rank walks its own equal-sized shard of a per-epoch permutation, so the data position is
-just (epoch, index) and resuming is exact.
+just (epoch, index) and resuming is exact (spoxl.methods._offline, shared with DPO and MaPO).
 """
 
 from __future__ import annotations
@@ -20,46 +20,9 @@ from typing import Optional
 
 import torch
 
-from spoxl.errors import SpoxlError
-from spoxl.methods.base import Objective, TrainContext
-from spoxl.sampling import add_noise, alpha_bar, training_target
-
-COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
-           "white": (1.0, 1.0, 1.0), "yellow": (1.0, 1.0, -1.0), "cyan": (-1.0, 1.0, 1.0)}
-
-
-class SyntheticCaptionDataset(torch.utils.data.Dataset):
-    """n images in [-1, 1]: a coloured square at a seeded position on black, captioned by colour.
-    Items look like spoxl.data.captions.ImageCaptionDataset's."""
-
-    def __init__(self, n: int, resolution: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        names = list(COLOURS)
-        side = resolution // 2
-        self.resolution = resolution
-        self.items = []
-        for i in range(n):
-            name = names[i % len(names)]
-            y, x = torch.randint(0, resolution - side + 1, (2,), generator=g).tolist()
-            pixels = torch.full((3, resolution, resolution), -1.0)
-            pixels[:, y:y + side, x:x + side] = torch.tensor(COLOURS[name]).view(3, 1, 1)
-            self.items.append((pixels, f"a {name} square"))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        from spoxl.models.text import make_time_ids
-
-        pixels, caption = self.items[i]
-        r = self.resolution
-        return {"pixels": pixels, "caption": caption, "time_ids": make_time_ids(1, (r, r))[0], "index": i}
-
-    def cache_key(self, i: int) -> str:
-        import hashlib
-
-        pixels, caption = self.items[i]
-        return hashlib.sha256(pixels.numpy().tobytes() + caption.encode()).hexdigest()[:32]
+from spoxl.methods._offline import OfflineObjective, SyntheticCaptionDataset, encode_and_noise
+from spoxl.methods.base import TrainContext
+from spoxl.sampling import add_noise, training_target
 
 
 def build_dataset(cfg):
@@ -80,88 +43,16 @@ class SFTConfig:
     fixed_noise: bool = False
 
 
-class SFTObjective(Objective):
+class SFTObjective(OfflineObjective):
     name = "sft"
     Config = SFTConfig
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.epoch = 0
-        self.index = 0  # micro-batches consumed in this epoch on this rank
-        self.dataset = None
-
-    # ---- data ---------------------------------------------------------------------------------
-
-    def check(self, config) -> None:
-        self.dataset = build_dataset(config)  # opening it checks the path, columns, captions
-
-    def setup(self, ctx: TrainContext) -> None:
-        if self.dataset is None:
-            self.dataset = build_dataset(ctx.config)
-        if ctx.config.data.cache_dir:
-            from spoxl.data.cache import CachedDataset
-
-            # Every rank encodes its share of the missing entries, then all meet at a barrier.
-            self.dataset = CachedDataset(self.dataset, ctx.components, ctx.config.data.cache_dir)
-            encoded = self.dataset.build(ctx.rank, ctx.world_size)
-            if ctx.logger is not None:
-                ctx.logger.info(f"latent/text cache {ctx.config.data.cache_dir}: {encoded} item(s) encoded on rank 0")
-        n, mb = len(self.dataset), ctx.config.train.micro_batch_size
-        per_rank = n // ctx.world_size
-        if per_rank < mb:
-            raise SpoxlError(f"dataset has {n} samples: too few for {ctx.world_size} rank(s) x "
-                             f"micro_batch_size {mb}")
-        self.batches_per_epoch = per_rank // mb
-
-    def _order(self, ctx: TrainContext, epoch: int) -> torch.Tensor:
-        n = len(self.dataset)
-        if ctx.config.data.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.run.seed + epoch))
-        else:
-            order = torch.arange(n)
-        per_rank = n // ctx.world_size  # every rank gets the same count (ZeRO-3: same number of forwards)
-        return order[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-
-    def micro_batches(self, ctx: TrainContext):
-        mb = ctx.config.train.micro_batch_size
-        while True:
-            order = self._order(ctx, self.epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            while self.index < self.batches_per_epoch:
-                idx = order[self.index * mb:(self.index + 1) * mb].tolist()
-                self.index += 1
-                yield torch.utils.data.default_collate([self.dataset[i] for i in idx])
-            self.epoch += 1
-            self.index = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    # ---- loss ---------------------------------------------------------------------------------
+    def build_dataset(self, cfg):
+        return build_dataset(cfg)
 
     def loss(self, ctx: TrainContext, batch):
-        from spoxl.data.cache import maybe_encode
-
-        gen = ctx.generator
-        if self.config.fixed_noise:
-            gen = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed * 1000 + ctx.rank)
-        # Latents + text embeddings (read from the cache when data.cache_dir is set). The VAE
-        # sample noise is drawn on the CPU: from `gen` on CPU runs; on GPUs from the (checkpointed)
-        # global CPU RNG, or a fixed CPU generator in fixed_noise mode.
-        vae_gen = gen
-        if gen.device.type != "cpu":
-            vae_gen = torch.Generator().manual_seed(ctx.config.run.seed * 1000 + ctx.rank) if self.config.fixed_noise else None
-        batch = maybe_encode(ctx.components, batch, generator=vae_gen)
+        batch, noise, t, a = encode_and_noise(ctx, batch, self.config.fixed_noise)
         x0 = batch["latents"].to(ctx.device, torch.float32)
-        b = x0.shape[0]
-        scheduler = ctx.components.scheduler
-        noise = torch.randn(x0.shape, generator=gen, device=ctx.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=ctx.device)
-        a = alpha_bar(scheduler, t.cpu()).to(ctx.device)
         x_t = add_noise(x0, noise, a)
         output = ctx.unet_output(ctx.policy, x_t, t, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
                                  batch["time_ids"])

@@ -102,3 +102,23 @@ def test_kill9_resume_equals_uninterrupted_and_universal_resume(tmp_path, tiny_d
     assert "saved on 2 rank(s), resuming on 1" in log and "data position" in log  # said, not silent
     for k, v in lora_of(a).items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_bf16_zero3_live_export_equals_spoxl_export_of_its_checkpoint(tmp_path):
+    # bf16 keeps the module in bf16; the live export and the EMA must read DeepSpeed's fp32 master
+    # weights, which is what the checkpoint holds and `spoxl export` merges.
+    run = tmp_path / "run"
+    ok(launch(["--module", "spoxl.train", "--config", "configs/tiny_sft.yaml",
+               "--set", "deepspeed.config=ds_configs/zero3.json", "--set", "deepspeed.precision=bf16",
+               "--set", "train.max_steps=3", "--set", "checkpoint.every=0", "--set", "ema.enabled=true",
+               "--set", "logging.progress=false", "--set", "logging.sample_every=0",
+               "--set", "data.synthetic_size=8", "--set", f"run.output_dir={run}"]))
+    from spoxl.cli import main
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "offline")]) == 0
+    for sub in ("", "ema"):
+        for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+            live, offline = load_file(run / "export" / sub / name), load_file(tmp_path / "offline" / sub / name)
+            assert live.keys() == offline.keys() and live
+            for k in live:
+                assert torch.equal(live[k], offline[k]), (sub, name, k)

@@ -203,3 +203,19 @@ def test_missing_pair_file_fails_in_check(tmp_path):
     with pytest.raises(SpoxlError) as e:
         DiffusionDPOObjective(cfg.method.params).check(cfg)
     assert "nope.jsonl" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, name, params", [
+    ("tiny_dpo", "dpo", {"beta": 5000.0}),
+    ("tiny_mapo", "mapo", {"beta": 0.1, "snr": 0.5}),
+    ("sdxl_dpo_lora", "dpo", {"beta": 5000.0}),
+    ("sdxl_mapo", "mapo", {"beta": 0.1, "snr": 0.5}),
+])
+def test_recipes_load_with_the_official_hyper_parameters(recipe, name, params):
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{recipe}.yaml")
+    assert cfg.method.name == name
+    assert {k: getattr(cfg.method.params, k) for k in params} == params
+    if recipe.startswith("sdxl"):  # methods.md 2.3 (diffusers LoRA example) and 3.2 (MaPO README)
+        assert (cfg.train.lr, cfg.train.lr_schedule, cfg.optim.name) == (1e-5, "constant", "adamw8bit")
+        assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (8, 2)
+        assert cfg.lora.enabled == (name == "dpo") and (not cfg.lora.enabled or cfg.lora.rank == 8)

@@ -14,12 +14,13 @@ the noise and timesteps of a denoising loss.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 from spoxl.errors import SpoxlError
 from spoxl.methods.base import Objective, TrainContext
-from spoxl.sampling import alpha_bar
+from spoxl.sampling import add_noise, alpha_bar, training_target
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
            "white": (1.0, 1.0, 1.0), "yellow": (1.0, 1.0, -1.0), "cyan": (-1.0, 1.0, 1.0)}
@@ -84,7 +85,9 @@ class SyntheticPairDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.items = []
         for i in range(n):
-            name, wrong = names[i % len(names)], names[(i + 1 + i // len(names)) % len(names)]
+            # The loser's colour cycles through the 5 others (offset 1..5, never 0) as i grows.
+            offset = 1 + (i // len(names)) % (len(names) - 1)
+            name, wrong = names[i % len(names)], names[(i + offset) % len(names)]
             y, x = _position(g, resolution)
             self.items.append((_square(name, y, x, resolution), _square(wrong, y, x, resolution), f"a {name} square"))
 
@@ -213,8 +216,6 @@ def stacked_pair_inputs(ctx: TrainContext, batch: dict, fixed_noise: bool):
     and one timestep per pair (methods.md 2.1 / 3.1), and their caption and time_ids, so ONE UNet
     call on the stack gives both predictions (and, for DPO, one more for the reference).
     """
-    from spoxl.sampling import add_noise, training_target
-
     batch, noise, t, a = encode_and_noise(ctx, batch, fixed_noise, latents_key="latents_w")
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).to(ctx.device, torch.float32)
     two = lambda v: torch.cat([v, v])  # noqa: E731  (the same value for w and l)
@@ -226,8 +227,6 @@ def stacked_pair_inputs(ctx: TrainContext, batch: dict, fixed_noise: bool):
 
 def finite_number(where: str, value, *, minimum: float = 0.0, strict: bool = True) -> None:
     """One-line SpoxlError unless value is a finite number > minimum (>= minimum when not strict)."""
-    import math
-
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (strict and value == minimum):
         raise SpoxlError(f"config: {where} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")

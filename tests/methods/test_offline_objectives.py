@@ -219,3 +219,19 @@ def test_recipes_load_with_the_official_hyper_parameters(recipe, name, params):
         assert (cfg.train.lr, cfg.train.lr_schedule, cfg.optim.name) == (1e-5, "constant", "adamw8bit")
         assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (8, 2)
         assert cfg.lora.enabled == (name == "dpo") and (not cfg.lora.enabled or cfg.lora.rank == 8)
+
+
+def test_synthetic_pairs_always_differ_in_colour_only():
+    from spoxl.methods._offline import SyntheticPairDataset
+
+    data = SyntheticPairDataset(72, 16, seed=3)
+    losers = set()
+    for i in range(len(data)):
+        item = data[i]
+        w, lo = item["pixels_w"], item["pixels_l"]
+        square_w, square_l = (w > 0).any(0), (lo > 0).any(0)  # every colour has a channel at +1; black is -1
+        assert torch.equal(square_w, square_l) and square_w.any(), i  # the same square...
+        assert not torch.equal(w, lo), i  # ...in another colour
+        losers.add((item["caption"], tuple(lo[:, square_l][:, 0].tolist())))
+    assert len(losers) == 30  # 6 colours x 5 wrong colours: every (caption, loser colour) occurs
+    assert len({data.cache_key(i) for i in range(12)}) == 12

@@ -235,3 +235,16 @@ def test_synthetic_pairs_always_differ_in_colour_only():
         losers.add((item["caption"], tuple(lo[:, square_l][:, 0].tolist())))
     assert len(losers) == 30  # 6 colours x 5 wrong colours: every (caption, loser colour) occurs
     assert len({data.cache_key(i) for i in range(12)}) == 12
+
+
+def test_dpo_under_zero3_full_finetune_trains_against_a_partitioned_reference(tmp_path):
+    # ZeRO-3 full fine-tuning: the reference is a frozen DeepSpeed engine with partitioned weights.
+    ctx, obj = make(tmp_path, [*DPO, "deepspeed.config=zero3", "lora.enabled=false", "train.lr=1e-3",
+                               "train.max_steps=3"], DiffusionDPOObjective)
+    assert ctx.reference_engine is not None
+    start, m0 = fixed_loss(ctx, obj)
+    assert start == pytest.approx(math.log(2), abs=1e-3)
+    loop.train(ctx, obj, ctx.logger)
+    end, m1 = fixed_loss(ctx, obj)
+    assert end < start and m1["margin"] > 0
+    assert m1["ref_mse_w"] == pytest.approx(m0["ref_mse_w"], rel=1e-6)  # the reference did not move

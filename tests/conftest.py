@@ -35,9 +35,35 @@ def tiny_dir(tmp_path_factory, tiny_components):
     return path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A free TCP port on loopback (each launcher test gets its own master port)."""
-    with socket.socket() as s:
+    """A free TCP port on loopback for a launcher's master port (each launcher test gets its own).
+
+    Chosen BELOW the kernel's ephemeral range: a port handed out by bind(0) is an ephemeral one,
+    and in the seconds before the launcher binds it the machine's own outgoing connections (gloo
+    peers of a concurrent run, for one) may take it; ports under the range are never given out
+    that way. Random, so concurrent test processes rarely pick the same one; checked bindable.
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # fall back to the OS's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -1,4 +1,4 @@
-"""What the offline objectives (SFT, Diffusion-DPO, MaPO) share: walking a dataset, and drawing
+"""What the offline objectives (SFT, Diffusion-DPO, MaPO, NCP) share: walking a dataset, and drawing
 the noise and timesteps of a denoising loss.
 
   OfflineObjective      check/setup/micro_batches/state_dict over `self.build_dataset(cfg)`:
@@ -180,7 +180,8 @@ class OfflineObjective(Objective):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_key: str = "latents"):
+def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_key: str = "latents",
+                     min_timestep: int = 0, posterior_noise: bool = False):
     """(encoded batch, noise, t, alpha_bar(t)) for a micro-batch; noise has the shape of
     batch[latents_key] and t one entry per sample. Pair objectives pass "latents_w" and use the
     same noise and t for the loser (the pair shares them, methods.md 2.1 / 3.1).
@@ -188,6 +189,10 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
     One generator stream, in this order: VAE sample, noise, timesteps. fixed_noise restarts it
     from the same seed at every call, so a fixed batch gives a deterministic loss (the "overfit
     one batch" check).
+
+    NCP only (defaults leave SFT/DPO/MaPO unchanged): min_timestep draws t ~ U{min_timestep..T-1}
+    (NCP steps to t-1, so it needs t >= 1); posterior_noise draws one more N(0, I) tensor z of the
+    noise's shape after the timesteps and returns (batch, noise, t, a, z).
     """
     from spoxl.data.cache import maybe_encode
 
@@ -204,8 +209,11 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
     shape = batch[latents_key].shape
     scheduler = ctx.components.scheduler
     noise = torch.randn(shape, generator=gen, device=ctx.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=ctx.device)
+    t = torch.randint(min_timestep, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=ctx.device)
     a = alpha_bar(scheduler, t.cpu()).to(ctx.device)
+    if posterior_noise:
+        z = torch.randn(shape, generator=gen, device=ctx.device)
+        return batch, noise, t, a, z
     return batch, noise, t, a
 
 

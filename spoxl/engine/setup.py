@@ -66,6 +66,8 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
         # Bind this rank's GPU before NCCL starts (otherwise every rank's communicator may
         # touch GPU 0).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if cpu:
+        _skip_shared_memory_allreduce_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="gloo" if cpu else "nccl",
@@ -78,6 +80,20 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return rank, world, device
+
+
+def _skip_shared_memory_allreduce_op() -> None:
+    """Keep DeepSpeed from JIT-building and initialising its CPU shared-memory all-reduce op.
+
+    Only DeepSpeed's inference all-reduce uses it; training runs gloo collectives. Building it costs
+    about a minute on a fresh machine, and its initialisation busy-waits in C++ (holding the GIL)
+    until every local peer has created its segment, so a slow peer freezes a rank, heartbeat thread
+    included. DeepSpeed 0.19 caches `deepspeed.ops.__compatible_ops__` in the module precisely so
+    that edits to it persist; marking the op incompatible makes `build_shm_op` return None.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ---------------------------------------------------------------------------------------------

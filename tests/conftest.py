@@ -13,6 +13,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_deepspeed_shm():
+    """Remove DeepSpeed CPU all-reduce /dev/shm segments that appeared during the session.
+
+    spoxl skips that op (spoxl.engine.setup.skip_shared_memory_allreduce_op), but DeepSpeed never
+    unlinks the segments when something does create them, and each holds RAM until reboot.
+    """
+    import glob
+
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

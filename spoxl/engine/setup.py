@@ -67,7 +67,7 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
         # touch GPU 0).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if cpu:
-        _skip_shared_memory_allreduce_op()
+        skip_shared_memory_allreduce_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="gloo" if cpu else "nccl",
@@ -82,10 +82,12 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _skip_shared_memory_allreduce_op() -> None:
+def skip_shared_memory_allreduce_op() -> None:
     """Keep DeepSpeed from JIT-building and initialising its CPU shared-memory all-reduce op.
 
-    Only DeepSpeed's inference all-reduce uses it; training runs gloo collectives. Building it costs
+    Only DeepSpeed's inference all-reduce uses it; training runs gloo collectives. Each init
+    creates a ~64 MB /dev/shm segment per rank that DeepSpeed never unlinks: hundreds of test and
+    demo runs filled 21 GB of RAM on a dev machine until processes stalled. Building it costs
     about a minute on a fresh machine, and its initialisation busy-waits in C++ (holding the GIL)
     until every local peer has created its segment, so a slow peer freezes a rank, heartbeat thread
     included. DeepSpeed 0.19 caches `deepspeed.ops.__compatible_ops__` in the module precisely so

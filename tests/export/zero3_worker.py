@@ -42,6 +42,9 @@ def main() -> None:
     from spoxl.engine.export import export_all
     from spoxl.models.tiny import build_tiny_sdxl
 
+    from spoxl.engine.setup import skip_shared_memory_allreduce_op
+
+    skip_shared_memory_allreduce_op()  # as spoxl's own init does: no leaked /dev/shm segments
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     base = build_tiny_sdxl(0).unet

@@ -20,6 +20,8 @@ COMMANDS = {
     "train": ("spoxl.commands.train", "launch training through the deepspeed launcher"),
     "export": ("spoxl.commands.export", "export a checkpoint as LoRA safetensors / diffusers UNet"),
     "preflight": ("spoxl.commands.preflight", "check a hostfile + config against the cluster before launch"),
+    "eval": ("spoxl.commands.eval", "base vs tuned models on the same prompts and seeds, scored, with paired figures"),
+    "toy": ("spoxl.commands.toy", "the toy world: pretrain / export the toy model, make preference pairs"),
 }
 
 

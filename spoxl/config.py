@@ -27,7 +27,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny"  # "tiny[:SEED]" or a local diffusers SDXL folder
+    path: str = "tiny"  # "tiny[:SEED]", "toy" (the pretrained toy-world model) or a local diffusers SDXL folder
     unet_file: Optional[str] = None  # single-file .safetensors replacing the UNet weights
     vae_file: Optional[str] = None
     prediction_type: Optional[str] = None  # None: the scheduler's (epsilon for SDXL base)

@@ -1,19 +1,19 @@
-"""Base vs tuned: the preference score of final images on held-out seeds, grids, and report.md.
+"""Base vs tuned for an SPO run: held-out figures, grids, and report.md.
 
-    python -m spoxl.demo_report --run runs/demo [--seeds 16] [--seed-offset 100000]
+    python -m spoxl.demo_report --run runs/demo [--eval runs/demo/eval] [--seeds 8] [--seed-offset 100000]
 
-Reads the run's config.yaml (model, prompts, scorer, sampler settings) and its LoRA export, samples
-every prompt on the same held-out seeds with the base UNet and with the LoRA, scores the final
-images with the run's preference model at t = 0, and writes <run>/before.png, <run>/after.png and
-<run>/report.md (plus report.json with the numbers). The held-out seeds are far from anything the
-training rounds drew (those come from per-round generators seeded by the run seed).
+With --eval, renders report.md from the eval.json that `spoxl eval` wrote there (what `make demo`
+does: `spoxl eval` first, then this). Without it, evaluates the run itself (spoxl.evaluation, the
+same code): the run's model with and without its LoRA export on the same held-out seeds, scored by
+the run's preference model at t = 0, on the toy world's held-out captions when the run used a toy
+scorer and on the run's own prompts otherwise. Writes <run>/grid.png (base | tuned blocks, same
+seeds aligned), before.png / after.png, report.json and report.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,45 +21,12 @@ import torch
 
 from spoxl.errors import SpoxlError
 
-
-@torch.no_grad()
-def final_scores(components, scorer, prompts: list[str], seeds: int, seed_offset: int, *, steps: int,
-                 cfg_scale: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(scores [P, S], images [P * S, 3, H, W] in [0, 1]) for P prompts x S seeds, prompt-major."""
-    from spoxl.imaging import sample_images
-
-    batch = [p for p in prompts for _ in range(seeds)]
-    # sample_images seeds image i with seed + i: prompt p, seed s -> seed_offset + p * seeds + s.
-    images = sample_images(components, batch, steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed_offset,
-                           batch_size=len(batch))  # fmt: skip
-    scores = scorer.score(images * 2 - 1, batch, 0).float()
-    return scores.view(len(prompts), seeds), images
+TOY_SCORERS = ("fidelity", "aesthetic", "toy_colour", "toy_shape", "toy_position", "toy_size", "toy_background")
 
 
-def paired_summary(base: torch.Tensor, tuned: torch.Tensor) -> dict:
-    diff = (tuned - base).flatten()
-    n = diff.numel()
-    se = float(diff.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return {
-        "base_mean": float(base.mean()),
-        "tuned_mean": float(tuned.mean()),
-        "diff_mean": float(diff.mean()),
-        "diff_stderr": se,
-        "z": float(diff.mean()) / se if se and se == se and se > 0 else float("nan"),
-        "win_rate": float((diff > 0).float().mean()),
-        "n": n,
-    }
-
-
-def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> dict:
+def _run_files(run_dir: Path):
     from spoxl.config import load_config
-    from spoxl.imaging import save_grid
-    from spoxl.methods.spo import read_prompts
-    from spoxl.models.loading import load_sdxl
-    from spoxl.models.lora import load_lora_into_unet
-    from spoxl.models.preference import build_preference_model
 
-    run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise SpoxlError(f"{run_dir} has no config.yaml (is it a spoxl run directory?)")
@@ -69,66 +36,91 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
     cfg = load_config(config_file, [])
     if cfg.method.name != "spo":
         raise SpoxlError(f"{run_dir} is a {cfg.method.name} run; the report is for SPO runs")
+    return cfg, lora_file
+
+
+def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> dict:
+    """Evaluate the run (base vs its LoRA) and write the report; returns the tuned row of the summary."""
+    from spoxl.evaluation import evaluate
+    from spoxl.imaging import save_grid
+    from spoxl.methods.spo import read_prompts
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.preference import build_preference_model
+
+    run_dir = Path(run_dir)
+    cfg, lora_file = _run_files(run_dir)
     m = cfg.method.params
     pc = m.preference
     scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights,
                                     **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
-    prompts = read_prompts(m)
+    if pc.kind in TOY_SCORERS:
+        from spoxl.toy.world import held_out_captions
+
+        prompts = held_out_captions()
+    else:
+        prompts = read_prompts(m)
     components = load_sdxl(cfg.model.path)
-    kw = dict(steps=m.steps, cfg_scale=m.cfg_scale, eta=m.eta)
     torch.manual_seed(0)
-    base, base_images = final_scores(components, scorer, prompts, seeds, seed_offset, **kw)
-    load_lora_into_unet(components.unet, lora_file)
-    tuned, tuned_images = final_scores(components, scorer, prompts, seeds, seed_offset, **kw)
-
-    save_grid(base_images, run_dir / "before.png", ncols=seeds)
-    save_grid(tuned_images, run_dir / "after.png", ncols=seeds)
-    summary = paired_summary(base, tuned)
-    summary["per_prompt"] = {
-        p: {"base": float(base[i].mean()), "tuned": float(tuned[i].mean())} for i, p in enumerate(prompts)
-    }
-    summary["seeds"] = seeds
-    summary["seed_offset"] = seed_offset
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "report.md").write_text(render_markdown(run_dir, cfg, summary))
-    return summary
+    ev = evaluate(components, [("base", None), ("spo", str(lora_file))], prompts, seeds, scorer, steps=m.steps,
+                  cfg_scale=m.cfg_scale, eta=0.0, seed_offset=seed_offset, progress=False, scorer_name=pc.kind)
+    data = ev.to_json()
+    data["model"] = cfg.model.path
+    (run_dir / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
+    ev.save_grid(run_dir / "grid.png")
+    save_grid(ev.results[0].images, run_dir / "before.png", ncols=seeds)
+    save_grid(ev.results[1].images, run_dir / "after.png", ncols=seeds)
+    return write_report(run_dir, data, grid="grid.png")
 
 
-def render_markdown(run_dir: Path, cfg, s: dict) -> str:
+def write_report(run_dir: Path, data: dict, grid: str) -> dict:
+    """report.md + report.json from an eval.json's content; returns the tuned model's row."""
+    cfg, _ = _run_files(run_dir)
+    if len(data.get("models", [])) < 2:
+        raise SpoxlError("the evaluation has no tuned model to compare with the base")
+    tuned = data["models"][1]
+    (run_dir / "report.json").write_text(json.dumps(tuned, indent=2) + "\n")
+    (run_dir / "report.md").write_text(render_markdown(run_dir, cfg, data, grid))
+    return tuned
+
+
+def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
+    from spoxl.evaluation import Evaluation
+
     m = cfg.method.params
-    ckpts = sorted(p for p in Path(cfg.checkpoint_dir).glob("step_*") if p.is_dir())
-    verdict = "tuned > base" if s["diff_mean"] > 0 else "tuned <= base"
+    tuned = data["models"][1]
+    lo, hi = tuned["win_rate_ci95"]
+    verdict = "tuned > base" if tuned["diff_mean"] > 0 else "tuned <= base"
+    ckpts = sorted(p.name for p in Path(cfg.checkpoint_dir).glob("step_*") if p.is_dir())
     lines = [
         "# SPO demo report",
         "",
-        f"Tiny SDXL ({cfg.model.path}), LoRA rank {cfg.lora.rank}, {cfg.train.max_steps} optimizer steps, "
-        f"{cfg.deepspeed.config} ({cfg.deepspeed.precision}); preference model: `{m.preference.kind}` "
-        f"(scale {m.preference.scale}); sampler: {m.steps} DDIM steps, eta {m.eta}, CFG {m.cfg_scale}, "
-        f"k={m.pool_size}, {m.num_inner_step} inner steps, threshold {m.threshold}.",
+        f"Model `{cfg.model.path}`, LoRA rank {cfg.lora.rank}, {cfg.train.max_steps} optimizer steps, "
+        f"{cfg.deepspeed.config} ({cfg.deepspeed.precision}); step-aware preference model: `{m.preference.kind}` "
+        f"(scale {m.preference.scale}); SPO sampler: {m.steps} DDIM steps, eta {m.eta}, CFG {m.cfg_scale}, "
+        f"k={m.pool_size}, {m.num_inner_step} inner steps, threshold {m.threshold}; beta {m.beta}, clip {m.clip}.",
         "",
-        f"## Preference score of final images, held-out seeds ({s['seeds']} per prompt, "
-        f"from {s['seed_offset']})",
+        f"## Held-out evaluation: {len(data['prompts'])} prompts x {data['seeds']} seeds "
+        f"(from {data['seed_offset']}), scorer `{data['scorer']}`",
         "",
-        "| | mean score |",
-        "|---|---|",
-        f"| base | {s['base_mean']:.3f} |",
-        f"| tuned (SPO LoRA) | {s['tuned_mean']:.3f} |",
-        f"| tuned - base (paired, same seeds) | {s['diff_mean']:+.3f} +- {s['diff_stderr']:.3f} (std. error), "
-        f"z = {s['z']:.1f} |",
-        f"| tuned beats base on the same seed | {100 * s['win_rate']:.0f}% of {s['n']} |",
+        f"Sampling for evaluation: {data['sampler']['steps']} DDIM steps, eta {data['sampler']['eta']}, "
+        f"CFG {data['sampler']['cfg_scale']}; the same starting noise for both models on every item.",
         "",
-        f"**Result: {verdict}.**",
+        Evaluation.markdown_table(data["models"]),
         "",
-        "| prompt | base | tuned |",
-        "|---|---|---|",
-        *[f"| {p} | {v['base']:.3f} | {v['tuned']:.3f} |" for p, v in s["per_prompt"].items()],
+        f"**Result: {verdict}**: paired difference {tuned['diff_mean']:+.2f} +- {tuned['diff_stderr']:.2f} "
+        f"(std. error); the tuned model beats the base on {100 * tuned['win_rate']:.0f}% of "
+        f"{tuned['n']} (prompt, seed) pairs (95% interval {100 * lo:.0f}-{100 * hi:.0f}%).",
+        "",
+        f"![base vs tuned]({grid})",
+        "",
+        f"`{grid}`: one row per prompt; left block the base model, right block the SPO-tuned one, the same "
+        "seed in the same column of each block.",
         "",
         "## Files",
         "",
-        "- `before.png` / `after.png`: base / tuned samples, one row per prompt, the same seeds in each column",
         "- `export/pytorch_lora_weights.safetensors` (diffusers) and `export/pytorch_lora_weights_kohya.safetensors`",
         f"- checkpoints: {', '.join(f'`{c}`' for c in ckpts) or 'none'}",
-        "- `train.log`, `config.yaml`",
+        "- `train.log`, `config.yaml`, `samples/` (fixed prompts and seeds during training)",
         "",
         "## TensorBoard",
         "",
@@ -148,17 +140,26 @@ def render_markdown(run_dir: Path, cfg, s: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m spoxl.demo_report", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="the SPO run directory (holds config.yaml and export/)")
-    p.add_argument("--seeds", type=int, default=8, help="held-out seeds per prompt")
+    p.add_argument("--eval", default=None, help="a `spoxl eval` output folder to report (no sampling here)")
+    p.add_argument("--seeds", type=int, default=8, help="held-out seeds per prompt (without --eval)")
     p.add_argument("--seed-offset", type=int, default=100_000)
     args = p.parse_args(argv)
+    run = Path(args.run)
     try:
-        s = build_report(Path(args.run), args.seeds, args.seed_offset)
+        if args.eval:
+            eval_file = Path(args.eval) / "eval.json"
+            if not eval_file.is_file():
+                raise SpoxlError(f"{eval_file} does not exist (run `spoxl eval --out {args.eval}` first)")
+            grid = Path(args.eval) / "grid.png"
+            rel = grid.relative_to(run) if grid.is_relative_to(run) else grid.resolve()
+            s = write_report(run, json.loads(eval_file.read_text()), grid=str(rel))
+        else:
+            s = build_report(run, args.seeds, args.seed_offset)
     except SpoxlError as e:
         print(f"spoxl demo_report: error: {e}", file=sys.stderr)
         return 2
-    print(f"base {s['base_mean']:.3f} -> tuned {s['tuned_mean']:.3f} "
-          f"(diff {s['diff_mean']:+.3f} +- {s['diff_stderr']:.3f}, win rate {100 * s['win_rate']:.0f}%); "
-          f"report: {Path(args.run) / 'report.md'}")  # fmt: skip
+    print(f"base {s['base_mean']:.2f} -> tuned {s['mean']:.2f} (diff {s['diff_mean']:+.2f} +- {s['diff_stderr']:.2f}, "
+          f"win rate {100 * s['win_rate']:.0f}%); report: {run / 'report.md'}")
     return 0
 
 

@@ -61,7 +61,9 @@ def unet_config_for(cfg, explicit: str | None) -> tuple[dict, str]:
         from spoxl.models.tiny import tiny_unet_config
 
         return dict(tiny_unet_config()), "the tiny test model"
-    folder_config = Path(model) / "unet" / "config.json"
+    from spoxl.models.loading import resolve_model_path
+
+    folder_config = Path(resolve_model_path(model)) / "unet" / "config.json"
     if folder_config.is_file():
         return read_json_config(folder_config), str(folder_config)
     return bundled_config("unet"), f"bundled SDXL base 1.0 config ({model} is not readable here)"

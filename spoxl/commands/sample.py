@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SDXL folder (default tiny)')
+    p.add_argument("--model", default="tiny", help='"tiny", "toy" (the pretrained toy-world model) or a local diffusers SDXL folder (default tiny)')
     p.add_argument("--unet-file", default=None, help="single-file UNet .safetensors replacing the folder's UNet")
     p.add_argument("--vae-file", default=None, help="single-file VAE .safetensors replacing the folder's VAE")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

@@ -283,9 +283,9 @@ def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str, Path | 
 
 def _load_unet(model_cfg):
     """The base UNet of a run (just the UNet when the model is a diffusers folder)."""
-    from spoxl.models.loading import check_sdxl_folder, load_sdxl
+    from spoxl.models.loading import check_sdxl_folder, load_sdxl, resolve_model_path
 
-    path = str(model_cfg.path)
+    path = resolve_model_path(model_cfg.path)
     if path == "tiny" or path.startswith("tiny:") or model_cfg.unet_file:
         return load_sdxl(path, unet_file=model_cfg.unet_file).unet
     from diffusers import UNet2DConditionModel

@@ -2,6 +2,8 @@
 
 Accepted sources:
   * "tiny" (optionally "tiny:SEED"): the toy SDXL architecture built in code (spoxl.models.tiny);
+  * "toy": the pretrained toy-world model shipped in the package (spoxl/toy/weights/), loaded as
+    the diffusers folder it is, by the same code as a real checkpoint;
   * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
     tokenizer/, tokenizer_2/, scheduler/), e.g. a local copy of stable-diffusion-xl-base-1.0 or
     the output of `spoxl make-tiny`;
@@ -65,6 +67,16 @@ def check_sdxl_folder(path: Path) -> None:
             raise SpoxlError(f"model folder {path} has an empty {sub}/ subfolder")
 
 
+def resolve_model_path(model: str) -> str:
+    """The folder behind a model name: "toy" is the shipped toy-world folder; anything else is
+    returned unchanged ("tiny[:SEED]" or a path)."""
+    if str(model) == "toy":
+        from spoxl.toy.model import toy_model_path
+
+        return str(toy_model_path())
+    return str(model)
+
+
 def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise SpoxlError(f"{what} checkpoint {path} does not exist")
@@ -81,7 +93,7 @@ def load_sdxl(
 ) -> SDXLComponents:
     """Load all SDXL parts (frozen VAE/text encoders, UNet in train-ready fp32 unless dtype says).
 
-    `model` is "tiny[:SEED]" or a diffusers SDXL folder; `unet_file`/`vae_file` replace the UNet
+    `model` is "tiny[:SEED]", "toy" or a diffusers SDXL folder; `unet_file`/`vae_file` replace the UNet
     or VAE weights with a single-file checkpoint whose config comes from that folder.
     """
     _offline()
@@ -93,7 +105,7 @@ def load_sdxl(
         parts = build_tiny_sdxl(seed)
         config_dir = None
     else:
-        config_dir = Path(model).expanduser()
+        config_dir = Path(resolve_model_path(model)).expanduser()
         check_sdxl_folder(config_dir)
         parts = _load_folder(config_dir)
     if unet_file is not None or vae_file is not None:

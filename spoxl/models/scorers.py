@@ -96,3 +96,10 @@ class BrightnessScorer:
 
 
 SCORERS = {"colour": ColourScorer, "color": ColourScorer, "brightness": BrightnessScorer}
+
+# The toy world's exact scorers (spoxl.toy.scorers): "fidelity" (the combined prompt fidelity),
+# one per attribute, and the caption-free "aesthetic" proxy.
+from spoxl.toy.scorers import build as _toy_scorer  # noqa: E402  (after the built-in ones)
+
+SCORERS.update({"fidelity": _toy_scorer("fidelity"), "aesthetic": _toy_scorer("aesthetic"),
+                **{f"toy_{a}": _toy_scorer(a) for a in ("colour", "shape", "position", "size", "background")}})

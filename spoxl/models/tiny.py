@@ -37,8 +37,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """A CLIPTokenizer with a byte-level vocabulary: one token per byte, word ends marked."""
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>", words: tuple[str, ...] = ()):
+    """A CLIPTokenizer with a byte-level vocabulary: one token per byte, word ends marked.
+
+    `words` adds BPE merges that make each of those words ONE token (the toy world's vocabulary;
+    any other text still falls back to bytes). The special tokens stay the last two ids, where
+    the tiny text encoders' configs expect BOS and EOS."""
     from transformers import CLIPTokenizer
 
     symbols = sorted(_bytes_to_unicode().values())
@@ -47,13 +51,33 @@ def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
+    merges = _word_merges(words)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    if pad_token not in vocab and pad_token not in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[pad_token] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    if pad_token not in vocab:
-        vocab[pad_token] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
     tok.model_max_length = TINY_MAX_TOKENS
     return tok
+
+
+def _word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges joining each word right to left (last byte + "</w>" first), so every merge is
+    (one byte, a word ending) and applying them in any rank order rebuilds exactly the word."""
+    byte_symbol = _bytes_to_unicode()
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = [byte_symbol[b] for b in word.encode("utf-8")]
+        if len(parts) < 2:
+            continue
+        tail = parts[-1] + "</w>"
+        for head in reversed(parts[:-1]):
+            if (head, tail) not in merges:
+                merges.append((head, tail))
+            tail = head + tail
+    return merges
 
 
 def tiny_unet_config() -> dict:
@@ -91,7 +115,7 @@ def tiny_vae_config() -> dict:
     )
 
 
-def _text_config(vocab_size: int, projection: bool):
+def text_config(vocab_size: int, projection: bool):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -139,8 +163,8 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLComponents:
         vocab = len(tokenizer_2.get_vocab())
         unet = UNet2DConditionModel(**tiny_unet_config())
         vae = AutoencoderKL(**tiny_vae_config())
-        text_encoder = CLIPTextModel(_text_config(vocab, projection=False))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, projection=True))
+        text_encoder = CLIPTextModel(text_config(vocab, projection=False))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab, projection=True))
     return SDXLComponents(
         unet=unet.eval(),
         vae=vae.eval(),

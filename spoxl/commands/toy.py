@@ -1,0 +1,113 @@
+"""`spoxl toy`: the toy world (spoxl.toy).
+
+    spoxl toy pretrain --out DIR     make the pretrained toy model from nothing (CPU, ~20 min on 2 cores)
+    spoxl toy export DIR             copy the shipped pretrained toy model out as a diffusers folder
+    spoxl toy pairs --model toy --n N --scorer fidelity --out pairs.parquet
+                                     an offline preference set from the model's own samples
+    spoxl toy captions [--split train|held-out]   print the world's captions
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="toy_command", metavar="SUBCOMMAND", required=True)
+
+    pre = sub.add_parser("pretrain", help="render the world, train the toy VAE, pretrain the UNet with spoxl's engine")
+    pre.add_argument("--out", required=True, help="folder to write the toy model to")
+    pre.add_argument("--images", type=int, default=8192, help="rendered training images (default 8192)")
+    pre.add_argument("--vae-steps", type=int, default=2500, help="VAE optimizer steps (default 2500)")
+    pre.add_argument("--unet-steps", type=int, default=1500, help="UNet optimizer steps (default 1500)")
+    pre.add_argument("--num-gpus", type=int, default=2, help="ranks (CPU processes) for the UNet run (default 2)")
+    pre.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights (default 0)")
+    pre.add_argument("--config", default=None, help="the SFT recipe (default configs/toy_pretrain.yaml)")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a value of the SFT recipe (repeatable)")
+
+    exp = sub.add_parser("export", help="copy the shipped toy model out as a diffusers folder")
+    exp.add_argument("out", help="folder to write (created; must be empty or absent)")
+
+    pairs = sub.add_parser("pairs", help="offline preference pairs from the model's own samples (Pick-a-Pic parquet)")
+    pairs.add_argument("--model", default="toy", help='"toy" or a local diffusers SDXL folder (default toy)')
+    pairs.add_argument("--n", type=int, required=True, help="pairs to keep")
+    pairs.add_argument("--scorer", default="fidelity", help="the labelling scorer (default fidelity)")
+    pairs.add_argument("--margin", type=float, default=1.0,
+                       help="score difference below which a pair is a tie and dropped (scaled units; default 1.0)")
+    pairs.add_argument("--prompts", default="train",
+                       help='"train" (the toy training captions; held-out ones stay for eval) or a prompt file')
+    pairs.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    pairs.add_argument("--cfg", type=float, default=5.0, help="CFG scale (default 5)")
+    pairs.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of captions, noise and order (default 0)")
+    pairs.add_argument("--out", required=True, help="the .parquet file to write")
+
+    caps = sub.add_parser("captions", help="print the toy world's captions")
+    caps.add_argument("--split", choices=("train", "held-out"), default="held-out")
+
+
+def run(args) -> int:
+    return {"pretrain": _pretrain, "export": _export, "pairs": _pairs, "captions": _captions}[args.toy_command](args)
+
+
+def _pretrain(args) -> int:
+    from spoxl.errors import SpoxlError
+    from spoxl.toy.pretrain import DEFAULT_RECIPE, pretrain
+
+    for name in ("images", "vae_steps", "unet_steps", "num_gpus"):
+        if getattr(args, name) < 1:
+            raise SpoxlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    recipe = Path(args.config) if args.config else DEFAULT_RECIPE
+    if not recipe.is_file():
+        raise SpoxlError(f"recipe {recipe} does not exist")
+    pretrain(Path(args.out), images=args.images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+             ranks=args.num_gpus, seed=args.seed, recipe=recipe, extra_overrides=args.overrides)
+    return 0
+
+
+def _export(args) -> int:
+    from spoxl.errors import SpoxlError
+    from spoxl.toy.model import toy_model_path
+
+    src = toy_model_path()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpoxlError(f"{out} exists and is not an empty folder")
+    if out.exists():
+        out.rmdir()
+    shutil.copytree(src, out)
+    print(f"wrote the pretrained toy model to {out}")
+    return 0
+
+
+def _pairs(args) -> int:
+    from spoxl.commands.eval import resolve_prompts
+    from spoxl.errors import SpoxlError
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.preference import build_preference_model
+    from spoxl.toy.pairs import generate_pairs, write_parquet
+
+    if not args.out.endswith(".parquet"):
+        raise SpoxlError(f"--out {args.out} must end in .parquet")
+    if args.steps < 1:
+        raise SpoxlError("--steps must be >= 1")
+    captions = resolve_prompts(args.prompts, None)
+    scorer = build_preference_model(args.scorer)
+    components = load_sdxl(args.model)
+    rows = generate_pairs(components, scorer, captions, args.n, margin=args.margin, seed=args.seed,
+                          steps=args.steps, cfg_scale=args.cfg, eta=args.eta)
+    path = write_parquet(rows, Path(args.out))
+    wins0 = sum(r["label_0"] for r in rows)
+    print(f"wrote {len(rows)} pairs to {path} (image 0 preferred in {wins0:.0f})")
+    return 0
+
+
+def _captions(args) -> int:
+    from spoxl.toy import world
+
+    scenes = world.train_scenes() if args.split == "train" else world.held_out_scenes()
+    for s in scenes:
+        print(s.caption())
+    return 0

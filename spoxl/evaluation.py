@@ -1,0 +1,181 @@
+"""Base vs tuned models on one (prompt, seed) grid: sampling, scoring, paired statistics, grids.
+
+API
+  paired_stats(base [n], tuned [n]) -> dict: means, paired difference with its standard error,
+      win rate (ties count half) with a 95% Wilson interval, n
+  wilson_interval(p, n, z=1.96) -> (low, high)
+  evaluate(components, models, prompts, seeds, scorer, ...) -> Evaluation
+      models: [(name, lora path or None)], the first is the reference every other is compared to
+  Evaluation.to_json() / .table() / .save_grid(path)
+
+Image i of the grid is prompt i // seeds drawn from seed `seed_offset + i` (spoxl.imaging: one
+generator per image), the same for every model, so column s of every model block shows the same
+starting noise: differences between blocks are the models', not the seeds'.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from spoxl.errors import SpoxlError
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion p observed over n trials."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_stats(base: torch.Tensor, tuned: torch.Tensor) -> dict:
+    """Paired comparison of two score vectors over the same (prompt, seed) items."""
+    base, tuned = base.double().flatten(), tuned.double().flatten()
+    if base.shape != tuned.shape or base.numel() == 0:
+        raise SpoxlError(f"paired comparison needs equal, non-empty score vectors, got {base.numel()} and {tuned.numel()}")
+    diff = tuned - base
+    n = diff.numel()
+    se = float(diff.std() / math.sqrt(n)) if n > 1 else float("nan")
+    wins = float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+    win_rate = wins / n
+    low, high = wilson_interval(win_rate, n)
+    return {
+        "base_mean": float(base.mean()),
+        "mean": float(tuned.mean()),
+        "diff_mean": float(diff.mean()),
+        "diff_stderr": se,
+        "win_rate": win_rate,
+        "win_rate_ci95": [low, high],
+        "n": n,
+    }
+
+
+@dataclass
+class ModelResult:
+    name: str
+    lora: str | None
+    scores: torch.Tensor  # [P, S]
+    attributes: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, S] scaled scores
+    correct: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, S] bool
+    images: torch.Tensor | None = None  # [P * S, 3, H, W] in [0, 1], prompt-major
+
+
+@dataclass
+class Evaluation:
+    prompts: list[str]
+    seeds: int
+    seed_offset: int
+    scorer: str
+    sampler: dict
+    results: list[ModelResult]
+
+    def summary(self) -> list[dict]:
+        base = self.results[0]
+        rows = []
+        for r in self.results:
+            row = {"model": r.name, "lora": r.lora, "mean": float(r.scores.double().mean())}
+            if r is not base:
+                row.update({k: v for k, v in paired_stats(base.scores, r.scores).items() if k not in ("mean",)})
+            row["attributes"] = {k: float(v.double().mean()) for k, v in r.attributes.items()}
+            row["accuracy"] = {k: float(v.double().mean()) for k, v in r.correct.items()}
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict:
+        return {
+            "prompts": self.prompts, "seeds": self.seeds, "seed_offset": self.seed_offset, "scorer": self.scorer,
+            "sampler": self.sampler, "models": self.summary(),
+            "per_prompt": {r.name: [float(v) for v in r.scores.double().mean(1)] for r in self.results},
+        }
+
+    def table(self) -> str:
+        return self.markdown_table(self.summary())
+
+    @staticmethod
+    def markdown_table(rows: list[dict]) -> str:
+        """The summary rows (first = the reference) as a markdown table."""
+        base = rows[0]["model"]
+        attrs = list(rows[0]["attributes"])
+        accs = list(rows[0]["accuracy"])
+        head = ["model", "mean score", f"diff vs {base} (+- s.e.)", "win rate [95% CI]",
+                *[f"{a}" for a in attrs], *[f"{a} acc" for a in accs]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            if "diff_mean" in r:
+                lo, hi = r["win_rate_ci95"]
+                diff = f"{r['diff_mean']:+.2f} +- {r['diff_stderr']:.2f}"
+                win = f"{100 * r['win_rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+            else:
+                diff, win = "(reference)", ""
+            cells = [r["model"], f"{r['mean']:.2f}", diff, win, *[f"{r['attributes'][a]:.1f}" for a in attrs],
+                     *[f"{100 * r['accuracy'][a]:.0f}%" for a in accs]]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def save_grid(self, path, max_prompts: int = 8, max_seeds: int = 4):
+        """Rows = prompts, column blocks = models (the same seeds, aligned), a gap between blocks."""
+        from spoxl.imaging import save_grid
+
+        p_n, s_n = min(len(self.prompts), max_prompts), min(self.seeds, max_seeds)
+        tiles = []
+        for p in range(p_n):
+            for bi, r in enumerate(self.results):
+                for s in range(s_n):
+                    tiles.append(r.images[p * self.seeds + s])
+                if bi < len(self.results) - 1:
+                    tiles.append(torch.ones_like(r.images[0]))  # white spacer column between blocks
+        ncols = len(self.results) * s_n + len(self.results) - 1
+        return save_grid(torch.stack(tiles), path, ncols=ncols)
+
+
+def score_images(scorer, images01: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict, dict]:
+    """(scores [N], per-attribute scores, per-attribute right/wrong) of final images in [0, 1]."""
+    x = images01 * 2 - 1
+    scores = scorer.score(x, prompts, 0).float().cpu()
+    attributes = {k: v.float().cpu() for k, v in scorer.attributes(x, prompts).items()} if hasattr(scorer, "attributes") else {}
+    correct = {k: v.cpu() for k, v in scorer.correct(x, prompts).items()} if hasattr(scorer, "correct") else {}
+    return scores, attributes, correct
+
+
+@torch.no_grad()
+def evaluate(components, models: list[tuple[str, str | None]], prompts: list[str], seeds: int, scorer, *,
+             steps: int = 20, cfg_scale: float = 5.0, eta: float = 0.0, seed_offset: int = 100_000,
+             batch_size: int = 64, progress: bool = True, scorer_name: str = "") -> Evaluation:
+    """Sample prompts x seeds with each model (base UNet + optional LoRA) and score them."""
+    from spoxl.imaging import sample_images
+    from spoxl.models.lora import load_lora_into_unet
+
+    if seeds < 1:
+        raise SpoxlError(f"--seeds must be >= 1, got {seeds}")
+    if not prompts:
+        raise SpoxlError("no prompts to evaluate")
+    if hasattr(scorer, "check_prompts"):
+        scorer.check_prompts(prompts)
+    base_unet = components.unet
+    batch = [p for p in prompts for _ in range(seeds)]
+    results = []
+    for name, lora in models:
+        unet = base_unet
+        if lora is not None:
+            unet = copy.deepcopy(base_unet)  # each LoRA on a clean copy of the base weights
+            load_lora_into_unet(unet, lora)
+        components.unet = unet
+        try:
+            if progress:
+                print(f"sampling {len(batch)} images with {name}", flush=True)
+            images = sample_images(components, batch, steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed_offset,
+                                   batch_size=batch_size, progress=progress)  # fmt: skip
+        finally:
+            components.unet = base_unet
+        scores, attributes, correct = score_images(scorer, images, batch)
+        shape = (len(prompts), seeds)
+        results.append(ModelResult(name, lora, scores.view(shape), {k: v.view(shape) for k, v in attributes.items()},
+                                   {k: v.view(shape) for k, v in correct.items()}, images))  # fmt: skip
+    sampler = {"steps": steps, "cfg_scale": cfg_scale, "eta": eta}
+    return Evaluation(list(prompts), seeds, seed_offset, scorer_name, sampler, results)

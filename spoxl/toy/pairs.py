@@ -1,0 +1,90 @@
+"""An offline preference set drawn from a model's own samples, labelled by a toy scorer.
+
+As MaPO's Pick-Style / Pick-Safety sets were generated from SDXL's samples: for each pair, one
+training caption and two seeds; both images are sampled by the model and scored; the higher score
+wins. Pairs whose scores differ by less than `margin` (scaled units, spoxl.toy.scorers) are ties
+and are dropped; sampling continues until `n` pairs are kept (or `max_rounds` batches are spent).
+Which image is jpg_0 is a coin flip per pair, so the label column is not constant.
+
+Output: a parquet file in the Pick-a-Pic v2 layout spoxl.data.pairs reads: caption, jpg_0, jpg_1
+(PNG bytes), label_0, label_1 (1/0), are_different, has_label, plus score_0, score_1 (the scorer's
+values) for inspection.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import torch
+
+from spoxl.errors import SpoxlError
+
+
+def _png(image01: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    arr = (image01.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def generate_pairs(components, scorer, captions: list[str], n: int, *, margin: float = 1.0, seed: int = 0,
+                   steps: int = 20, cfg_scale: float = 5.0, eta: float = 0.0, batch_pairs: int = 32,
+                   max_rounds: int | None = None, progress: bool = True) -> list[dict]:
+    """Up to n labelled pairs (dicts of the parquet's columns)."""
+    from tqdm.auto import tqdm
+
+    from spoxl.imaging import sample_images
+
+    if n < 1:
+        raise SpoxlError(f"--n must be >= 1, got {n}")
+    if margin < 0:
+        raise SpoxlError(f"--margin must be >= 0, got {margin}")
+    if hasattr(scorer, "check_prompts"):
+        scorer.check_prompts(captions)
+    rng = random.Random(seed)
+    max_rounds = max_rounds or 4 * (n // batch_pairs + 1)
+    rows: list[dict] = []
+    bar = tqdm(total=n, desc="pairs", unit="pair", disable=not progress)
+    for round_ in range(max_rounds):
+        chunk = [rng.choice(captions) for _ in range(batch_pairs)]
+        doubled = [c for c in chunk for _ in range(2)]  # image 2j and 2j + 1 share caption j
+        # One seed range per round: image i is drawn from seed base + i (spoxl.imaging).
+        images = sample_images(components, doubled, steps=steps, cfg_scale=cfg_scale, eta=eta,
+                               seed=seed * 1_000_003 + round_ * 2 * batch_pairs, batch_size=len(doubled))  # fmt: skip
+        scores = scorer.score(images * 2 - 1, doubled, 0).float().cpu().view(-1, 2)
+        for j, caption in enumerate(chunk):
+            s0, s1 = float(scores[j, 0]), float(scores[j, 1])
+            if abs(s0 - s1) < margin:
+                continue
+            a, b = (2 * j, 2 * j + 1) if rng.random() < 0.5 else (2 * j + 1, 2 * j)
+            sa, sb = float(scores.flatten()[a]), float(scores.flatten()[b])
+            label_0 = 1.0 if sa > sb else 0.0
+            rows.append({"caption": caption, "jpg_0": _png(images[a]), "jpg_1": _png(images[b]),
+                         "label_0": label_0, "label_1": 1.0 - label_0, "are_different": True, "has_label": True,
+                         "score_0": sa, "score_1": sb})  # fmt: skip
+            bar.update(1)
+            if len(rows) == n:
+                bar.close()
+                return rows
+    bar.close()
+    if not rows:
+        raise SpoxlError(f"no pair cleared the margin {margin} in {max_rounds} rounds; lower --margin")
+    print(f"warning: kept {len(rows)} of {n} pairs after {max_rounds} rounds (margin {margin})", flush=True)
+    return rows
+
+
+def write_parquet(rows: list[dict], out: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(out)  # never a half-written file under the final name
+    return out

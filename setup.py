@@ -17,7 +17,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["spoxl", "spoxl.*"]),
-    package_data={"spoxl": ["resources/*.json"]},
+    # The pretrained toy-world model ships inside the package (spoxl/toy/weights, a diffusers folder).
+    package_data={"spoxl": ["resources/*.json"], "spoxl.toy": ["weights/*.json", "weights/*/*"]},
     install_requires=requirements,
     extras_require={"dev": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["spoxl=spoxl.cli:main"]},

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `make demo`: SPO on the tiny random SDXL with a programmatic step-aware scorer (the colour named
-# in the prompt, judged on each candidate's VAE-decoded predicted x0 at its own timestep), 2 CPU
-# ranks through the deepspeed launcher under ZeRO-2 (configs/tiny_spo.yaml), then base vs tuned on
+# `make demo`: SPO on the pretrained toy-world model (spoxl/toy/weights) with the world's exact
+# prompt-fidelity scorer as the step-aware preference model (each candidate's VAE-decoded predicted
+# x0 judged at its own timestep), 2 CPU ranks through the deepspeed launcher under ZeRO-2
+# (configs/toy_spo.yaml, trained on the world's training captions), then `spoxl eval`: base vs
+# tuned on the HELD-OUT captions (colour x shape x position combinations never trained on) and
 # held-out seeds. Leaves under runs/demo/: tensorboard/ events, checkpoints/, export/ (LoRA,
-# diffusers + kohya keys), samples/ (fixed prompts/seeds over training), before.png / after.png,
-# report.md. About 3-4 minutes on 2 cores.
+# diffusers + kohya keys), samples/ (fixed prompts/seeds over training), eval/ (eval.json,
+# table.md, grid.png: base | tuned, same seeds), report.md. See docs/toy_world.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,14 +24,17 @@ mkdir -p "$RUN"
 PORT=$("$VENV_BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 start=$(date +%s)
 
-echo "== SPO training: 2 CPU ranks, ZeRO-2 (configs/tiny_spo.yaml) =="
+echo "== SPO training on the toy model: 2 CPU ranks, ZeRO-2 (configs/toy_spo.yaml) =="
 "$VENV_BIN/deepspeed" --num_gpus 2 --master_port "$PORT" --module spoxl.train \
-  --config configs/tiny_spo.yaml --set run.output_dir="$RUN" "$@" 2>&1 \
+  --config configs/toy_spo.yaml --set run.output_dir="$RUN" "$@" 2>&1 \
   | grep --line-buffered -v -e "kernels-community" -e "torchvision (not installed)" || true
 test -f "$RUN/export/pytorch_lora_weights.safetensors" || { echo "demo: training failed (no LoRA export in $RUN)" >&2; exit 1; }
 
-echo "== base vs tuned on held-out seeds =="
-"$VENV_BIN/python" -m spoxl.demo_report --run "$RUN" --seeds 16 2>&1 \
+echo "== spoxl eval: base vs SPO on held-out captions and seeds =="
+OMP_NUM_THREADS=2 "$VENV_BIN/spoxl" eval --model toy --lora "$RUN/export/pytorch_lora_weights.safetensors" --name spo \
+  --prompts held-out --seeds "${EVAL_SEEDS:-4}" --scorer fidelity --out "$RUN/eval" 2>&1 \
+  | grep -v -e "kernels-community" -e "torchvision (not installed)"
+"$VENV_BIN/python" -m spoxl.demo_report --run "$RUN" --eval "$RUN/eval" 2>&1 \
   | grep -v -e "kernels-community" -e "torchvision (not installed)"
 
 echo

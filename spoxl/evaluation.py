@@ -119,12 +119,14 @@ class Evaluation:
         return "\n".join(lines)
 
     def save_grid(self, path, max_prompts: int = 8, max_seeds: int = 4):
-        """Rows = prompts, column blocks = models (the same seeds, aligned), a gap between blocks."""
+        """Rows = prompts (up to max_prompts, evenly spread over the list), column blocks = models
+        (the same seeds, aligned), a white spacer column between blocks."""
         from spoxl.imaging import save_grid
 
         p_n, s_n = min(len(self.prompts), max_prompts), min(self.seeds, max_seeds)
+        rows = sorted({round(i * (len(self.prompts) - 1) / max(1, p_n - 1)) for i in range(p_n)})
         tiles = []
-        for p in range(p_n):
+        for p in rows:
             for bi, r in enumerate(self.results):
                 for s in range(s_n):
                     tiles.append(r.images[p * self.seeds + s])

@@ -80,6 +80,7 @@ def train_vae(images_uint8: torch.Tensor, steps: int, batch_size: int = 32, lr: 
 
 def save_folder(parts, folder: Path) -> None:
     """A diffusers SDXL folder whose model_index.json carries MODEL_INDEX_FLAGS."""
+    folder = Path(folder)
     parts.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     index.update(MODEL_INDEX_FLAGS)

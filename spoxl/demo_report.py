@@ -4,7 +4,8 @@
 
 With --eval, renders report.md from the eval.json that `spoxl eval` wrote there (what `make demo`
 does: `spoxl eval` first, then this). Without it, evaluates the run itself (spoxl.evaluation, the
-same code): the run's model with and without its LoRA export on the same held-out seeds, scored by
+same code): the run's model with and without its LoRA export on the same held-out seeds (sampled
+with the run's own steps, CFG and eta), scored by
 the run's preference model at t = 0, on the toy world's held-out captions when the run used a toy
 scorer and on the run's own prompts otherwise. Writes <run>/grid.png (base | tuned blocks, same
 seeds aligned), before.png / after.png, report.json and report.md.
@@ -62,7 +63,7 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
     components = load_sdxl(cfg.model.path)
     torch.manual_seed(0)
     ev = evaluate(components, [("base", None), ("spo", str(lora_file))], prompts, seeds, scorer, steps=m.steps,
-                  cfg_scale=m.cfg_scale, eta=0.0, seed_offset=seed_offset, progress=False, scorer_name=pc.kind)
+                  cfg_scale=m.cfg_scale, eta=m.eta, seed_offset=seed_offset, progress=False, scorer_name=pc.kind)
     data = ev.to_json()
     data["model"] = cfg.model.path
     (run_dir / "eval.json").write_text(json.dumps(data, indent=2) + "\n")

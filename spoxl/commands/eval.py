@@ -71,6 +71,8 @@ def run(args) -> int:
 
     if args.steps < 1:
         raise SpoxlError("--steps must be >= 1")
+    if args.seeds < 1:
+        raise SpoxlError(f"--seeds must be >= 1, got {args.seeds}")
     if args.batch_size < 1:
         raise SpoxlError("--batch-size must be >= 1")
     if args.name and len(args.name) != len(args.lora):

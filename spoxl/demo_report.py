@@ -90,7 +90,13 @@ def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
     m = cfg.method.params
     tuned = data["models"][1]
     lo, hi = tuned["win_rate_ci95"]
-    verdict = "tuned > base" if tuned["diff_mean"] > 0 else "tuned <= base"
+    # Significant at about 95%: the paired difference is more than two standard errors from 0.
+    if tuned["diff_mean"] > 2 * tuned["diff_stderr"]:
+        verdict = "tuned > base"
+    elif tuned["diff_mean"] < -2 * tuned["diff_stderr"]:
+        verdict = "tuned < base"
+    else:
+        verdict = "no significant difference"
     ckpts = sorted(p.name for p in Path(cfg.checkpoint_dir).glob("step_*") if p.is_dir())
     lines = [
         "# SPO demo report",

@@ -1,0 +1,40 @@
+"""report.md's verdict follows the paired figures: significant gain, significant loss, or neither."""
+
+import shutil
+
+import pytest
+
+from spoxl.demo_report import write_report
+from spoxl.errors import SpoxlError
+
+
+def fake_run(tmp_path):
+    shutil.copy("configs/toy_spo.yaml", tmp_path / "config.yaml")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    return tmp_path
+
+
+def data(diff, se):
+    row = {"model": "base", "lora": None, "mean": 50.0, "attributes": {}, "accuracy": {}}
+    tuned = {"model": "spo", "lora": "x", "mean": 50.0 + diff, "base_mean": 50.0, "diff_mean": diff,
+             "diff_stderr": se, "win_rate": 0.6, "win_rate_ci95": [0.5, 0.7], "n": 100, "attributes": {}, "accuracy": {}}
+    return {"prompts": ["p"], "seeds": 4, "seed_offset": 0, "scorer": "fidelity",
+            "sampler": {"steps": 20, "cfg_scale": 5.0, "eta": 0.0}, "models": [row, tuned]}
+
+
+@pytest.mark.parametrize("diff, se, verdict", [(3.0, 1.0, "tuned > base"), (-3.0, 1.0, "tuned < base"),
+                                                (0.5, 1.0, "no significant difference")])
+def test_verdict(tmp_path, diff, se, verdict):
+    run = fake_run(tmp_path)
+    write_report(run, data(diff, se), grid="eval/grid.png")
+    text = (run / "report.md").read_text()
+    assert f"**Result: {verdict}**" in text and "eval/grid.png" in text
+
+
+def test_report_needs_a_tuned_model(tmp_path):
+    run = fake_run(tmp_path)
+    d = data(1.0, 1.0)
+    d["models"] = d["models"][:1]
+    with pytest.raises(SpoxlError, match="no tuned model"):
+        write_report(run, d, grid="g.png")

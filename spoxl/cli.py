@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:  # `spoxl toy captions | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SpoxlError as e:
         print(f"spoxl {name}: error: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,8 @@ does: `spoxl eval` first, then this). Without it, evaluates the run itself (spox
 same code): the run's model with and without its LoRA export on the same held-out seeds (sampled
 with the run's own steps, CFG and eta), scored by
 the run's preference model at t = 0, on the toy world's held-out captions when the run used a toy
-scorer and on the run's own prompts otherwise. Writes <run>/grid.png (base | tuned blocks, same
-seeds aligned), before.png / after.png, report.json and report.md.
+scorer and on the run's own prompts otherwise. Writes <run>/eval.json, grid.png (base | tuned
+blocks, same seeds aligned), before.png / after.png, report.json and report.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _run_files(run_dir: Path):
 
 def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> dict:
     """Evaluate the run (base vs its LoRA) and write the report; returns the tuned row of the summary."""
-    from spoxl.evaluation import evaluate
+    from spoxl.evaluation import evaluate, write_atomic
     from spoxl.imaging import save_grid
     from spoxl.methods.spo import read_prompts
     from spoxl.models.loading import load_sdxl
@@ -66,7 +66,7 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
                   cfg_scale=m.cfg_scale, eta=m.eta, seed_offset=seed_offset, progress=False, scorer_name=pc.kind)
     data = ev.to_json()
     data["model"] = cfg.model.path
-    (run_dir / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(run_dir / "eval.json", json.dumps(data, indent=2) + "\n")
     ev.save_grid(run_dir / "grid.png")
     save_grid(ev.results[0].images, run_dir / "before.png", ncols=seeds)
     save_grid(ev.results[1].images, run_dir / "after.png", ncols=seeds)
@@ -75,12 +75,14 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
 
 def write_report(run_dir: Path, data: dict, grid: str) -> dict:
     """report.md + report.json from an eval.json's content; returns the tuned model's row."""
+    from spoxl.evaluation import write_atomic
+
     cfg, _ = _run_files(run_dir)
     if len(data.get("models", [])) < 2:
         raise SpoxlError("the evaluation has no tuned model to compare with the base")
     tuned = data["models"][1]
-    (run_dir / "report.json").write_text(json.dumps(tuned, indent=2) + "\n")
-    (run_dir / "report.md").write_text(render_markdown(run_dir, cfg, data, grid))
+    write_atomic(run_dir / "report.json", json.dumps(tuned, indent=2) + "\n")
+    write_atomic(run_dir / "report.md", render_markdown(run_dir, cfg, data, grid))
     return tuned
 
 
@@ -159,7 +161,11 @@ def main(argv=None) -> int:
                 raise SpoxlError(f"{eval_file} does not exist (run `spoxl eval --out {args.eval}` first)")
             grid = Path(args.eval) / "grid.png"
             rel = grid.relative_to(run) if grid.is_relative_to(run) else grid.resolve()
-            s = write_report(run, json.loads(eval_file.read_text()), grid=str(rel))
+            try:
+                data = json.loads(eval_file.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SpoxlError(f"{eval_file} is not valid JSON ({e}); rerun spoxl eval") from None
+            s = write_report(run, data, grid=str(rel))
         else:
             s = build_report(run, args.seeds, args.seed_offset)
     except SpoxlError as e:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -133,15 +135,29 @@ class Evaluation:
                 if bi < len(self.results) - 1:
                     tiles.append(torch.ones_like(r.images[0]))  # white spacer column between blocks
         ncols = len(self.results) * s_n + len(self.results) - 1
-        return save_grid(torch.stack(tiles), path, ncols=ncols)
+        path = Path(path)
+        tmp = save_grid(torch.stack(tiles), path.with_name(f".{path.stem}.{os.getpid()}.tmp.png"), ncols=ncols)
+        os.replace(tmp, path)
+        return path
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """Write a file under a temporary name and rename it: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+    os.replace(tmp, path)
+    return path
 
 
 def score_images(scorer, images01: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict, dict]:
     """(scores [N], per-attribute scores, per-attribute right/wrong) of final images in [0, 1]."""
     x = images01 * 2 - 1
     scores = scorer.score(x, prompts, 0).float().cpu()
-    attributes = {k: v.float().cpu() for k, v in scorer.attributes(x, prompts).items()} if hasattr(scorer, "attributes") else {}
-    correct = {k: v.cpu() for k, v in scorer.correct(x, prompts).items()} if hasattr(scorer, "correct") else {}
+    if not getattr(scorer, "reads_captions", False):  # per-attribute figures exist for toy captions only
+        return scores, {}, {}
+    attributes = {k: v.float().cpu() for k, v in scorer.attributes(x, prompts).items()}
+    correct = {k: v.cpu() for k, v in scorer.correct(x, prompts).items()}
     return scores, attributes, correct
 
 

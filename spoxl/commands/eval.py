@@ -65,7 +65,7 @@ def resolve_prompts(spec: str, num: int | None) -> list[str]:
 
 def run(args) -> int:
     from spoxl.errors import SpoxlError
-    from spoxl.evaluation import evaluate
+    from spoxl.evaluation import evaluate, write_atomic
     from spoxl.models.loading import load_sdxl
     from spoxl.models.preference import build_preference_model
 
@@ -88,6 +88,8 @@ def run(args) -> int:
     kwargs = {} if kind in ("clip", "step_aware_clip") else {"scale": args.scorer_scale}
     scorer = build_preference_model(kind, path=args.scorer_path, weights=args.scorer_weights, **kwargs)
     names = args.name or [_default_name(f) for f in args.lora]
+    if len(set(names)) != len(names) or "base" in names:
+        raise SpoxlError(f"model names must be distinct and not 'base' (got {', '.join(names)}); name each --lora with --name")
     models = [("base", None), *zip(names, args.lora)]
     components = load_sdxl(args.model)
     ev = evaluate(components, models, prompts, args.seeds, scorer, steps=args.steps, cfg_scale=args.cfg,
@@ -95,10 +97,10 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = ev.to_json()
     data["model"] = args.model
-    (out / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
     table = ev.table()
-    (out / "table.md").write_text(table + "\n")
     ev.save_grid(out / "grid.png")
+    write_atomic(out / "table.md", table + "\n")
+    write_atomic(out / "eval.json", json.dumps(data, indent=2) + "\n")  # last: its presence means done
     print(table)
     print(f"wrote {out / 'eval.json'}, {out / 'table.md'} and {out / 'grid.png'}")
     return 0

@@ -113,7 +113,10 @@ def run(args) -> int:
     offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
 
     unet_config, unet_source = unet_config_for(cfg, args.unet_config)
-    model_dir = cfg.model.path if Path(cfg.model.path).is_dir() else None
+    from spoxl.models.loading import resolve_model_path
+
+    model_path = resolve_model_path(cfg.model.path)
+    model_dir = model_path if Path(model_path).is_dir() else None
     counts = count_params(unet_config, cfg.lora, model_dir)
     has_reference_copy = (not cfg.lora.enabled) and objective_class(cfg.method.name).needs_reference
     weight_bytes = 4 if cfg.deepspeed.precision == "fp32" else 2

@@ -1,6 +1,6 @@
 """`spoxl toy`: the toy world (spoxl.toy).
 
-    spoxl toy pretrain --out DIR     make the pretrained toy model from nothing (CPU, ~20 min on 2 cores)
+    spoxl toy pretrain --out DIR     make the pretrained toy model from nothing (CPU, ~22 min on 2 cores)
     spoxl toy export DIR             copy the shipped pretrained toy model out as a diffusers folder
     spoxl toy pairs --model toy --n N --scorer fidelity --out pairs.parquet
                                      an offline preference set from the model's own samples

@@ -6,7 +6,8 @@ runs unchanged on a real SDXL checkpoint. `spoxl make-tiny DIR` saves it as a di
 that loads through `spoxl.models.loading.load_sdxl`, the same path a real checkpoint takes.
 
 No model hub is needed: the CLIP tokenizers are built here from a byte-level vocabulary (every
-byte is a token, no merges), which tokenises any prompt deterministically.
+byte is a token, no merges), which tokenises any prompt deterministically. The toy-world model
+(spoxl.toy.model) adds merges for its grammar's words (`tiny_clip_tokenizer(words=...)`).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def generate_pairs(components, scorer, captions: list[str], n: int, *, margin: f
         scores = scorer.score(images * 2 - 1, doubled, 0).float().cpu().view(-1, 2)
         for j, caption in enumerate(chunk):
             s0, s1 = float(scores[j, 0]), float(scores[j, 1])
-            if abs(s0 - s1) < margin:
+            if s0 == s1 or abs(s0 - s1) < margin:  # a tie (also at margin 0)
                 continue
             a, b = (2 * j, 2 * j + 1) if rng.random() < 0.5 else (2 * j + 1, 2 * j)
             sa, sb = float(scores.flatten()[a]), float(scores.flatten()[b])

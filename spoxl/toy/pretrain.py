@@ -37,6 +37,7 @@ DEFAULT_RECIPE = REPO_ROOT / "configs" / "toy_pretrain.yaml"
 # Empty prompts stay EMPTY PROMPTS for CFG: the toy model was trained with "" as its unconditional
 # caption, so it must not be told to use zero embeddings (SDXL base's force_zeros_for_empty_prompt).
 MODEL_INDEX_FLAGS = {"force_zeros_for_empty_prompt": False}
+WORK_MARKER = ".spoxl_toy_pretrain_work"
 
 
 def train_vae(images_uint8: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3,
@@ -109,18 +110,26 @@ def pretrain(out: Path, *, images: int = 8192, vae_steps: int = 2500, unet_steps
              seed: int = 0, recipe: Path = DEFAULT_RECIPE, work: Path | None = None,
              extra_overrides: list[str] = ()) -> dict:
     out = Path(out)
-    if out.exists() and any(p.name != "pretrain.json" for p in out.iterdir()) and not (out / "model_index.json").is_file():
-        raise SpoxlError(f"{out} exists and is neither empty nor a toy model folder; refusing to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise SpoxlError(f"--out {out} is a file, not a folder")
+    # Only an empty folder or an earlier `spoxl toy pretrain` result (it holds pretrain.json) is
+    # replaced: never a user's own model folder.
+    if out.exists() and any(out.iterdir()) and not (out / "pretrain.json").is_file():
+        raise SpoxlError(f"{out} is not empty and is not a folder made by `spoxl toy pretrain`; refusing to overwrite it")
     work = Path(work) if work else out.with_name(out.name + ".work")
     if work.exists():
+        if not (work / WORK_MARKER).is_file():
+            raise SpoxlError(f"{work} exists and was not made by `spoxl toy pretrain`; move it away first")
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / WORK_MARKER).write_text("scratch folder of spoxl toy pretrain; deleted when it finishes\n")
     t0 = time.time()
     cpu0 = _cpu_seconds()
     print(f"rendering {images} training scenes", flush=True)
     pixels, captions = data.render_set(images, seed)
+    t_vae = time.time()
     vae, vae_stats = train_vae(pixels, vae_steps, seed=seed)
-    vae_seconds = time.time() - t0
+    vae_seconds = time.time() - t_vae
     base = work / "base"
     save_folder(build_toy_base(seed, vae), base)
     dataset = data.write_caption_folder(work / "data", pixels, captions)

@@ -87,14 +87,22 @@ class ToyScorer:
         self.kind = kind
         self.scale = float(scale)
 
+    @property
+    def reads_captions(self) -> bool:
+        """Every score but the aesthetic proxy needs toy-world captions."""
+        return self.kind != "aesthetic"
+
     def check_prompts(self, prompts: list[str]) -> None:
         """Fail before any sampling (on every rank alike) if a prompt is not a toy caption."""
-        for p in prompts:
-            world.parse_caption(p)
+        if self.reads_captions:
+            for p in prompts:
+                world.parse_caption(p)
 
     def score(self, images: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor:
         check_inputs(images, prompts)
         as_timesteps(timesteps, images.shape[0], images.device)
+        if not self.reads_captions:  # any prompt will do
+            return self.scale * aesthetic(images)
         return self.scale * self.similarities(images, prompts)[self.kind]
 
     # ---- measurements ------------------------------------------------------------------------
@@ -138,9 +146,7 @@ class ToyScorer:
         out["background"] = 1 - 2 * ((ring - bg[:, :, :, 0]).norm(dim=1) / math.sqrt(3)).mean(1)
 
         out["fidelity"] = torch.stack([out[a] for a in ATTRIBUTES]).mean(0)
-        palette = torch.stack([_rgb(v) for v in (*world.COLOURS.values(), *world.BACKGROUNDS.values())]).to(dev)
-        nearest = (rgb[:, None] - palette[None, :, :, None, None]).norm(dim=2).min(dim=1).values  # [N, R, R]
-        out["aesthetic"] = 1 - 2 * (nearest.flatten(1).mean(1) / AESTHETIC_DISTANCE).clamp(max=1)
+        out["aesthetic"] = aesthetic(images)
         return out
 
     def attributes(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -155,6 +161,15 @@ class ToyScorer:
         pred = classify(images, [s.background for s in scenes])
         return {a: torch.tensor([getattr(p, a) == getattr(s, a) for p, s in zip(pred, scenes)])
                 for a in ("colour", "shape", "position", "size")}
+
+
+def aesthetic(images: torch.Tensor) -> torch.Tensor:
+    """The caption-free aesthetic similarity [N]: 1 - 2 min(1, mean distance of each pixel to the
+    world's nearest palette colour / AESTHETIC_DISTANCE)."""
+    rgb = ((images.detach().float() + 1) / 2).clamp(0, 1)
+    palette = torch.stack([_rgb(v) for v in (*world.COLOURS.values(), *world.BACKGROUNDS.values())]).to(rgb.device)
+    nearest = (rgb[:, None] - palette[None, :, :, None, None]).norm(dim=2).min(dim=1).values  # [N, R, R]
+    return 1 - 2 * (nearest.flatten(1).mean(1) / AESTHETIC_DISTANCE).clamp(max=1)
 
 
 def foreground(rgb: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:

@@ -123,25 +123,22 @@ def parse_caption(caption: str) -> Scene:
                              f"({', '.join(options)}), found {found or 'none'}")
         return found[0]
 
-    background = None
-    for b in BACKGROUNDS:
-        if f"{b} background" in text:
-            background = b
-    if background is None:
-        raise SpoxlError(f"toy caption {caption!r} names no background ({' / '.join(f'{b} background' for b in BACKGROUNDS)})")
+    backgrounds = [b for b in BACKGROUNDS if f"{b} background" in text]
+    if len(backgrounds) != 1:
+        raise SpoxlError(f"toy caption {caption!r} must name exactly one background "
+                         f"({' / '.join(f'{b} background' for b in BACKGROUNDS)}), found {backgrounds or 'none'}")
+    background = backgrounds[0]
     # The background's colour word is not the object's colour: drop "<bg> background" first.
     object_words = text.replace(f"{background} background", "").split()
     colours = [c for c in COLOURS if c in object_words]
     if len(colours) != 1:
         raise SpoxlError(f"toy caption {caption!r} must name exactly one object colour "
                          f"({', '.join(COLOURS)}), found {colours or 'none'}")
-    position = None
-    for p in POSITIONS:  # "top left" etc. before the single word "center"
-        if p in text:
-            position = p
-            break
-    if position is None:
-        raise SpoxlError(f"toy caption {caption!r} names no position ({', '.join(POSITIONS)})")
+    positions = [p for p in POSITIONS if p in text]
+    if len(positions) != 1:
+        raise SpoxlError(f"toy caption {caption!r} must name exactly one position "
+                         f"({', '.join(POSITIONS)}), found {positions or 'none'}")
+    position = positions[0]
     return Scene(colours[0], one("shape", SHAPES), position, one("size", SIZES), background)
 
 

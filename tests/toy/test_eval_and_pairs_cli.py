@@ -16,17 +16,30 @@ from spoxl.toy.scorers import ToyScorer
 FAST = ["--steps", "4", "--num-prompts", "3", "--seeds", "2"]
 
 
-@pytest.fixture(scope="module")
-def identity_lora(tmp_path_factory):
-    """A LoRA whose B matrices are zero: the tuned model IS the base (every item ties)."""
+def make_lora(out, b_std: float):
+    """A LoRA on the toy UNet; b_std 0 keeps peft's zero B matrices (the tuned model IS the base)."""
     import peft
     from spoxl.engine.export import export_lora
 
     unet = load_sdxl("toy").unet
     unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=True, target_modules=["to_q", "to_v"]))
-    out = tmp_path_factory.mktemp("lora")
+    if b_std:
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=b_std, generator=torch.Generator().manual_seed(0))
     export_lora(unet, out, formats=("diffusers",))
     return out / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def identity_lora(tmp_path_factory):
+    return make_lora(tmp_path_factory.mktemp("lora0"), 0.0)
+
+
+@pytest.fixture(scope="module")
+def moved_lora(tmp_path_factory):
+    return make_lora(tmp_path_factory.mktemp("lora1"), 0.5)
 
 
 def test_eval_table_json_and_grid(tmp_path, identity_lora, capsys):
@@ -45,6 +58,15 @@ def test_eval_table_json_and_grid(tmp_path, identity_lora, capsys):
     assert "win rate" in printed and "| same |" in printed
 
 
+def test_eval_applies_each_lora_to_its_own_copy(tmp_path, identity_lora, moved_lora):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "toy", "--lora", str(moved_lora), "--lora", str(identity_lora),
+                 "--name", "moved", "--name", "same", *FAST, "--out", str(out)]) == 0
+    base, moved, same = json.loads((out / "eval.json").read_text())["models"]
+    assert moved["diff_mean"] != 0 and moved["diff_stderr"] > 0  # the LoRA changed the images
+    assert same["diff_mean"] == 0  # ... and did not leak into the next model's (clean) copy
+
+
 def test_eval_bad_inputs_are_one_line_errors(tmp_path, capsys):
     for args, message in [
         (["--lora", str(tmp_path / "missing.safetensors")], "does not exist"),
@@ -52,6 +74,8 @@ def test_eval_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["--scorer", "nope"], "unknown preference model"),
         (["--prompts", str(tmp_path / "none.txt")], "none.txt"),
         (["--name", "x"], "--name"),
+        (["--lora", __file__, "--lora", __file__, "--name", "a", "--name", "a"], "distinct"),
+        (["--lora", __file__, "--name", "base"], "distinct"),
     ]:
         assert main(["eval", "--steps", "2", "--num-prompts", "1", *args, "--out", str(tmp_path / "o")]) == 2, args
         err = capsys.readouterr().err.strip()

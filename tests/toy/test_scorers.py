@@ -112,7 +112,7 @@ def test_registered_as_preference_models_with_the_one_interface():
         assert name in SCORERS
         m = build_preference_model(name, scale=50.0)
         assert m.input == "images" and m.scale == 50.0
-    with pytest.raises(SpoxlError, match="names no background"):
+    with pytest.raises(SpoxlError, match="exactly one background"):
         build_preference_model("fidelity").check_prompts(["a red circle"])
     with pytest.raises(SpoxlError, match="timesteps"):
         ToyScorer().score(torch.zeros(2, 3, 64, 64), ["a small red circle in the center on a black background"] * 2,

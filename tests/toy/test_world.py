@@ -12,13 +12,27 @@ from spoxl.toy import world
 def test_split_holds_out_combinations_whose_parts_were_all_seen():
     train = {s.triple for s in world.train_scenes()}
     held = {s.triple for s in world.held_out_scenes()}
-    assert held == set(world.HELD_OUT_TRIPLES) and not (train & held)
     assert len(held) == 18 and len(train) == 72  # 20% of the 90 (colour, shape, position) triples
     for i, j in itertools.combinations(range(3), 2):  # every attribute pair of a held-out triple was seen
         seen = {(t[i], t[j]) for t in train}
         assert all((t[i], t[j]) in seen for t in held)
     # every size and background appears with every held-out triple
     assert len(world.held_out_scenes()) == 18 * len(world.SIZES) * len(world.BACKGROUNDS)
+
+
+def test_no_held_out_caption_reaches_pretraining_or_the_spo_prompts():
+    from pathlib import Path
+
+    from spoxl.toy.data import render_set
+
+    held = set(world.held_out_captions())
+    _, pretraining = render_set(600, seed=0)
+    train = {s.caption() for s in world.train_scenes()}
+    assert not held & set(pretraining) and set(pretraining) - {""} <= train
+    assert len(set(pretraining) - {""}) > 0.95 * len(train)  # (a few drew the empty caption twice)
+    prompt_file = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "toy_train.txt"
+    spo_prompts = prompt_file.read_text().splitlines()
+    assert spo_prompts == [s.caption() for s in world.train_scenes()] and not held & set(spo_prompts)
 
 
 def test_every_caption_parses_back_to_its_scene():
@@ -40,6 +54,8 @@ def test_caption_examples():
     ("a small red circle on a black background", "position"),
     ("a red circle at the top left on a black background", "size"),
     ("a small red circle at the top left", "background"),
+    ("a small red circle at the top left in the center on a black background", "position"),
+    ("a small red circle at the top left on a black background on a white background", "background"),
 ])
 def test_bad_captions_are_one_line_errors(caption, missing):
     with pytest.raises(SpoxlError, match=missing) as e:

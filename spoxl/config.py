@@ -54,6 +54,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # this many NaN/inf steps in a row abort the run
     dist_timeout_minutes: int = 30  # process-group timeout (collectives that hang this long fail)
+    # Wall-clock budget of the training loop (setup excluded): the run stops after the optimizer step
+    # that crosses it, then saves and exports as usual. None: only max_steps ends the run.
+    max_minutes: Optional[float] = None
 
 
 @dataclass
@@ -333,6 +336,8 @@ def validate(cfg: Config) -> None:
             raise SpoxlError(f"config: {key} must be >= 0, got {value}")
     if cfg.train.lr <= 0:
         raise SpoxlError(f"config: train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.train.max_minutes is not None and not (0 < cfg.train.max_minutes < float("inf")):
+        raise SpoxlError(f"config: train.max_minutes must be a number > 0 (or null), got {cfg.train.max_minutes}")
     if len(cfg.optim.betas) != 2:
         raise SpoxlError(f"config: optim.betas must be two numbers, got {cfg.optim.betas}")
     if cfg.lora.enabled and not cfg.lora.target_modules:

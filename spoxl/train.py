@@ -97,12 +97,27 @@ def run(args) -> int:
             formats = cfg.export.formats or (("diffusers", "kohya") if cfg.lora.enabled else ("unet",))
             paths = export_all(ctx.engine, out / "export", formats=tuple(formats), ema=ema)
             logger.info("exported " + ", ".join(str(p) for p in paths.values()))
+        if ctx.rank == 0:
+            write_summary(out, cfg, last, ctx.global_step)
         logger.hparams(flatten(cfg.to_dict()), {k.split("/")[-1]: v for k, v in last.items()
                                                  if k in ("train/loss", "train/grad_norm")})
         logger.info(f"done: {ctx.global_step} steps, run dir {out}")
     finally:
         logger.close()
     return 0
+
+
+def write_summary(out: Path, cfg, last: dict, global_step: int) -> None:
+    """<run>/summary.json: what the run cost and where it ended (read by benchmarks/alignment.py)."""
+    import json
+
+    from spoxl.evaluation import write_atomic
+
+    keys = ("train/steps", "train/seconds", "train/unet_samples", "memory/peak_rss_mib", "memory/cuda_peak_mib",
+            "train/loss", "train/nonfinite_steps")
+    summary = {"method": cfg.method.name, "global_step": global_step,
+               **{k.split("/")[-1]: last[k] for k in keys if k in last}}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,11 @@
         a non-finite loss or gradient norm: DeepSpeed skipped the update; count it, and after
             train.max_nonfinite_steps in a row save the last good state and abort
         log scalars, sample a grid now and then, checkpoint every N steps
+        train.max_minutes passed (on any rank): stop before the next step
+
+Returns the last logged scalars plus what the run cost: optimizer steps, loop seconds, latent rows
+through the UNet on all ranks (policy, reference, sampling: the compute measure of
+benchmarks/alignment.py) and the peak memory of the busiest rank.
 
 Every rank runs every line (ZeRO-3 needs every rank in every forward); only rank 0 writes logs.
 """
@@ -23,6 +28,9 @@ from spoxl.engine import checkpoint
 from spoxl.engine.logging import memory_stats
 from spoxl.engine.zero_utils import raise_on_every_rank
 from spoxl.errors import SpoxlError
+
+
+_clock = time.perf_counter  # the train.max_minutes clock (tests replace it)
 
 
 class NonFiniteAbort(SpoxlError):
@@ -51,6 +59,47 @@ def _next_batch(batches):
     return batch
 
 
+def _all_ranks(value: float, op) -> float:
+    """`value` reduced over ranks with `op` (a collective: all ranks must call it)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+class UNetSampleCounter:
+    """Counts latent rows through the UNet(s) of a run. A forward pre-hook on each diffusers UNet
+    (the trained one, which LoRA reference passes and SPO's sampling also reach, and a frozen
+    full-fine-tuning reference): every denoiser evaluation, whatever called it, is counted once
+    per sample. (NCP's frozen encoder copy is a part of a UNet and is not counted.)"""
+
+    def __init__(self, *unets):
+        self.count = 0
+        self.handles = [u.register_forward_pre_hook(self._hook, with_kwargs=True) for u in unets if u is not None]
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None:
+            self.count += int(sample.shape[0])
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (MiB) and, on CUDA, the peak allocated since the last reset."""
+    import resource
+
+    peak = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if device.type == "cuda":
+        peak["memory/cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 def _mean_metrics(acc: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in acc[0]:
@@ -74,7 +123,15 @@ def train(ctx, objective, logger) -> dict:
     nonfinite_total = 0
     last: dict[str, float] = {}
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
+    frozen_copy = getattr(ctx.reference_engine, "module", ctx.reference_engine)  # a DeepSpeed engine under ZeRO-3
+    counter = UNetSampleCounter(engine.module, frozen_copy)
+    loop_started, steps_at_start, cuda_peak = _clock(), ctx.global_step, 0.0
+    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
     while ctx.global_step < cfg.train.max_steps:
+        # Every rank decides together (clocks differ a little): one rank leaving early would hang the rest.
+        if budget_s is not None and _any_rank(_clock() - loop_started >= budget_s):
+            logger.info(f"train.max_minutes={cfg.train.max_minutes:g} reached after step {ctx.global_step}: stopping")
+            break
         started = time.perf_counter()
         metrics, losses, bad_loss = [], [], False
         skipped_before = engine.skipped_steps
@@ -136,6 +193,7 @@ def train(ctx, objective, logger) -> dict:
                 **{f"train/{k}": v for k, v in _mean_metrics(metrics).items()},
                 **memory_stats(ctx.device),
             }
+            cuda_peak = max(cuda_peak, last.get("memory/cuda_peak_mib", 0.0))
             logger.scalars(last, ctx.global_step)
             logger.info(f"step {ctx.global_step}/{cfg.train.max_steps} loss {last['train/loss']:.5f} "
                         f"lr {last['train/lr']:.3g} grad_norm {grad_norm:.4g} {step_time:.2f}s/step")
@@ -150,11 +208,18 @@ def train(ctx, objective, logger) -> dict:
 
     if progress is not None:
         progress.close()
+    counter.close()
+    cost = {"train/steps": ctx.global_step - steps_at_start, "train/seconds": _clock() - loop_started,
+            "train/unet_samples": _all_ranks(counter.count, dist.ReduceOp.SUM)}
+    for key, value in _peak_memory_mib(ctx.device).items():
+        cost[key] = _all_ranks(max(value, cuda_peak) if "cuda" in key else value,
+                               dist.ReduceOp.MAX)
     # Decided from in-memory state, identical on every rank (ranks of a multi-node job may not
     # share a filesystem view, and a save is collective).
     if cfg.checkpoint.save_final and ctx.last_checkpoint_step != ctx.global_step:
         checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
     last["train/nonfinite_steps"] = nonfinite_total
+    last.update(cost)
     return last
 
 

@@ -189,3 +189,31 @@ def test_sft_with_latent_cache_trains_and_fills_the_cache(tmp_path):
     start = fixed_loss(ctx, obj)
     loop.train(ctx, obj, ctx.logger)
     assert fixed_loss(ctx, obj) < start
+
+
+def test_max_minutes_stops_the_loop_and_the_cost_is_counted(tmp_path, monkeypatch):
+    # A fake clock that advances 25 s per reading (one at the start, one before each step): a
+    # 1-minute budget admits steps at 25 s and 50 s, then stops at 75 s.
+    clock = iter(range(0, 10_000, 25))
+    monkeypatch.setattr(loop, "_clock", lambda: float(next(clock)))
+    ctx, obj = make(tmp_path, ["train.max_steps=50", "train.max_minutes=1"])
+    last = loop.train(ctx, obj, ctx.logger)
+    assert ctx.global_step == 2 and last["train/steps"] == 2
+    # SFT: one UNet call per micro-batch of 2 latents, nothing else (no reference, no sampling).
+    assert last["train/unet_samples"] == 2 * ctx.global_step
+    assert last["memory/peak_rss_mib"] > 100
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_unet_samples_count_the_reference_whether_adapters_off_or_a_frozen_copy(tmp_path, lora):
+    from spoxl.methods.diffusion_dpo import DiffusionDPOObjective
+
+    ctx, obj = make(tmp_path, [f"lora.enabled={str(lora).lower()}", "train.max_steps=2", "method.name=dpo"],
+                    DiffusionDPOObjective)
+    last = loop.train(ctx, obj, ctx.logger)
+    assert last["train/unet_samples"] == 2 * 2 * 4  # 2 steps x (policy + reference) x [2 winners; 2 losers]
+
+
+def test_max_minutes_must_be_positive(tmp_path):
+    with pytest.raises(SpoxlError, match="train.max_minutes must be a number > 0"):
+        make(tmp_path, ["train.max_minutes=0"])

@@ -9,9 +9,13 @@ requirements = [
     if line.strip() and not line.startswith("#")
 ]
 
+# One version, in spoxl/__init__.py (`spoxl --version` prints it).
+version = next(line.split('"')[1] for line in (here / "spoxl" / "__init__.py").read_text().splitlines()
+               if line.startswith("__version__"))
+
 setup(
     name="spoxl",
-    version="0.1.0",
+    version=version,
     description="Preference fine-tuning (SPO, Diffusion-DPO, MaPO, NCP) of SDXL with DeepSpeed ZeRO and Triton kernels",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",

@@ -26,7 +26,10 @@ COMMANDS = {
 
 
 def build_parser(available=None) -> argparse.ArgumentParser:
+    from spoxl import __version__
+
     parser = argparse.ArgumentParser(prog="spoxl", description="Preference fine-tuning of SDXL at cluster scale.")
+    parser.add_argument("--version", action="version", version=f"spoxl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if available is not None and name not in available:
@@ -37,8 +40,10 @@ def build_parser(available=None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
         parser = build_parser()
+        if argv and argv[0] == "--version":
+            parser.parse_args(argv[:1])  # prints "spoxl X.Y.Z" and exits 0
         if argv and argv[0] not in ("-h", "--help"):
             parser.error(f"unknown command {argv[0]!r}")
         parser.print_help()

@@ -10,6 +10,7 @@ declares (`Objective.Config`, see spoxl.methods.base).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ class ModelConfig:
     unet_file: Optional[str] = None  # single-file .safetensors replacing the UNet weights
     vae_file: Optional[str] = None
     prediction_type: Optional[str] = None  # None: the scheduler's (epsilon for SDXL base)
+    # Weight files to load ("fp16": *.fp16.safetensors). None: the plain weights, or a part's only
+    # variant when it has no plain ones (SDXL folders downloaded with only fp16 files load as they are).
+    variant: Optional[str] = None
 
 
 @dataclass
@@ -100,6 +104,11 @@ class DataConfig:
     resolution: int = 64
     image_column: Optional[str] = None  # None: the first of image / image_path / file_name / jpg
     caption_column: Optional[str] = None  # None: the first of caption / text / prompt
+    # Preference pairs (DPO / MaPO / NCP): Pick-a-Pic's column names, and what a tie (label 0.5) does.
+    image_0_column: str = "jpg_0"
+    image_1_column: str = "jpg_1"
+    label_column: str = "label_0"  # P(image 0 preferred): 1, 0, or 0.5 for a tie
+    ties: Literal["drop", "keep"] = "drop"  # keep: image 0 as the winner, flagged tie (NCP's official loader)
     crop: Literal["center", "random"] = "center"
     hflip: bool = False
     cache_dir: Optional[str] = None  # VAE latents + text embeddings cached here
@@ -119,6 +128,7 @@ class EMAConfig:
 class ExportConfig:
     at_end: bool = True  # write <output_dir>/export when training finishes
     formats: Optional[list[str]] = None  # None: diffusers + kohya for LoRA, unet for full fine-tuning
+    lora_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # of the LoRA files (UI LoRAs are usually fp16)
 
 
 @dataclass
@@ -213,6 +223,8 @@ def _coerce(value, tp, where: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpoxlError(f"config: {where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: never a meaningful setting
+            raise SpoxlError(f"config: {where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -270,25 +282,62 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _strict_loader():
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one
+    silently: a second `train:` section would replace the first without a word)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpoxlError(f"{key!r} is written twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
 def read_yaml(path) -> dict:
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise SpoxlError(f"config file {path} does not exist")
+        raise SpoxlError(f"config file {path} does not exist" if not path.exists() else f"config file {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpoxlError(f"config file {path} is not UTF-8 text (a binary file?)") from None
+    except OSError as e:
+        raise SpoxlError(f"config file {path} cannot be read: {e.strerror}") from None
+    if not text.strip():
+        raise SpoxlError(f"config file {path} is empty")
+    try:
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+    except SpoxlError as e:
+        raise SpoxlError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise SpoxlError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
-        return {}
+        raise SpoxlError(f"config file {path} holds no settings (only comments?)")
     if not isinstance(data, dict):
-        raise SpoxlError(f"config file {path} must hold a mapping of sections")
+        raise SpoxlError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for section, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise SpoxlError(f"config file {path}: section {section!r} must be a mapping of settings, got {value!r}")
     return data
 
 
 def config_from_dict(data: dict) -> Config:
     data = dict(data)
+    for section, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise SpoxlError(f"config: section {section!r} must be a mapping of settings, got {value!r}")
     method = dict(data.pop("method", None) or {})
     cfg = build_dataclass(Config, data)
     name = method.pop("name", "sft")
@@ -340,6 +389,12 @@ def validate(cfg: Config) -> None:
         raise SpoxlError(f"config: train.max_minutes must be a number > 0 (or null), got {cfg.train.max_minutes}")
     if len(cfg.optim.betas) != 2:
         raise SpoxlError(f"config: optim.betas must be two numbers, got {cfg.optim.betas}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise SpoxlError(f"config: optim.betas must each be in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.eps <= 0:
+        raise SpoxlError(f"config: optim.eps must be > 0, got {cfg.optim.eps}")
+    if cfg.logging.sample_steps <= 0:
+        raise SpoxlError(f"config: logging.sample_steps must be > 0, got {cfg.logging.sample_steps}")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise SpoxlError("config: lora.target_modules is empty")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):

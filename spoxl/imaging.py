@@ -99,7 +99,14 @@ def save_grid(images: torch.Tensor, path, ncols: int | None = None) -> Path:
 
     grid = make_grid(images, ncols)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    from spoxl.errors import SpoxlError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        Image.fromarray(arr).save(tmp)
+        tmp.replace(path)
+    except OSError as e:  # a parent that is a file, a name the filesystem refuses, a full disk
+        raise SpoxlError(f"cannot write {path}: {e.strerror or e}") from None
     return path

@@ -38,11 +38,32 @@ def check_recipe(config_path, overrides, world_size: int | None):
     from spoxl.methods.base import objective_class
 
     cfg = load_config(config_path, overrides)
+    check_output_dir(cfg.run.output_dir)
     if world_size is not None:  # unknown before launch on multi-node runs: the ranks check it then
         build_ds_config(cfg, world_size, on_cpu=use_cpu())
     objective = objective_class(cfg.method.name)(cfg.method.params)
     objective.check(cfg)
     return cfg, objective
+
+
+def check_output_dir(output_dir) -> None:
+    """One line, before any rank starts, when run.output_dir cannot be a folder: a path under a
+    regular file, a component the filesystem refuses (too long, a NUL byte), or no write access."""
+    from spoxl.errors import SpoxlError
+
+    path = Path(output_dir).expanduser()
+    if "\0" in str(path):
+        raise SpoxlError(f"run.output_dir {str(path)!r} contains a NUL byte")
+    for part in path.parts:
+        if len(part.encode()) > 255:
+            raise SpoxlError(f"run.output_dir has a path component longer than 255 bytes: {part[:40]}...")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise SpoxlError(f"run.output_dir {path} cannot be created: {existing} is a file")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise SpoxlError(f"run.output_dir {path} cannot be created: no write access to {existing}")
 
 
 def refuse_to_overwrite(cfg) -> None:
@@ -75,7 +96,9 @@ def run(args) -> int:
     ctx.logger = logger
     try:
         if ctx.rank == 0:
-            (out / "config.yaml").write_text(dump_yaml(cfg))
+            from spoxl.evaluation import write_atomic
+
+            write_atomic(out / "config.yaml", dump_yaml(cfg))
         logger.info(f"method {cfg.method.name}, {'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, "
                     f"{ctx.world_size} rank(s), {cfg.deepspeed.config} ({cfg.deepspeed.precision}), "
                     f"device {ctx.device}")
@@ -95,7 +118,8 @@ def run(args) -> int:
             from spoxl.engine.export import export_all
 
             formats = cfg.export.formats or (("diffusers", "kohya") if cfg.lora.enabled else ("unet",))
-            paths = export_all(ctx.engine, out / "export", formats=tuple(formats), ema=ema)
+            paths = export_all(ctx.engine, out / "export", formats=tuple(formats), ema=ema,
+                               lora_dtype=cfg.export.lora_dtype)
             logger.info("exported " + ", ".join(str(p) for p in paths.values()))
         if ctx.rank == 0:
             write_summary(out, cfg, last, ctx.global_step)
@@ -141,12 +165,32 @@ def _run_reporting_errors(args) -> int:
     try:
         return run(args)
     except SpoxlError as e:
+        from spoxl.cluster.watchdog import note_error
+
         rank = os.environ.get("RANK", "0")
-        # Every rank hits the same config/data error; print it once.
-        if rank == "0":
-            print(f"spoxl train: error: {e}", file=sys.stderr, flush=True)
+        note_error(str(e))  # the watchdog's job-wide failure line carries it, whichever rank failed first
+        # Usually every rank hits the same config/data error: rank 0 prints it; another rank prints
+        # its own only when rank 0 has not failed (yet): an error found on rank 1 alone is never lost.
+        if rank == "0" or not _rank0_failed():
+            print(f"spoxl train: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
         # No destroy_process_group here: with a peer already gone it can block; exiting is enough.
         return 2
+
+
+def _rank0_failed() -> bool:
+    """Whether rank 0 already recorded a failure in the job's watchdog store (False when unknown)."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        store = distributed_c10d._get_default_store()
+        from spoxl.cluster.watchdog import _FAILED
+
+        return store.check([_FAILED]) and store.get(_FAILED).decode().startswith("rank 0 ")
+    except Exception:
+        return False
 
 
 def _shutdown() -> None:

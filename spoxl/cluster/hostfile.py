@@ -50,7 +50,11 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     path = Path(path)
     if not path.is_file():
         raise SpoxlError(f"hostfile {str(path)!r} does not exist")
-    return parse_hostfile_text(path.read_text(), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpoxlError(f"hostfile {str(path)!r} is not UTF-8 text (a binary file?)") from None
+    return parse_hostfile_text(text, source=str(path))
 
 
 def world_size(hosts: list[Host]) -> int:

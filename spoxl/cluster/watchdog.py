@@ -212,10 +212,11 @@ class Watchdog:
 
     def on_exit_status(self, code) -> None:
         """This rank is exiting with a non-zero status without an exception (e.g. a one-line
-        user error it printed itself): record it as the job's failure."""
+        user error it printed itself): record it, with that error (note_error), as the job's failure."""
         self._stop.set()
         me = f"rank {self.rank} ({self.describe(self.rank)})"
-        self._record(me, f"exited with status {code}")
+        reason = getattr(_last_error, "message", None)
+        self._record(me, f"exited with status {code}" + (f": {reason}" if reason else ""))
 
     def _record(self, me: str, what: str) -> None:
         try:
@@ -297,6 +298,14 @@ class _Starter:
 
 
 _active = threading.local()
+_last_error = threading.local()
+
+
+def note_error(message: str) -> None:
+    """The one-line error this rank is about to exit with: the watchdog's failure record (the
+    line every rank of the job prints) then names the reason, not only the exit status, whichever
+    rank failed first."""
+    _last_error.message = " ".join(str(message).split())[:500]
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="toy", help='"toy", "tiny" or a local diffusers SDXL folder (default toy)')
+    p.add_argument("--variant", default=None, help='weight files to load, e.g. "fp16" for *.fp16.safetensors '
+                   '(default: the plain weights, or the only variant a folder has)')
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a tuned model as a LoRA .safetensors (repeatable; each is compared to the base)")
     p.add_argument("--name", action="append", default=[], metavar="NAME",
@@ -91,7 +93,7 @@ def run(args) -> int:
     if len(set(names)) != len(names) or "base" in names:
         raise SpoxlError(f"model names must be distinct and not 'base' (got {', '.join(names)}); name each --lora with --name")
     models = [("base", None), *zip(names, args.lora)]
-    components = load_sdxl(args.model)
+    components = load_sdxl(args.model, variant=args.variant)
     ev = evaluate(components, models, prompts, args.seeds, scorer, steps=args.steps, cfg_scale=args.cfg,
                   eta=args.eta, seed_offset=args.seed_offset, batch_size=args.batch_size, scorer_name=kind)
     out.mkdir(parents=True, exist_ok=True)

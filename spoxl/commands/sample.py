@@ -6,6 +6,8 @@ from __future__ import annotations
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny", help='"tiny", "toy" (the pretrained toy-world model) or a local diffusers SDXL folder (default tiny)')
+    p.add_argument("--variant", default=None, help='weight files to load, e.g. "fp16" for *.fp16.safetensors '
+                   '(default: the plain weights, or the only variant a folder has)')
     p.add_argument("--unet-file", default=None, help="single-file UNet .safetensors replacing the folder's UNet")
     p.add_argument("--vae-file", default=None, help="single-file VAE .safetensors replacing the folder's VAE")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -51,7 +53,8 @@ def run(args) -> int:
     prompts = read_prompts(args.prompt, args.prompts)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    components = load_sdxl(args.model, unet_file=args.unet_file, vae_file=args.vae_file, dtype=dtype)
+    components = load_sdxl(args.model, unet_file=args.unet_file, vae_file=args.vae_file, dtype=dtype,
+                           variant=args.variant)
     if args.lora:
         load_lora_into_unet(components.unet, args.lora)
     components.to(device)

@@ -66,6 +66,10 @@ def run(args) -> int:
 
     # One-line errors before any rank starts. The world size is known for a local run only;
     # with a hostfile the ranks re-check at their real world size.
+    if args.hostfile:  # a malformed hostfile would otherwise surface as the launcher's traceback
+        from spoxl.cluster.hostfile import parse_hostfile
+
+        parse_hostfile(args.hostfile)
     world = args.num_gpus if (args.num_gpus and not args.hostfile) else (1 if _no_gpu() and not args.hostfile else None)
     check_recipe(args.config, args.overrides, world)
     cmd = launcher_command(args)

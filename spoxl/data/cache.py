@@ -159,14 +159,19 @@ class CachedDataset(Dataset):
         """Encode every missing entry of this rank's share; returns how many were encoded."""
         from spoxl.engine.zero_utils import barrier
 
+        from tqdm.auto import tqdm
+
         mine = [i for i in range(rank, len(self), world_size) if not self.entry_path(i).is_file()]
         done = 0
+        # A bar on the calling rank while anything is missing (the first run over a large set takes minutes).
+        bar = tqdm(total=len(mine), desc=f"latent cache (rank {rank})", unit="item",
+                   disable=not progress or not mine, dynamic_ncols=True)
         for start in range(0, len(mine), self.batch_size):
             chunk = mine[start : start + self.batch_size]
             self._encode_and_store(chunk)
             done += len(chunk)
-            if progress:
-                print(f"cache {self.root}: encoded {done}/{len(mine)}", flush=True)
+            bar.update(len(chunk))
+        bar.close()
         barrier()  # other ranks read this rank's entries next
         return done
 

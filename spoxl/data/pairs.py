@@ -8,7 +8,10 @@ API
                  "time_ids": [6] float32, "original_size", "crop_top_left", "tie": bool, "index": i}
   dataset.set_epoch(e); dataset.cache_key(i) -> str; len(dataset) counts kept rows only
 
-`path` is a .jsonl or .parquet file; jpg_0/jpg_1 hold paths (relative to the file) or bytes.
+`path` is a .jsonl or .parquet file, a folder of .parquet shards or a glob of them (Pick-a-Pic v2 as
+published; read by row group on demand, spoxl.data.tables); jpg_0/jpg_1 hold paths (relative to
+the file) or bytes. Rows whose `are_different` or `has_label` column (when present) is false are
+dropped, as Pick-a-Pic's own loaders do.
 label_0 is the probability that image 0 is preferred: 1 -> image 0 wins, 0 -> image 1 wins,
 anything else (0.5) is a tie. Ties are dropped by default (Diffusion-DPO, MaPO); with
 drop_ties=False a tie keeps image 0 as "w" and sets tie=True.
@@ -31,6 +34,9 @@ from torch.utils.data import Dataset
 from spoxl.data.images import Augment, item_generator, open_image, sdxl_time_ids, source_identity
 from spoxl.data.tables import Table, resolve_image
 from spoxl.errors import SpoxlError
+
+
+FLAG_COLUMNS = ("are_different", "has_label")
 
 
 def _label(value, path: Path, row: int) -> float:
@@ -64,14 +70,18 @@ class PreferencePairDataset(Dataset):
         self.epoch = 0
         self.joint_flip = bool(joint_flip)
         self.columns = (image_0_column, image_1_column, label_column, caption_column)
-        if self.path.is_dir():
-            raise SpoxlError(f"preference dataset {self.path} must be a .jsonl or .parquet file, not a folder")
-        self.table = Table.open(self.path, list(self.columns))
+        if self.path.is_dir() and not any(self.path.glob("*.parquet")):
+            raise SpoxlError(f"preference dataset {self.path} is a folder without .parquet shards")
+        self.table = Table.open(str(path), list(self.columns), optional=FLAG_COLUMNS)
         labels = [_label(v, self.path, i) for i, v in enumerate(self.table.column(label_column))]
         self._labels = labels
-        self._rows = [i for i, lab in enumerate(labels) if not (drop_ties and lab not in (0.0, 1.0))]
+        usable = [True] * len(labels)
+        for flag in FLAG_COLUMNS:  # Pick-a-Pic: are_different=False (identical images), has_label=False
+            if flag in self.table.columns:
+                usable = [u and v is not False for u, v in zip(usable, self.table.column(flag))]
+        self._rows = [i for i, lab in enumerate(labels) if usable[i] and not (drop_ties and lab not in (0.0, 1.0))]
         if not self._rows:
-            raise SpoxlError(f"dataset {self.path} has no usable pairs ({len(labels)} rows, all ties)")
+            raise SpoxlError(f"dataset {self.path} has no usable pairs ({len(labels)} rows: ties, unlabelled or identical)")
 
     def __len__(self) -> int:
         return len(self._rows)

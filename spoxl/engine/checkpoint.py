@@ -7,11 +7,14 @@ Layout of <checkpoint dir>:
                           is written by rank 0 only under ZeRO-1/2, so it cannot hold per-rank RNG
     spoxl_complete        written by rank 0 after EVERY rank finished writing (after a barrier)
   latest_spoxl            the tag of the newest COMPLETE checkpoint, replaced atomically (os.replace)
+  latest                  DeepSpeed's own pointer, the same tag, written the same way at the same moment,
+                          so DeepSpeed's tools (the zero_to_fp32.py copied into every checkpoint,
+                          load_checkpoint without a tag) work without --tag
 
 A SIGKILL during a save leaves a tag folder without `spoxl_complete` and `latest_spoxl` still
 naming the previous checkpoint; the partial folder is ignored and deleted by the next save.
-DeepSpeed's own `latest` file is not written (save_latest=False) because it would be updated
-before the other ranks finish.
+DeepSpeed's own `latest` is not written by save_checkpoint (save_latest=False) because DeepSpeed
+would update it before the other ranks finish; spoxl writes it after the checkpoint is complete.
 
 Universal checkpoints (resume on a different number of ranks): `to_universal(dir)` runs
 DeepSpeed's ds_to_universal on the latest tag into <tag>_universal; resuming with
@@ -34,7 +37,9 @@ import torch
 from spoxl.errors import SpoxlError
 
 LATEST = "latest_spoxl"
+DEEPSPEED_LATEST = "latest"
 COMPLETE = "spoxl_complete"
+ABORTED_PREFIX = "aborted_"  # aborted_step_N: the state at a NaN abort, kept for inspection only
 UNIVERSAL_SUFFIX = "_universal"
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -119,14 +124,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new tag, never half
 
 
+def _point_latest(ckpt_dir: Path, tag: str) -> None:
+    """spoxl's pointer and DeepSpeed's `latest`, both atomically, spoxl's first (it is the one resume reads)."""
+    _write_atomic(ckpt_dir / LATEST, tag)
+    _write_atomic(ckpt_dir / DEEPSPEED_LATEST, tag)
+
+
 # ---------------------------------------------------------------------------------------------
 # Save / load
 
 
-def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
-    """Collective: every rank must call it at the same step."""
+def save(ctx, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, publish: bool = True) -> str:
+    """Collective: every rank must call it at the same step.
+
+    publish=False (with its own `tag`, e.g. aborted_step_N) writes a complete checkpoint that is not
+    a resume point: `latest` keeps naming the previous one, nothing is pruned."""
     ckpt_dir = Path(ckpt_dir)
-    tag = tag_for(ctx.global_step)
+    tag = tag or tag_for(ctx.global_step)
     if ctx.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt_dir / tag
@@ -135,9 +149,10 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
                 # Never let `latest` name a folder being rewritten: point it at the previous one.
                 older = [t for t in complete_tags(ckpt_dir) if t < tag]
                 if older:
-                    _write_atomic(ckpt_dir / LATEST, older[-1])
+                    _point_latest(ckpt_dir, older[-1])
                 else:
                     (ckpt_dir / LATEST).unlink(missing_ok=True)
+                    (ckpt_dir / DEEPSPEED_LATEST).unlink(missing_ok=True)
             shutil.rmtree(stale)
     _barrier()
     client_state = {"global_step": ctx.global_step, "config": ctx.config.to_dict()}
@@ -155,10 +170,12 @@ def save(ctx, objective, ckpt_dir, keep_last: int) -> str:
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if ctx.rank == 0:
         (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))
-        _write_atomic(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep_last, tag)
+        if publish:
+            _point_latest(ckpt_dir, tag)
+            _prune(ckpt_dir, keep_last, tag)
     _barrier()
-    ctx.last_checkpoint_step = ctx.global_step
+    if publish:
+        ctx.last_checkpoint_step = ctx.global_step
     return tag
 
 
@@ -201,10 +218,46 @@ def _check_model_shape(ctx, ckpt_dir: Path, tag: str) -> None:
                              f"says {now!r}; resume with the same recipe (or a fresh checkpoint.dir)")
 
 
+def damaged_file(tag_dir: Path) -> str | None:
+    """A line naming the first unreadable file of a checkpoint folder, or None when all look whole.
+
+    torch.save writes zip archives whose directory is at the END of the file, so a truncated file
+    (a full disk, a copy cut short) fails to open as a zip: a cheap check that reads no tensors.
+    """
+    import zipfile
+
+    for f in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{f} is damaged ({'truncated or not a checkpoint file' if isinstance(e, zipfile.BadZipFile) else e})"
+    return None
+
+
+def _resumable_tag(ctx, ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint whose files are all readable; each damaged newer one is
+    named in a warning and skipped. Collective: every rank checks, and all agree."""
+    from spoxl.engine.zero_utils import first_error_on_any_rank
+
+    newest = latest_tag(ckpt_dir)
+    candidates = [t for t in reversed(complete_tags(ckpt_dir)) if newest is None or t <= newest]
+    for i, tag in enumerate(candidates):
+        problem = first_error_on_any_rank(damaged_file(ckpt_dir / tag))
+        if problem is None:
+            return tag
+        fallback = candidates[i + 1] if i + 1 < len(candidates) else None
+        _warn(ctx, f"checkpoint {ckpt_dir / tag} cannot be resumed: {problem}; "
+                   + (f"falling back to {fallback}" if fallback else "no older complete checkpoint"))
+    if candidates:
+        raise SpoxlError(f"no checkpoint in {ckpt_dir} can be resumed (every complete one has a damaged file)")
+    return None
+
+
 def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
-    """Resume from the latest complete checkpoint (None when there is none). Collective."""
+    """Resume from the latest complete, undamaged checkpoint (None when there is none). Collective."""
     ckpt_dir = Path(ckpt_dir)
-    tag = latest_tag(ckpt_dir)
+    tag = _resumable_tag(ctx, ckpt_dir) if not universal else latest_tag(ckpt_dir)
     if tag is None:
         return None
     _check_model_shape(ctx, ckpt_dir, tag)

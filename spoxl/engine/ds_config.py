@@ -103,6 +103,7 @@ def build_ds_config(cfg, world_size: int, *, on_cpu: bool = False) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if not isinstance(zero, dict):
         raise SpoxlError("deepspeed config zero_optimization must be an object")
+    _check_integers(ds)
     if int(zero.get("stage", 0)) not in (1, 2, 3):
         # Stage 0 steps a plain optimizer with no overflow check: a NaN gradient would be applied.
         # ZeRO-1 costs the same memory on one GPU and skips non-finite steps.
@@ -132,6 +133,30 @@ def build_ds_config(cfg, world_size: int, *, on_cpu: bool = False) -> dict:
     if leftover:
         raise SpoxlError(f"deepspeed config value {leftover} is 'auto' and spoxl cannot resolve it; give a number")
     return ds
+
+
+# Fields DeepSpeed reads as integers ("auto" is resolved before this check): a string or a fraction
+# there would fail deep inside deepspeed.initialize on every rank, with a traceback.
+_INTEGER_FIELDS = (
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "steps_per_print",
+    "zero_optimization.stage", "zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+    "zero_optimization.stage3_max_live_parameters", "zero_optimization.stage3_max_reuse_distance",
+    "zero_optimization.sub_group_size", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",
+    "fp16.min_loss_scale",
+)
+
+
+def _check_integers(ds: dict) -> None:
+    for dotted in _INTEGER_FIELDS:
+        node = ds
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None or node == "auto":
+            continue
+        integral = isinstance(node, int) or (isinstance(node, float) and node.is_integer())
+        if isinstance(node, bool) or not integral:
+            raise SpoxlError(f"deepspeed config {dotted} must be an integer, got {node!r}")
 
 
 def _apply_precision(ds: dict, precision: str, on_cpu: bool) -> None:

@@ -7,8 +7,8 @@ same one-line SpoxlError on every rank, so no rank is left waiting)
       diffusers: OUT/pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.save_lora_weights,
                  peft keys `unet.<module>.lora_A.weight`, LoraConfig in the metadata; loads with
                  pipeline.load_lora_weights and spoxl.models.lora.load_lora_into_unet)
-      kohya:     OUT/pytorch_lora_weights_kohya.safetensors (lora_unet_* keys + .alpha, for
-                 ComfyUI / A1111; diffusers' convert_state_dict_to_kohya)
+      kohya:     OUT/pytorch_lora_weights_kohya.safetensors (sd-scripts' SDXL names, lora_unet_input_blocks_*,
+                 + .alpha and ss_* metadata: sd-scripts, A1111/Forge, ComfyUI; spoxl.engine.kohya)
   export_unet(model, out_dir, merge_lora=True, overrides=None) -> Path of OUT/unet
       a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) loadable with
       UNet2DConditionModel.from_pretrained(OUT, subfolder="unet"); with LoRA, the LoRA is fused
@@ -32,6 +32,8 @@ weights as the trained module.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 UNET_SUBFOLDER = "unet"
 EMA_SUBFOLDER = "ema"
 FORMATS = ("diffusers", "kohya", "unet")
+LORA_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # UI LoRAs are usually fp16
 
 
 # ---- LoRA --------------------------------------------------------------------------------------
@@ -122,6 +125,7 @@ def export_lora(
     out_dir,
     formats=("diffusers", "kohya"),
     overrides: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Path]:
     """Write the UNet LoRA as safetensors in the given formats (collective; rank 0 writes)."""
     bad = [f for f in formats if f not in ("diffusers", "kohya")]
@@ -129,7 +133,7 @@ def export_lora(
         raise SpoxlError(f"unknown LoRA format {bad[0]!r} (use diffusers or kohya)")
     out_dir = Path(out_dir)
     unet = unwrap(model)
-    peft_state = lora_state_dict(model, overrides)
+    peft_state = {k: v.to(dtype) for k, v in lora_state_dict(model, overrides).items()}
     paths = {}
     if "diffusers" in formats:
         paths["diffusers"] = out_dir / LORA_FILE
@@ -143,12 +147,30 @@ def export_lora(
     return paths
 
 
-def _write_lora(unet, peft_state, out_dir: Path, formats, paths) -> None:
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden folder beside the export's files: written there, then renamed into place, so a
+    kill or a full disk mid-write never leaves a half-written file where the previous export was."""
+    staging = out_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
+
+def _write_lora(unet, peft_state, out_dir: Path, formats, paths) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = _staging_dir(out_dir)
+    try:
+        _write_lora_files(unet, peft_state, staging, formats)
+        for path in paths.values():
+            os.replace(staging / path.name, path)  # atomic per file
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_lora_files(unet, peft_state, out_dir: Path, formats) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
     if "diffusers" in formats:
         StableDiffusionXLPipeline.save_lora_weights(
             out_dir,
@@ -159,9 +181,20 @@ def _write_lora(unet, peft_state, out_dir: Path, formats, paths) -> None:
             unet_lora_adapter_metadata=_alpha_is_rank_metadata(unet),
             weight_name=LORA_FILE,
         )
+        # diffusers' own metadata (the adapter config) plus the keys UIs use to tell an SDXL LoRA.
+        from safetensors import safe_open
+
+        path = out_dir / LORA_FILE
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        metadata.update({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                         "ss_base_model_version": "sdxl_base_v1-0"})
+        save_file(load_file(str(path)), str(path), metadata=metadata)
     if "kohya" in formats:
-        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
-        save_file({k: v.contiguous() for k, v in kohya.items()}, str(paths["kohya"]))
+        from spoxl.engine.kohya import kohya_metadata, kohya_state_dict
+
+        kohya = kohya_state_dict(peft_state, unet.config, dtype=next(iter(peft_state.values())).dtype)
+        save_file(kohya, str(out_dir / KOHYA_FILE), metadata=kohya_metadata(peft_state))
 
 
 # ---- full / merged UNet ------------------------------------------------------------------------
@@ -212,14 +245,30 @@ def export_unet(
                 fresh.fuse_lora(lora_scale=1.0)
                 fresh.unload_lora()
             fresh.to(dtype)
-            fresh.save_pretrained(target, safe_serialization=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = _staging_dir(target.parent)
+            try:
+                fresh.save_pretrained(staging / UNET_SUBFOLDER, safe_serialization=True)
+                _replace_dir(staging / UNET_SUBFOLDER, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put the complete folder `new` where `target` is: the old one moves aside first and is deleted
+    only after the new one is in place (a crash in between leaves one of them whole, never a mix)."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- everything at once ------------------------------------------------------------------------
 
 
-def export_all(model, out_dir, formats=("diffusers", "kohya"), ema=None) -> dict[str, Path]:
+def export_all(model, out_dir, formats=("diffusers", "kohya"), ema=None, lora_dtype: str = "fp32") -> dict[str, Path]:
     """Export `formats` to OUT and, given an EMA, the EMA weights in the same formats to OUT/ema.
 
     Collective under ZeRO-3. Returns {format: path} plus {"ema/<format>": path}.
@@ -240,7 +289,7 @@ def export_all(model, out_dir, formats=("diffusers", "kohya"), ema=None) -> dict
         where = out_dir / sub if sub else out_dir
         prefix = f"{sub}/" if sub else ""
         if lora_formats:
-            for f, p in export_lora(model, where, lora_formats, overrides).items():
+            for f, p in export_lora(model, where, lora_formats, overrides, dtype=LORA_DTYPES[lora_dtype]).items():
                 paths[prefix + f] = p
         if "unet" in formats:
             paths[prefix + "unet"] = export_unet(model, where, overrides=overrides)
@@ -287,7 +336,7 @@ def _load_unet(model_cfg):
 
     path = resolve_model_path(model_cfg.path)
     if path == "tiny" or path.startswith("tiny:") or model_cfg.unet_file:
-        return load_sdxl(path, unet_file=model_cfg.unet_file).unet
+        return load_sdxl(path, unet_file=model_cfg.unet_file, variant=model_cfg.variant).unet
     from diffusers import UNet2DConditionModel
 
     check_sdxl_folder(Path(path).expanduser())
@@ -298,6 +347,7 @@ def export_checkpoint(
     checkpoint,
     out_dir,
     formats=None,
+    lora_dtype: str | None = None,
     config_path=None,
     tag: str | None = None,
     model: str | None = None,
@@ -353,4 +403,4 @@ def export_checkpoint(
         saved = torch.load(own, map_location="cpu", weights_only=True).get("ema")
         if saved is not None:
             ema = EMA.from_state_dict(saved)
-    return export_all(unet, out_dir, formats=formats, ema=ema)
+    return export_all(unet, out_dir, formats=formats, ema=ema, lora_dtype=lora_dtype or cfg.export.lora_dtype)

@@ -168,14 +168,7 @@ def train(ctx, objective, logger) -> dict:
                            f"{grad_norm}); update skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} total)")
             logger.scalar("train/nonfinite_steps", nonfinite_total, ctx.global_step)
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                if ctx.last_checkpoint_step == ctx.global_step:  # the last good state is already saved
-                    tag = checkpoint.tag_for(ctx.global_step)
-                else:
-                    tag = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-                raise NonFiniteAbort(
-                    f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; aborting. "
-                    f"The last good state is saved as {cfg.checkpoint_dir / tag} (lower train.lr, check the "
-                    f"data, or use bf16 instead of fp16)")
+                raise NonFiniteAbort(_abort(ctx, objective, nonfinite_in_a_row))
             continue
         nonfinite_in_a_row = 0
         ctx.global_step += 1
@@ -221,6 +214,24 @@ def train(ctx, objective, logger) -> dict:
     last["train/nonfinite_steps"] = nonfinite_total
     last.update(cost)
     return last
+
+
+def _abort(ctx, objective, in_a_row: int) -> str:
+    """The abort message, after keeping the state at the abort for inspection.
+
+    Weights that led to NaN/inf are not trustworthy even when finite (a huge learning rate makes
+    them ~1e30 before anything overflows), so they never become a resume point: they are saved as
+    aborted_step_N (not `latest`, never pruned, never resumed); the resume point stays the newest
+    checkpoint saved before the abort."""
+    cfg = ctx.config
+    aborted = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last,
+                              tag=checkpoint.ABORTED_PREFIX + checkpoint.tag_for(ctx.global_step), publish=False)
+    resume = checkpoint.latest_tag(cfg.checkpoint_dir)
+    where = (f"--resume continues from {cfg.checkpoint_dir / resume}, the newest checkpoint saved before the abort"
+             if resume else "no checkpoint was saved before the abort (set checkpoint.every to keep resume points)")
+    return (f"{in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; aborting. {where}; the state at "
+            f"the abort is kept as {cfg.checkpoint_dir / aborted} for inspection (lower train.lr, check the data, "
+            f"or use bf16 instead of fp16)")
 
 
 def log_sample_grid(ctx, logger) -> None:

@@ -196,7 +196,8 @@ def build_training(cfg, objective, *, components=None):
     # ZeRO-3 partitions each rank's own copy, so the copies must agree.
     torch.manual_seed(cfg.run.seed)
     if components is None:
-        components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file)
+        components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file,
+                               variant=cfg.model.variant)
     # Frozen parts: compute dtype, on the device, never seen by DeepSpeed (so never partitioned).
     for name in ("vae", "text_encoder", "text_encoder_2"):
         part = getattr(components, name)

@@ -170,23 +170,29 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def raise_on_every_rank(error: str | None) -> None:
-    """Collective: every rank raises SpoxlError(<first error by rank>) when any rank has one."""
-    from spoxl.errors import SpoxlError
-
+def first_error_on_any_rank(error: str | None) -> str | None:
+    """Collective: the error of the lowest rank that has one (the same on every rank), or None."""
     if world_size() == 1:
-        if error is not None:
-            raise SpoxlError(error)
-        return
+        return error
     dist = torch.distributed
     flag = torch.tensor([0.0 if error is None else 1.0])
     if dist.get_backend() == "nccl":
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() > 0:
-        messages = [None] * world_size()
-        dist.all_gather_object(messages, error)
-        raise SpoxlError(next(m for m in messages if m is not None))
+    if flag.item() == 0:
+        return None
+    messages = [None] * world_size()
+    dist.all_gather_object(messages, error)
+    return next(m for m in messages if m is not None)
+
+
+def raise_on_every_rank(error: str | None) -> None:
+    """Collective: every rank raises SpoxlError(<first error by rank>) when any rank has one."""
+    from spoxl.errors import SpoxlError
+
+    error = first_error_on_any_rank(error)
+    if error is not None:
+        raise SpoxlError(error)
 
 
 @contextlib.contextmanager

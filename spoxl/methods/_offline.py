@@ -115,7 +115,10 @@ def pair_dataset(cfg):
         return SyntheticPairDataset(d.synthetic_size, d.resolution, cfg.run.seed)
     from spoxl.data import build_dataset
 
-    return build_dataset("pairs", d.path, d.resolution, crop=d.crop, hflip=d.hflip, seed=cfg.run.seed)
+    return build_dataset("pairs", d.path, d.resolution, crop=d.crop, hflip=d.hflip, seed=cfg.run.seed,
+                         drop_ties=d.ties == "drop", image_0_column=d.image_0_column,
+                         image_1_column=d.image_1_column, label_column=d.label_column,
+                         caption_column=d.caption_column or "caption")
 
 
 class OfflineObjective(Objective):
@@ -141,7 +144,8 @@ class OfflineObjective(Objective):
 
             # Every rank encodes its share of the missing entries, then all meet at a barrier.
             self.dataset = CachedDataset(self.dataset, ctx.components, ctx.config.data.cache_dir)
-            encoded = self.dataset.build(ctx.rank, ctx.world_size)
+            encoded = self.dataset.build(ctx.rank, ctx.world_size,
+                                         progress=ctx.rank == 0 and ctx.config.logging.progress)
             if ctx.logger is not None:
                 ctx.logger.info(f"latent/text cache {ctx.config.data.cache_dir}: {encoded} item(s) encoded on rank 0")
         n, mb = len(self.dataset), ctx.config.train.micro_batch_size

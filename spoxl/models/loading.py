@@ -14,6 +14,7 @@ Accepted sources:
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -34,6 +35,40 @@ _REQUIRED_FILES = {
     "scheduler": ["scheduler_config.json"],
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_EXPECTED_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                   "text_encoder_2": "model"}
+# weights[.variant][-0000i-of-0000n].safetensors|bin, and the shard index weights.safetensors.index[.variant].json
+# (diffusers and transformers also write shards as weights.variant-0000i-of-0000n.safetensors).
+_WEIGHT_FILE = re.compile(r"^[A-Za-z_]+(?:\.(?P<v1>[A-Za-z0-9_]+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
+_INDEX_FILE = re.compile(r"^[A-Za-z_]+\.(?:safetensors|bin)\.index(?:\.(?P<v2>[A-Za-z0-9_]+))?\.json$")
+
+
+def weight_variants(folder: Path) -> set[str | None]:
+    """The weight variants a part's folder holds: None for plain files, "fp16" for *.fp16.safetensors, ..."""
+    found: set[str | None] = set()
+    for p in folder.iterdir():
+        m = _WEIGHT_FILE.match(p.name) or _INDEX_FILE.match(p.name)
+        if m:
+            found.add(m.groupdict().get("v1") or m.groupdict().get("v2"))
+    return found
+
+
+def choose_variant(folder: Path, requested: str | None) -> str | None:
+    """Which variant to load for one part: the requested one when the folder has it, else the plain
+    weights; with nothing requested, the plain weights, or the only variant there is (stabilityai's
+    SDXL folders can be downloaded with only *.fp16.safetensors)."""
+    found = weight_variants(folder)
+    if requested is not None and requested in found:
+        return requested
+    if None in found:
+        return None
+    if requested is not None:
+        raise SpoxlError(f"{folder} has no {requested!r} weights (it has: {', '.join(sorted(map(str, found)))})")
+    if len(found) == 1:
+        return next(iter(found))
+    raise SpoxlError(f"{folder} holds several weight variants ({', '.join(sorted(map(str, found)))}) and no plain "
+                     f"weights: choose one with model.variant (--variant)")
 
 
 def _offline() -> None:
@@ -60,9 +95,10 @@ def check_sdxl_folder(path: Path) -> None:
                 json.loads(f.read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 raise SpoxlError(f"{f} is not valid JSON: {e}") from None
-        if sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
-                raise SpoxlError(f"model folder {path} has no weights in {sub}/ (.safetensors or .bin)")
+        if sub in WEIGHT_PARTS:
+            if not weight_variants(folder):
+                raise SpoxlError(f"model folder {path} has no weights in {sub}/: looked for "
+                                 f"{_EXPECTED_NAMES[sub]}[.fp16].safetensors / .bin, sharded or not")
         if sub.startswith("tokenizer") and not any(folder.iterdir()):
             raise SpoxlError(f"model folder {path} has an empty {sub}/ subfolder")
 
@@ -90,11 +126,14 @@ def load_sdxl(
     unet_file: str | os.PathLike | None = None,
     vae_file: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
 ) -> SDXLComponents:
     """Load all SDXL parts (frozen VAE/text encoders, UNet in train-ready fp32 unless dtype says).
 
     `model` is "tiny[:SEED]", "toy" or a diffusers SDXL folder; `unet_file`/`vae_file` replace the UNet
-    or VAE weights with a single-file checkpoint whose config comes from that folder.
+    or VAE weights with a single-file checkpoint whose config comes from that folder. `variant`
+    ("fp16") picks *.fp16.safetensors weights where a part has them; None picks the plain weights,
+    or a part's only variant when it has no plain ones (spoxl.models.loading.choose_variant).
     """
     _offline()
     model = str(model)
@@ -107,7 +146,7 @@ def load_sdxl(
     else:
         config_dir = Path(resolve_model_path(model)).expanduser()
         check_sdxl_folder(config_dir)
-        parts = _load_folder(config_dir)
+        parts = _load_folder(config_dir, variant)
     if unet_file is not None or vae_file is not None:
         if config_dir is None:
             # The tiny model has no folder; save its configs to a temporary one for from_single_file.
@@ -126,17 +165,19 @@ def load_sdxl(
     return parts
 
 
-def _load_folder(path: Path) -> SDXLComponents:
+def _load_folder(path: Path, variant: str | None = None) -> SDXLComponents:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     kw = dict(local_files_only=True)
+    v = {part: choose_variant(path / part, variant) for part in WEIGHT_PARTS}
     try:
         return SDXLComponents(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=v["unet"], **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=v["vae"], **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", variant=v["text_encoder"], **kw),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",
+                                                                       variant=v["text_encoder_2"], **kw),
             tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer", **kw),
             tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2", **kw),
             # Whatever scheduler the folder names, spoxl samples with DDIM on the same schedule.

@@ -24,7 +24,8 @@ def load_lora_into_unet(unet, path, adapter_name: str = "spoxl") -> None:
     if not path.is_file():
         raise SpoxlError(f"LoRA file {path} does not exist")
     try:
-        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+        # unet_config lets diffusers map sd-scripts' SGM block names (lora_unet_input_blocks_*) onto this UNet.
+        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=unet.config)
     except Exception as e:
         raise SpoxlError(f"could not read LoRA {path}: {str(e).splitlines()[0]}") from None
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
@@ -32,4 +33,13 @@ def load_lora_into_unet(unet, path, adapter_name: str = "spoxl") -> None:
         raise SpoxlError(f"LoRA {path} has no UNet weights")
     if any(v.numel() == 0 for v in unet_keys.values()):
         raise SpoxlError(f"LoRA {path} has empty tensors (saved from ZeRO-3 without gathering?)")
-    unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
+    modules = {k.rsplit(".lora", 1)[0] for k in unet_keys}
+    try:
+        unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes of another model (e.g. SD1.5 LoRA on SDXL)
+        raise SpoxlError(f"LoRA {path} does not fit this UNet: {str(e).strip().splitlines()[0][:300]}") from None
+    patched = {n for n, m in unet.named_modules() if adapter_name in getattr(m, "lora_A", {})}
+    if not patched:
+        # diffusers only warns when no key names a module of this UNet; a silent no-op is worse.
+        raise SpoxlError(f"LoRA {path} does not fit this UNet: none of its {len(modules)} modules "
+                         f"(e.g. {sorted(modules)[0]}) exists in the model")

@@ -43,6 +43,8 @@ class PoolSamplerConfig:
     threshold: float = 0.4  # softmax(best, worst) gap needed to keep a pair
 
     def validate(self) -> None:
+        if self.steps < 1:
+            raise SpoxlError(f"steps must be >= 1, got {self.steps}")
         if self.eta <= 0:
             raise SpoxlError(f"SPO needs eta > 0 (the transition log-prob is undefined at eta={self.eta})")
         if self.pool_size < 2:

@@ -184,3 +184,21 @@ def test_two_processes_sigkill(tmp_path, master_port, mode):
     assert procs[0].returncode == (FAILURE_EXIT_CODE if mode == "hang" else 1)
     assert elapsed < 4 + 2 * 0.5 + 10, elapsed
     assert "rank 1 (" in err and "stopped responding" in err, err[-2000:]
+
+
+def test_exit_status_carries_the_error_of_the_rank_that_failed_first(store, master_port):
+    # Rank 1 hits a data error its peers do not (yet): the job-wide line every rank prints names
+    # the reason, not only "rank 1 exited with status 2".
+    from spoxl.cluster import watchdog
+
+    dogs, clock, logs, exits = _ring(store, master_port)
+    watchdog.note_error("dataset /data/shard-7.parquet row 12: label 'yes' is not a number")
+    try:
+        dogs[1].on_exit_status(2)
+    finally:
+        watchdog._last_error.message = None
+    expected = ("rank 1 (node1 pid 101) exited with status 2: dataset /data/shard-7.parquet row 12: "
+                "label 'yes' is not a number")
+    assert logs[-1] == f"spoxl watchdog: {expected}"
+    clock.now += 5
+    assert _tick(dogs[2]) == 2 and expected in logs[-1]

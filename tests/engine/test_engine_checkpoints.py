@@ -1,6 +1,7 @@
 """Checkpoint folder bookkeeping without a launcher: pruning, and a fresh run refusing a used run dir."""
 
 import pytest
+import torch
 
 from spoxl.engine import checkpoint
 from spoxl.errors import SpoxlError
@@ -66,3 +67,37 @@ def test_resume_on_another_rank_count_warns_that_data_position_restarts(tmp_path
     assert obj2.state_dict() == {"epoch": 0, "index": 0}  # restarted, and the log says so:
     log = (tmp_path / "b" / "train.log").read_text()
     assert "saved on 2 rank(s), resuming on 1" in log and "data position" in log and "restart" in log
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "spoxl_rank0.pt"])
+def test_resume_skips_a_truncated_latest_checkpoint_and_says_which_file(tmp_path, victim):
+    from inprocess import make, trainable
+    from spoxl.engine import loop
+
+    ctx, obj = make(tmp_path / "a", ["train.max_steps=1", "train.lr=1e-2"])
+    loop.train(ctx, obj, ctx.logger)
+    ckpt = tmp_path / "a" / "checkpoints"
+    first = checkpoint.save(ctx, obj, ckpt, keep_last=3)
+    weights_at_first = trainable(ctx)
+    ctx.config.train.max_steps = 2
+    loop.train(ctx, obj, ctx.logger)
+    second = checkpoint.save(ctx, obj, ckpt, keep_last=3)
+    assert checkpoint.latest_tag(ckpt) == second
+    damaged = ckpt / second / victim
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a copy cut short
+
+    ctx2, obj2 = make(tmp_path / "b", ["train.max_steps=2"])
+    assert checkpoint.load(ctx2, obj2, ckpt) == first
+    assert ctx2.global_step == 1
+    resumed = trainable(ctx2)
+    assert all(torch.equal(resumed[k], weights_at_first[k]) for k in weights_at_first)
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert str(damaged) in log and f"falling back to {first}" in log
+
+    # Nothing whole left: one line, not a traceback from torch.load.
+    for tag in (first,):
+        f = ckpt / tag / "spoxl_rank0.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    ctx3, obj3 = make(tmp_path / "c", ["train.max_steps=2"])
+    with pytest.raises(SpoxlError, match="no checkpoint in .* can be resumed"):
+        checkpoint.load(ctx3, obj3, ckpt)

@@ -51,22 +51,38 @@ def test_nonfinite_steps_are_skipped_then_abort_with_last_good_checkpoint(tmp_pa
     ctx, obj = make(tmp_path, ["train.max_steps=10", "train.max_nonfinite_steps=3"], NaNAfterFirst)
     with pytest.raises(loop.NonFiniteAbort, match="3 optimizer steps in a row had a NaN/inf") as e:
         loop.train(ctx, obj, ctx.logger)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "no checkpoint was saved before the abort" in str(e.value)
     good = trainable(ctx)
     assert ctx.global_step == 1 and ctx.engine.skipped_steps == 3
     assert all(torch.isfinite(v).all() for v in good.values())
     ckpt = tmp_path / "checkpoints"
-    assert checkpoint.latest_tag(ckpt) == "step_00000001"
-    # The saved state is the last good one: reload it into a fresh engine and compare.
+    # The state at the abort is kept under a name that says so, and is never a resume point.
+    assert checkpoint.latest_tag(ckpt) is None and (ckpt / "aborted_step_00000001" / checkpoint.COMPLETE).is_file()
+    assert "aborted_step_00000001" in str(e.value)
     ctx2, obj2 = make(tmp_path / "fresh", [f"checkpoint.dir={ckpt}"])
-    assert checkpoint.load(ctx2, obj2, ckpt) == "step_00000001"
-    for n, v in trainable(ctx2).items():
-        assert torch.equal(v, good[n]), n
-    assert ctx2.global_step == 1
-    # Resuming with a recipe whose LoRA differs is a one-line error, not a DeepSpeed key mismatch.
-    ctx3, obj3 = make(tmp_path / "other", ["lora.rank=8"])
-    with pytest.raises(SpoxlError, match="was trained with lora.rank=4 but the recipe says 8"):
-        checkpoint.load(ctx3, obj3, ckpt)
+    assert checkpoint.load(ctx2, obj2, ckpt) is None
+
+
+def test_nan_abort_resumes_from_the_periodic_checkpoint_not_the_diverged_weights(tmp_path):
+    ctx, obj = make(tmp_path, ["train.max_steps=2", "checkpoint.every=2", "train.max_nonfinite_steps=2",
+                               "train.grad_clip=0", "lora.enabled=false"])
+    loop.train(ctx, obj, ctx.logger)  # two sane steps, checkpointed at step 2
+    sane = trainable(ctx)
+    # Then the learning rate explodes: the next update makes |w| ~ 1e30 (finite), the steps after overflow.
+    ctx.engine.lr_scheduler.base_lrs = [1e30 for _ in ctx.engine.lr_scheduler.base_lrs]
+    ctx.config.train.max_steps = 10
+    with pytest.raises(loop.NonFiniteAbort) as e:
+        loop.train(ctx, obj, ctx.logger)
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.latest_tag(ckpt) == "step_00000002"
+    assert f"--resume continues from {ckpt / 'step_00000002'}" in str(e.value)
+    aborted = f"aborted_step_{ctx.global_step:08d}"
+    assert aborted in str(e.value) and (ckpt / aborted).is_dir() and ctx.global_step > 2
+    assert max(float(v.abs().max()) for v in trainable(ctx).values()) > 1e20  # the run did diverge
+    ctx2, obj2 = make(tmp_path / "fresh", [f"checkpoint.dir={ckpt}", "lora.enabled=false"])
+    assert checkpoint.load(ctx2, obj2, ckpt) == "step_00000002"
+    resumed = trainable(ctx2)
+    assert all(torch.equal(resumed[k], sane[k]) for k in sane)
 
 
 class WithReference(SFTObjective):

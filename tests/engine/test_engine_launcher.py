@@ -64,12 +64,27 @@ def test_kill9_resume_equals_uninterrupted_and_universal_resume(tmp_path, tiny_d
         assert len(events.Scalars(tag)) == 6, tag
     assert [e.step for e in events.Images("samples")] == [3, 6]
     assert sorted(p.name for p in (a / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    # DeepSpeed's own `latest` names the same tag, so the zero_to_fp32.py DeepSpeed copies into the
+    # checkpoint folder recovers the trained (LoRA) weights without --tag.
+    assert (a / "checkpoints" / "latest").read_text() == "step_00000006"
+    fp32 = subprocess.run([sys.executable, str(a / "checkpoints" / "zero_to_fp32.py"), str(a / "checkpoints"),
+                           str(tmp_path / "fp32"), "--safe_serialization"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    ok(fp32)
+    recovered = {}
+    for f in (tmp_path / "fp32").glob("*.safetensors"):
+        recovered.update(load_file(f))
+    exported = lora_of(a)
+    assert recovered and len(recovered) == len(exported), (sorted(recovered)[:4], sorted(exported)[:4])
+    assert sorted(round(float(v.double().norm()), 4) for v in recovered.values()) == \
+        sorted(round(float(v.double().norm()), 4) for v in exported.values())
 
     # Same run, SIGKILLed in the middle of saving step 4: `latest` must still name step 2.
     killed = launch([str(REPO / "tests/engine/train_killed_in_save.py"), "--kill-in-save", "4", *TRAIN,
                      "--set", f"run.output_dir={b}"])
     assert killed.returncode != 0
     assert (b / "checkpoints" / "latest_spoxl").read_text() == "step_00000002"
+    assert (b / "checkpoints" / "latest").read_text() == "step_00000002"
     assert (b / "checkpoints" / "step_00000004").is_dir()  # the partial save is there, ignored
     # Resume through the `spoxl train` wrapper.
     cmd = [str(VENV_BIN / "spoxl"), "train", "--num-gpus", "2", "--master-port", str(free_port()), *TRAIN,

@@ -129,3 +129,51 @@ def test_bad_single_file_is_one_line_error(tiny_dir, tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(SpoxlError, match="could not load unet checkpoint"):
         load_sdxl(tiny_dir, unet_file=junk)
+
+
+def _variant_folder(tiny_components, path, variant, shard):
+    """The tiny SDXL saved as a downloaded folder can look: only `variant` weight files, sharded or not."""
+    tiny_components.save_pretrained(path)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for f in (path / part).iterdir():
+            if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
+                f.unlink()
+        kw = {"max_shard_size": shard} if shard else {}
+        getattr(tiny_components, part).to(torch.float16).save_pretrained(path / part, variant=variant, **kw)
+        getattr(tiny_components, part).to(torch.float32)
+    return path
+
+
+@pytest.mark.parametrize("shard", [None, "100KB"], ids=["single", "sharded"])
+def test_fp16_only_folder_loads_by_itself(tiny_components, tmp_path, shard):
+    folder = _variant_folder(tiny_components, tmp_path / "sdxl_fp16", "fp16", shard)
+    names = {f.name for f in (folder / "unet").iterdir()}
+    assert all(".fp16" in n for n in names if n.endswith(".safetensors"))
+    if shard:
+        assert sum(n.endswith(".safetensors") for n in names) > 1 and any("index" in n for n in names)
+    for variant in (None, "fp16"):  # automatic, and asked for
+        loaded = load_sdxl(folder, variant=variant)
+        assert loaded.unet.dtype == torch.float32  # upcast for training
+        for part in ("unet", "vae", "text_encoder_2"):
+            ref = getattr(tiny_components, part).state_dict()
+            got = getattr(loaded, part).state_dict()
+            assert got.keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k].half().float(), atol=0, rtol=0)
+
+
+def test_a_missing_variant_and_missing_weights_are_named(tiny_components, tiny_dir, tmp_path):
+    import shutil
+
+    assert load_sdxl(tiny_dir, variant="fp16").unet is not None  # no fp16 files: the plain weights
+    folder = _variant_folder(tiny_components, tmp_path / "sdxl_fp16", "fp16", None)
+    with pytest.raises(SpoxlError, match=r"unet has no 'bf16' weights \(it has: fp16\)") as e:
+        load_sdxl(folder, variant="bf16")
+    assert "\n" not in str(e.value)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    for f in (bare / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(SpoxlError, match=r"no weights in unet/: looked for diffusion_pytorch_model\[\.fp16\]"):
+        load_sdxl(bare)

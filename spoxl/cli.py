@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    _quiet_libraries()
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"spoxl {name}", description=help_text)
@@ -64,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     except SpoxlError as e:
         print(f"spoxl {name}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """transformers and diffusers log warnings that are noise for spoxl's users (e.g. a missing
+    torchvision for CLIP image processors spoxl never uses) and that would bury one-line errors.
+    Errors still show; set TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY=warning to see them all."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for module in ("transformers", "diffusers"):  # already imported (in process, e.g. tests): set it there too
+        lib = sys.modules.get(module)
+        if lib is not None:
+            levels = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+            lib.utils.logging.set_verbosity(levels.get(os.environ[module.upper() + "_VERBOSITY"].lower(), 40))
 
 
 if __name__ == "__main__":

@@ -38,32 +38,14 @@ def check_recipe(config_path, overrides, world_size: int | None):
     from spoxl.methods.base import objective_class
 
     cfg = load_config(config_path, overrides)
-    check_output_dir(cfg.run.output_dir)
+    from spoxl.paths import check_can_create
+
+    check_can_create(cfg.run.output_dir, "run.output_dir")
     if world_size is not None:  # unknown before launch on multi-node runs: the ranks check it then
         build_ds_config(cfg, world_size, on_cpu=use_cpu())
     objective = objective_class(cfg.method.name)(cfg.method.params)
     objective.check(cfg)
     return cfg, objective
-
-
-def check_output_dir(output_dir) -> None:
-    """One line, before any rank starts, when run.output_dir cannot be a folder: a path under a
-    regular file, a component the filesystem refuses (too long, a NUL byte), or no write access."""
-    from spoxl.errors import SpoxlError
-
-    path = Path(output_dir).expanduser()
-    if "\0" in str(path):
-        raise SpoxlError(f"run.output_dir {str(path)!r} contains a NUL byte")
-    for part in path.parts:
-        if len(part.encode()) > 255:
-            raise SpoxlError(f"run.output_dir has a path component longer than 255 bytes: {part[:40]}...")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise SpoxlError(f"run.output_dir {path} cannot be created: {existing} is a file")
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise SpoxlError(f"run.output_dir {path} cannot be created: no write access to {existing}")
 
 
 def refuse_to_overwrite(cfg) -> None:

@@ -12,15 +12,15 @@ def add_arguments(p) -> None:
     p.add_argument("--vae-file", default=None, help="single-file VAE .safetensors replacing the folder's VAE")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="prompt file: .txt (one per line), .json or .jsonl")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 = DDPM-like)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (grid columns; default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--lora", default=None, help="LoRA .safetensors (diffusers or kohya keys)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--out", default="grid.png", help="output PNG path")
 
@@ -50,6 +50,9 @@ def run(args) -> int:
         raise SpoxlError("--steps must be >= 1")
     if not args.out.lower().endswith(".png"):
         raise SpoxlError(f"--out {args.out} must end in .png")
+    from spoxl.paths import check_can_create
+
+    check_can_create(args.out, "--out")
     prompts = read_prompts(args.prompt, args.prompts)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

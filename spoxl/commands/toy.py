@@ -45,7 +45,8 @@ def add_arguments(p) -> None:
     pairs.add_argument("--out", required=True, help="the .parquet file to write")
 
     caps = sub.add_parser("captions", help="print the toy world's captions")
-    caps.add_argument("--split", choices=("train", "held-out"), default="held-out")
+    caps.add_argument("--split", choices=("train", "held-out"), default="held-out",
+                      help="held-out (default: combinations never trained on) or train captions")
 
 
 def run(args) -> int:

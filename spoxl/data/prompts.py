@@ -36,7 +36,12 @@ def load_prompts(path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SpoxlError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpoxlError(f"prompt file {path} is not UTF-8 text (a binary file?)") from None
+    if "\0" in text:
+        raise SpoxlError(f"prompt file {path} holds NUL bytes (a binary file?)")
     if path.suffix == ".txt":
         prompts = [line.strip() for line in text.splitlines()]
     elif path.suffix == ".json":

@@ -115,6 +115,8 @@ class ParquetTable(Table):
         self._small: dict[str, list] = {}
         start = 0
         for k, shard in enumerate(shards):
+            if not shard.is_file():
+                raise SpoxlError(f"dataset {shard} does not exist")
             try:
                 f = pq.ParquetFile(shard, memory_map=True)
             except Exception as e:

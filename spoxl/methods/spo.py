@@ -174,16 +174,26 @@ class SPOObjective(Objective):
 
     # ---- setup ---------------------------------------------------------------------------------
 
+    def check(self, config) -> None:
+        """Everything checkable before launch (spoxl train --dry-run): sampler settings, the
+        loss settings, the prompts (file readable text, not empty)."""
+        cfg = self.config
+        try:
+            cfg.sampler_config().validate()
+        except SpoxlError as e:
+            raise SpoxlError(f"method: {e}") from None
+        if not 0 < cfg.clip < 1:
+            raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
+        if cfg.prompts_per_rank < 1:
+            raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        read_prompts(cfg)
+
     def setup(self, ctx: TrainContext) -> None:
         from spoxl.imaging import default_resolution
         from spoxl.models.preference import build_preference_model
 
         cfg = self.config
-        cfg.sampler_config().validate()
-        if not 0 < cfg.clip < 1:
-            raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
-        if cfg.prompts_per_rank < 1:
-            raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        self.check(ctx.config)
         if ctx.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise SpoxlError(f"SPO cannot sample with prediction_type {ctx.prediction_type!r}")
         self.prompts = read_prompts(cfg)

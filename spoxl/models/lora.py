@@ -34,10 +34,19 @@ def load_lora_into_unet(unet, path, adapter_name: str = "spoxl") -> None:
     if any(v.numel() == 0 for v in unet_keys.values()):
         raise SpoxlError(f"LoRA {path} has empty tensors (saved from ZeRO-3 without gathering?)")
     modules = {k.rsplit(".lora", 1)[0] for k in unet_keys}
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.get_logger("diffusers").setLevel(60)  # its own "unsuccessful" log: our one line says it
     try:
         unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as e:  # shapes of another model (e.g. SD1.5 LoRA on SDXL)
-        raise SpoxlError(f"LoRA {path} does not fit this UNet: {str(e).strip().splitlines()[0][:300]}") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)
+        raise SpoxlError(f"LoRA {path} does not fit this UNet: {detail[:300]}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     patched = {n for n, m in unet.named_modules() if adapter_name in getattr(m, "lora_A", {})}
     if not patched:
         # diffusers only warns when no key names a module of this UNet; a silent no-op is worse.

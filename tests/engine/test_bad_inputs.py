@@ -174,4 +174,38 @@ def test_sample_out_under_a_regular_file(tmp_path, capsys):
     blocker.write_text("x")
     code, err = run_cli(capsys, ["sample", "--model", "tiny", "--steps", "1", "--prompt", "a red circle",
                                  "--out", str(blocker / "x.png")])
-    assert_one_line(code, err, "cannot write")
+    assert_one_line(code, err, f"cannot be created: {blocker} is a file")
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+    import importlib
+
+    from spoxl.cli import COMMANDS
+
+    missing = []
+    for name, (module_name, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=f"spoxl {name}")
+        importlib.import_module(module_name).add_arguments(parser)
+        parsers = [(name, parser)]
+        for action in parser._actions:  # subcommands (spoxl toy pretrain|export|pairs|captions)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+        for label, p in parsers:
+            for action in p._actions:
+                if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                if not action.help:
+                    missing.append(f"spoxl {label} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+
+
+def test_cache_build_shows_progress(tmp_path, capsys, tiny_components):
+    from spoxl.data.cache import CachedDataset
+    from spoxl.methods._offline import SyntheticCaptionDataset
+
+    cache = CachedDataset(SyntheticCaptionDataset(6, 64), tiny_components, tmp_path, batch_size=2)
+    assert cache.build(progress=True) == 6
+    err = capsys.readouterr().err
+    assert "latent cache (rank 0)" in err and "6/6" in err
+    assert cache.build(progress=True) == 0 and "latent cache" not in capsys.readouterr().err  # nothing missing

@@ -69,8 +69,11 @@ def test_nan_abort_resumes_from_the_periodic_checkpoint_not_the_diverged_weights
     loop.train(ctx, obj, ctx.logger)  # two sane steps, checkpointed at step 2
     sane = trainable(ctx)
     # Then the learning rate explodes: the next update makes |w| ~ 1e30 (finite), the steps after overflow.
+    # (No periodic save before the abort: the diverged weights are finite for a step or two and
+    # would otherwise become a checkpoint; the resume point must be the last save, step 2.)
     ctx.engine.lr_scheduler.base_lrs = [1e30 for _ in ctx.engine.lr_scheduler.base_lrs]
     ctx.config.train.max_steps = 10
+    ctx.config.checkpoint.every = 100
     with pytest.raises(loop.NonFiniteAbort) as e:
         loop.train(ctx, obj, ctx.logger)
     ckpt = tmp_path / "checkpoints"

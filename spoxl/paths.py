@@ -1,0 +1,30 @@
+"""Checks, before any work starts, that an output path can be created: one line naming the problem
+instead of an OSError (or a traceback) after minutes of sampling or training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spoxl.errors import SpoxlError
+
+
+def check_can_create(path, what: str) -> Path:
+    """`path` (a folder or a file) can be made: no ancestor is a regular file, no component is
+    longer than the filesystem allows or holds a NUL byte, and the nearest existing folder is
+    writable. Returns the path."""
+    path = Path(path).expanduser()
+    if "\0" in str(path):
+        raise SpoxlError(f"{what} {str(path)!r} contains a NUL byte")
+    for part in path.parts:
+        if len(part.encode()) > 255:
+            raise SpoxlError(f"{what} has a path component longer than 255 bytes: {part[:40]}...")
+    existing = path.parent if not path.exists() else path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir() and existing != path:
+        raise SpoxlError(f"{what} {path} cannot be created: {existing} is a file")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpoxlError(f"{what} {path} cannot be created: no write access to {folder}")
+    return path

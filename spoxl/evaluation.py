@@ -209,7 +209,8 @@ def preference_accuracy(components, unet, dataset, *, draws: int = 4, seed: int 
     Every offline method (Diffusion-DPO, MaPO, NCP) should raise it when it learns a preference,
     and training on inverted labels should lower it: a far more sensitive read-out than sampled
     images after a short run. Returns accuracy (share of pairs with margin > 0), mean_margin and
-    its standard error, n. `dataset` items look like spoxl.data.pairs.PreferencePairDataset's.
+    its standard error, n, and the per-pair margins (the same `seed` gives the same draws, so two
+    tunings compare pair by pair). `dataset` items look like spoxl.data.pairs.PreferencePairDataset's.
     """
     from spoxl.data.cache import maybe_encode
     from spoxl.sampling import add_noise, alpha_bar, training_target, unet_eps
@@ -252,4 +253,5 @@ def preference_accuracy(components, unet, dataset, *, draws: int = 4, seed: int 
     m = torch.cat(margins).double()
     n = m.numel()
     return {"accuracy": float((m > 0).double().mean()), "mean_margin": float(m.mean()),
-            "margin_stderr": float(m.std() / math.sqrt(n)) if n > 1 else float("nan"), "n": n}
+            "margin_stderr": float(m.std() / math.sqrt(n)) if n > 1 else float("nan"), "n": n,
+            "margins": m.tolist()}

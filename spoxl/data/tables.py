@@ -118,7 +118,7 @@ class ParquetTable(Table):
             if not shard.is_file():
                 raise SpoxlError(f"dataset {shard} does not exist")
             try:
-                f = pq.ParquetFile(shard, memory_map=True)
+                f = pq.ParquetFile(shard, memory_map=False)
             except Exception as e:
                 raise SpoxlError(f"cannot read parquet {shard}: {str(e).splitlines()[0]}") from None
             schema = f.schema_arrow
@@ -163,7 +163,7 @@ class ParquetTable(Table):
         if self._open is None or self._open[0] != k:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (k, pq.ParquetFile(self._shards[k], memory_map=True))
+            self._open = (k, pq.ParquetFile(self._shards[k], memory_map=False))
         data = self._open[1].read_row_group(g, columns=self._bulky)
         rows = {c: data.column(c).to_pylist() for c in self._bulky}
         self._cache[gi] = rows

@@ -90,11 +90,24 @@ class UNetSampleCounter:
         self.handles = []
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM (Linux), else ru_maxrss. Not ru_maxrss first: a
+    child's ru_maxrss starts at its parent's RSS when it forked (it survives exec), so a rank
+    spawned by a 250 MB launcher could never report less."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kib / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
 def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     """This process's peak resident memory (MiB) and, on CUDA, the peak allocated since the last reset."""
-    import resource
-
-    peak = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    peak = {"memory/peak_rss_mib": peak_rss_mib()}
     if device.type == "cuda":
         peak["memory/cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak

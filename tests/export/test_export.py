@@ -128,3 +128,38 @@ def test_sample_cli_with_exported_lora(exported, tmp_path):
         png = tmp_path / f"{fmt}.png"
         args = ["sample", "--lora", str(paths[fmt]), "--steps", "1", "--prompt", "a red circle", "--out", str(png)]
         assert main(args) == 0 and png.is_file()
+
+
+def test_an_export_that_dies_mid_write_leaves_the_previous_one_intact(trained, tmp_path, monkeypatch):
+    # A first export, then a second whose writing fails half-way (a full disk, or a kill: the
+    # staging files are never renamed into place): the first export's files stay whole and equal.
+    import spoxl.engine.export as export_module
+
+    unet, _, _ = trained
+    first = export_all(unet, tmp_path, formats=("diffusers", "kohya", "unet"))
+    before = {name: p.read_bytes() if p.is_file() else (p / "diffusion_pytorch_model.safetensors").read_bytes()
+              for name, p in first.items()}
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def dies_half_way(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # the file is cut short where it is being written...
+            f.truncate(100)
+        raise OSError(28, "No space left on device", filename)  # ...and the writer fails
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with torch.no_grad():
+        next(p for n, p in unet.named_parameters() if "lora_B" in n).add_(1.0)  # the new export would differ
+    for fmt in ("kohya", "diffusers", "unet"):
+        with pytest.raises(SpoxlError, match="No space left on device"):
+            export_all(unet, tmp_path, formats=(fmt,))
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    with torch.no_grad():
+        next(p for n, p in unet.named_parameters() if "lora_B" in n).sub_(1.0)
+    after = {name: p.read_bytes() if p.is_file() else (p / "diffusion_pytorch_model.safetensors").read_bytes()
+             for name, p in first.items()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]  # no leftovers
+    assert export_module.KOHYA_FILE in {p.name for p in tmp_path.iterdir()}

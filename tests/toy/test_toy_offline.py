@@ -1,18 +1,21 @@
 """The offline methods on the toy world, in process (one rank): each learns the preference of its
-pairs as a preference that carries to HELD-OUT pairs, and learns the opposite when the same pairs'
-labels are swapped. An inverted preference anywhere between the parquet and the loss (label
-parsing, the winner-first item, the latent cache's sides, the [w; l] stacking, a loss's sign)
-swaps the two runs, so both assertions fail: this is the test that catches it, for every method.
+pairs, and learns the opposite when the same pairs' labels are swapped. An inverted preference
+anywhere between the parquet and the loss (label parsing, the winner-first item, the latent
+cache's sides, the [w; l] stacking, a loss's sign) swaps the two runs, so the assertions fail:
+this is the test that catches it, for every method.
 
-The read-out is held-out preference accuracy (spoxl.evaluation.preference_accuracy): the tuned
-UNet's denoising error on each held-out pair's winner minus its loser, relative to the base, on
-shared noise draws. Pairs: the toy model's own samples labelled by the fidelity scorer (as
-`spoxl toy pairs`), training pairs on training captions, held-out pairs on held-out captions
-(colour x shape x position combinations no training caption has).
+The read-out is preference accuracy (spoxl.evaluation.preference_accuracy): the tuned UNet's
+denoising error on each pair's winner minus its loser, relative to the base, on 16 fresh
+(noise, t) draws per pair that no training step used, the same draws for both runs, compared
+pair by pair. Pairs: the toy model's own samples on training captions labelled by the fidelity
+scorer (as `spoxl toy pairs`).
 
-What it does not show: that the tuned model's SAMPLES are better. At this compute they are not
-(benchmarks/alignment.py and docs/toy_world.md: the offline methods' held-out fidelity stays
-within noise of base at 2 and 5 minutes, while SPO's rises).
+It is measured on the training pairs, not on held-out ones: at a test's size (60 steps of 8
+pairs) the held-out margins do not separate from the draws' noise (measured: aligned minus
+inverted, pair by pair on 64 held-out pairs, from -1.4 standard errors (MaPO) to +1.2 (NCP-DPO)),
+while the learned labels do. Held-out learning and the samples are benchmarks/alignment.py's
+business (docs/toy_world.md): there, at 2 and 5 minutes, the offline methods' held-out fidelity
+stays within noise of base while SPO's rises.
 """
 
 import sys
@@ -38,46 +41,50 @@ from spo_threads import one_thread  # noqa: F401,E402  (autouse fixture: one int
 
 RECIPES = {"dpo": "configs/toy_dpo.yaml", "mapo": "configs/toy_mapo.yaml", "ncp_dpo": "configs/toy_ncp.yaml",
            "ncp_cpo": "configs/toy_ncp_cpo.yaml"}
-# The recipes, shortened: 40 steps of 8 pairs at 5x their learning rate (the recipes run 1e-4 for
+# The recipes, shortened: 60 steps of 8 pairs at 5x their learning rate (the recipes run 1e-4 for
 # minutes; a test has seconds).
 SHORT = ["logging.progress=false", "logging.tensorboard=false", "export.at_end=false", "checkpoint.save_final=false",
-         "train.max_steps=40", "train.micro_batch_size=8", "train.lr=5e-4", "data.cache_dir=null"]  # fmt: skip
+         "train.max_steps=60", "train.micro_batch_size=8", "train.lr=5e-4", "data.cache_dir=null"]  # fmt: skip
+DRAWS = 16  # (noise, t) draws per probed pair, the same for every run (seed 7)
 
 
 @pytest.fixture(scope="module")
 def pair_files(tmp_path_factory):
-    """Training pairs (and the same with labels swapped) on training captions; held-out pairs."""
+    """Training pairs on training captions, and the same pairs with the images swapped."""
     d = tmp_path_factory.mktemp("toy_pairs")
     comps = load_sdxl("toy")
     scorer = ToyScorer("fidelity")
     train_captions = [s.caption() for s in world.train_scenes()]
     train = generate_pairs(comps, scorer, train_captions, 160, margin=5.0, seed=0, batch_pairs=40, progress=False)
-    held = generate_pairs(comps, scorer, world.held_out_captions(72, seed=0), 64, margin=5.0, seed=1,
-                          batch_pairs=32, progress=False)
     swapped = [{**r, "jpg_0": r["jpg_1"], "jpg_1": r["jpg_0"], "score_0": r["score_1"], "score_1": r["score_0"]}
                for r in train]  # the same labels on swapped images: every pair now prefers its loser
-    paths = {"train": d / "train.parquet", "inverted": d / "inverted.parquet", "held": d / "held.parquet"}
+    paths = {"train": d / "train.parquet", "inverted": d / "inverted.parquet", "probe": d / "probe.parquet"}
     write_parquet(train, paths["train"])
     write_parquet(swapped, paths["inverted"])
-    write_parquet(held, paths["held"])
+    write_parquet(train[:64], paths["probe"])  # measured on fresh draws, as labelled (winner = better image)
     return paths
 
 
-def train_and_measure(out, recipe: str, pairs: Path, held: Path) -> dict:
+def train_and_measure(out, recipe: str, pairs: Path, probe: Path) -> dict:
     cfg = load_config(recipe, [f"run.output_dir={out}", f"data.path={pairs}", *SHORT])
     objective = objective_class(cfg.method.name)(cfg.method.params)
     ctx = build_training(cfg, objective)
     ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
     objective.setup(ctx)
     loop.train(ctx, objective, ctx.logger)
-    dataset = build_dataset("pairs", str(held), cfg.data.resolution, crop="center", hflip=False, seed=0)
-    return preference_accuracy(ctx.components, ctx.unet, dataset, draws=4, seed=7)
+    dataset = build_dataset("pairs", str(probe), cfg.data.resolution, crop="center", hflip=False, seed=0)
+    return preference_accuracy(ctx.components, ctx.unet, dataset, draws=DRAWS, seed=7)
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_offline_method_learns_the_preference_and_its_inverse(method, pair_files, tmp_path):
-    aligned = train_and_measure(tmp_path / "aligned", RECIPES[method], pair_files["train"], pair_files["held"])
-    inverted = train_and_measure(tmp_path / "inverted", RECIPES[method], pair_files["inverted"], pair_files["held"])
-    assert aligned["mean_margin"] > 2 * aligned["margin_stderr"], (aligned, inverted)
-    assert inverted["mean_margin"] < -2 * inverted["margin_stderr"], (aligned, inverted)
-    assert aligned["accuracy"] > inverted["accuracy"] + 0.2, (aligned, inverted)
+    aligned = train_and_measure(tmp_path / "aligned", RECIPES[method], pair_files["train"], pair_files["probe"])
+    inverted = train_and_measure(tmp_path / "inverted", RECIPES[method], pair_files["inverted"], pair_files["probe"])
+    summary = {k: v for k, v in aligned.items() if k != "margins"}, {k: v for k, v in inverted.items() if k != "margins"}
+    # Pair by pair on the same draws: training on the labels as given favours each winner more than
+    # training on them swapped does, far beyond the noise of the draws.
+    diff = torch.tensor(aligned["margins"], dtype=torch.float64) - torch.tensor(inverted["margins"], dtype=torch.float64)
+    assert diff.mean() > 3 * diff.std() / len(diff) ** 0.5, (float(diff.mean()), float(diff.std()), summary)
+    # And each moves its own way from the base.
+    assert aligned["mean_margin"] > 0 > inverted["mean_margin"], summary
+    assert aligned["accuracy"] > inverted["accuracy"] + 0.1, summary

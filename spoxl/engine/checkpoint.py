@@ -156,17 +156,28 @@ def save(ctx, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, pu
             shutil.rmtree(stale)
     _barrier()
     client_state = {"global_step": ctx.global_step, "config": ctx.config.to_dict()}
-    ctx.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=ctx.lora)
-    own = {
-        "global_step": ctx.global_step,
-        "world_size": ctx.world_size,
-        "objective": objective.state_dict(),
-        "rng": rng_state(ctx.generator),
-        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
-        "model_shape": _model_shape(ctx.config),
-    }
-    _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
+    try:
+        ctx.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=ctx.lora)
+        own = {
+            "global_step": ctx.global_step,
+            "world_size": ctx.world_size,
+            "objective": objective.state_dict(),
+            "rng": rng_state(ctx.generator),
+            "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+            "model_shape": _model_shape(ctx.config),
+        }
+        _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
+    except (OSError, RuntimeError) as e:
+        # A full disk or a vanished mount: torch.save raises OSError or RuntimeError("... failed
+        # writing file ..."). The folder never gets its completion marker, so `latest` still names
+        # the previous checkpoint; say so in one line instead of a traceback.
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise
+        detail = " ".join(str(e).split())[:200]
+        previous = latest_tag(ckpt_dir)
+        raise SpoxlError(f"checkpoint {ckpt_dir / tag} could not be written ({detail}); the newest whole "
+                         f"checkpoint is still {previous or 'none'}") from None
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if ctx.rank == 0:
         (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))

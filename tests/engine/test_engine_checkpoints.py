@@ -101,3 +101,25 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_which_file(tmp_path
     ctx3, obj3 = make(tmp_path / "c", ["train.max_steps=2"])
     with pytest.raises(SpoxlError, match="no checkpoint in .* can be resumed"):
         checkpoint.load(ctx3, obj3, ckpt)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_latest_stays(tmp_path, monkeypatch):
+    from inprocess import make
+    from spoxl.engine import loop
+
+    ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
+    loop.train(ctx, obj, ctx.logger)
+    ckpt = tmp_path / "a" / "checkpoints"
+    first = checkpoint.save(ctx, obj, ckpt, keep_last=3)
+    ctx.global_step = 2
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(ckpt / "step_00000002" / "mp_rank_00_model_states.pt"))
+
+    monkeypatch.setattr(ctx.engine, "save_checkpoint", disk_full)
+    with pytest.raises(SpoxlError) as e:
+        checkpoint.save(ctx, obj, ckpt, keep_last=3)
+    message = str(e.value)
+    assert "\n" not in message and "No space left on device" in message and "step_00000002" in message
+    assert f"the newest whole checkpoint is still {first}" in message
+    assert checkpoint.latest_tag(ckpt) == first

@@ -167,7 +167,7 @@ def test_log2_at_init_then_training_lowers_the_loss_through_the_frozen_encoder(t
     ([*NCP, "method.kind=ipo"], "method.kind must be one of dpo, cpo, sft, got 'ipo'"),
     ([*NCP, "method.beta=0"], "method.beta must be a finite number > 0, got 0"),
     ([*NCP, "method.beta=-5"], "method.beta must be a finite number > 0, got -5"),
-    ([*NCP, "method.beta=.nan"], "method.beta must be a finite number > 0"),
+    ([*NCP, "method.beta=.nan"], "method.beta must be a finite number, got nan"),
     ([*NCP, "method.snr=0.5"], "unknown key method.snr"),
 ])
 def test_bad_ncp_config_is_a_one_line_error(overrides, message):

@@ -186,7 +186,7 @@ def test_pair_table_with_latent_cache(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ([*DPO, "method.beta=0"], "method.beta must be a finite number > 0, got 0"),
-    ([*DPO, "method.beta=.nan"], "method.beta must be a finite number > 0"),
+    ([*DPO, "method.beta=.nan"], "method.beta must be a finite number, got nan"),
     ([*DPO, "method.snr=0.5"], "unknown key method.snr"),
     ([*MAPO, "method.snr=-1"], "method.snr must be a finite number > 0, got -1"),
     ([*MAPO, "method.beta=-0.1"], "method.beta must be a finite number >= 0, got -0.1"),

@@ -5,7 +5,7 @@ cache's sides, the [w; l] stacking, a loss's sign) swaps the two runs, so the as
 this is the test that catches it, for every method.
 
 The read-out is preference accuracy (spoxl.evaluation.preference_accuracy): the tuned UNet's
-denoising error on each pair's winner minus its loser, relative to the base, on 16 fresh
+denoising error on each pair's winner minus its loser, relative to the base, on 48 fresh
 (noise, t) draws per pair that no training step used, the same draws for both runs, compared
 pair by pair. Pairs: the toy model's own samples on training captions labelled by the fidelity
 scorer (as `spoxl toy pairs`).
@@ -41,11 +41,11 @@ from spo_threads import one_thread  # noqa: F401,E402  (autouse fixture: one int
 
 RECIPES = {"dpo": "configs/toy_dpo.yaml", "mapo": "configs/toy_mapo.yaml", "ncp_dpo": "configs/toy_ncp.yaml",
            "ncp_cpo": "configs/toy_ncp_cpo.yaml"}
-# The recipes, shortened: 60 steps of 8 pairs at 5x their learning rate (the recipes run 1e-4 for
+# The recipes, shortened: 80 steps of 8 pairs at 10x their learning rate (the recipes run 1e-4 for
 # minutes; a test has seconds).
 SHORT = ["logging.progress=false", "logging.tensorboard=false", "export.at_end=false", "checkpoint.save_final=false",
-         "train.max_steps=60", "train.micro_batch_size=8", "train.lr=5e-4", "data.cache_dir=null"]  # fmt: skip
-DRAWS = 16  # (noise, t) draws per probed pair, the same for every run (seed 7)
+         "train.max_steps=80", "train.micro_batch_size=8", "train.lr=1e-3", "data.cache_dir=null"]  # fmt: skip
+DRAWS = 48  # (noise, t) draws per probed pair, the same for every run (seed 7)
 
 
 @pytest.fixture(scope="module")

@@ -161,18 +161,9 @@ def _run_reporting_errors(args) -> int:
 
 def _rank0_failed() -> bool:
     """Whether rank 0 already recorded a failure in the job's watchdog store (False when unknown)."""
-    try:
-        import torch.distributed as dist
-        from torch.distributed import distributed_c10d
+    from spoxl.cluster.watchdog import recorded_failure
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return False
-        store = distributed_c10d._get_default_store()
-        from spoxl.cluster.watchdog import _FAILED
-
-        return store.check([_FAILED]) and store.get(_FAILED).decode().startswith("rank 0 ")
-    except Exception:
-        return False
+    return (recorded_failure() or "").startswith("rank 0 ")
 
 
 def _shutdown() -> None:

@@ -301,6 +301,20 @@ _active = threading.local()
 _last_error = threading.local()
 
 
+def recorded_failure() -> str | None:
+    """The job's failure record, if the process group exists and one was written (else None)."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        store = distributed_c10d._get_default_store()
+        return store.get(_FAILED).decode() if store.check([_FAILED]) else None
+    except Exception:
+        return None
+
+
 def note_error(message: str) -> None:
     """The one-line error this rank is about to exit with: the watchdog's failure record (the
     line every rank of the job prints) then names the reason, not only the exit status, whichever

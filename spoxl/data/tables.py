@@ -47,12 +47,11 @@ def parquet_shards(path) -> list[Path] | None:
 
 
 class Table:
-    def __init__(self, path: Path, rows=None, arrow=None):
+    def __init__(self, path: Path, rows=None):
         self.path = path
         self.columns = sorted(set().union(*(r.keys() for r in rows))) if rows else []
         self.base_dir = path.parent if not path.is_dir() else path
         self._rows = rows
-        self._arrow = arrow
 
     @classmethod
     def open(cls, path, columns: list[str], optional: tuple[str, ...] = ()) -> "Table":

@@ -39,12 +39,7 @@ class NonFiniteAbort(SpoxlError):
 
 def _any_rank(flag: bool) -> bool:
     """True if `flag` is true on any rank (a collective: all ranks must call it)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return _all_ranks(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
 
 def _next_batch(batches):

@@ -1,6 +1,7 @@
 """Every method at equal compute on the toy world: base vs SPO vs Diffusion-DPO vs MaPO vs NCP.
 
     python benchmarks/alignment.py [--budgets 2 5] [--methods spo dpo mapo ncp ncp_cpo] [--seeds 4]
+    python benchmarks/alignment.py --pair-source counterfactual --methods dpo mapo ncp_dpo ncp_cpo --budgets 2
 
 For each method and each wall-clock budget B (minutes), one training run through the deepspeed
 launcher on 2 CPU ranks (configs/toy_<method>.yaml with train.max_minutes=B: the training loop
@@ -11,7 +12,10 @@ The offline methods train on one shared preference set drawn from the toy model'
 (`spoxl toy pairs`, labelled by the fidelity scorer: the same judge SPO uses as its step-aware
 preference model). Drawing it costs time that SPO spends inside its budget, so the CSV states both
 ways: `train_s` (the budget as trained) and `total_s` (plus the pair set's generation, once per
-offline method).
+offline method). `--pair-source counterfactual` trains them instead on exact renderings against
+one-attribute-wrong renderings of the training captions (`spoxl toy pairs --source
+counterfactual`: clean labels, no sampling cost), the diagnostic that separates "the pairs carry
+too little signal" from "the method cannot learn"; its files get a `_counterfactual` suffix.
 
 Writes benchmarks/results/alignment_<device>.csv (method, budget, score, paired difference vs base
 with its standard error, win rate with its 95% interval, peak memory, optimizer steps, UNet sample
@@ -79,12 +83,13 @@ def run(cmd: list[str], log: Path, threads: int = 1) -> float:
     return time.perf_counter() - started
 
 
-def make_pairs(out: Path, n: int) -> float:
+def make_pairs(out: Path, n: int, source: str = "samples") -> float:
     pairs = out / "pairs.parquet"
     timing = out / "pairs_seconds.json"
     if pairs.exists() and timing.exists():  # reused: the recorded generation time still counts
         return json.loads(timing.read_text())["seconds"]
-    seconds = run(["spoxl", "toy", "pairs", "--model", "toy", "--n", str(n), "--margin", "5", "--out", str(pairs)],
+    how = ["--model", "toy", "--margin", "5"] if source == "samples" else ["--source", "counterfactual"]
+    seconds = run(["spoxl", "toy", "pairs", *how, "--n", str(n), "--out", str(pairs)],
                   out / "pairs.log", threads=os.cpu_count() or 1)
     timing.write_text(json.dumps({"seconds": seconds, "n": n}))
     return seconds
@@ -211,7 +216,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="seeds per held-out caption in the evaluation")
     p.add_argument("--pairs", type=int, default=1024, help="size of the offline preference set")
     p.add_argument("--nproc", type=int, default=2, help="ranks per training run")
-    p.add_argument("--out", default="runs/alignment", help="where the runs, pairs and eval go (reused if present)")
+    p.add_argument("--pair-source", choices=("samples", "counterfactual"), default="samples",
+                   help="the offline methods' pairs: the toy model's scored samples (default) or exact "
+                        "counterfactual renderings (the diagnostic; results get a _counterfactual suffix)")
+    p.add_argument("--out", default=None,
+                   help="where the runs, pairs and eval go, reused if present (default runs/alignment, "
+                        "runs/alignment_counterfactual for counterfactual pairs)")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--memory-steps", type=int, default=20,
                    help="steps of the full fine-tuning memory runs of DPO and MaPO (0: skip them)")
@@ -219,9 +229,10 @@ def main(argv=None) -> int:
     if any(b <= 0 for b in args.budgets):
         sys.exit("alignment: --budgets must be > 0 minutes")
 
-    out = ROOT / args.out
+    suffix = "" if args.pair_source == "samples" else "_counterfactual"
+    out = ROOT / (args.out or f"runs/alignment{suffix}")
     out.mkdir(parents=True, exist_ok=True)
-    pair_s = make_pairs(out, args.pairs) if any(METHODS[m][1] for m in args.methods) else 0.0
+    pair_s = make_pairs(out, args.pairs, args.pair_source) if any(METHODS[m][1] for m in args.methods) else 0.0
     runs = {}
     for budget in args.budgets:
         for method in args.methods:
@@ -234,21 +245,21 @@ def main(argv=None) -> int:
     device = device_name()
     results = ROOT / args.results
     results.mkdir(parents=True, exist_ok=True)
-    csv_path = results / f"alignment_{device}.csv"
+    csv_path = results / f"alignment_{device}{suffix}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(table)
-    plot(table, scores["base"]["mean"], results / f"alignment_{device}.png", device)
+    plot(table, scores["base"]["mean"], results / f"alignment_{device}{suffix}.png", device)
     meta = {"device": device, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "pairs": args.pairs, "pair_generation_s": round(pair_s, 1), "seeds": args.seeds,
+            "pairs": args.pairs, "pair_source": args.pair_source, "pair_generation_s": round(pair_s, 1), "seeds": args.seeds,
             "budgets_min": args.budgets, "base_score": scores["base"]["mean"],
             "base_accuracy": scores["base"]["accuracy"],
             "full_finetune_memory": {m: {"peak_rss_mib": round(r["peak_rss_mib"]), "cuda_peak_mib": round(r.get("cuda_peak_mib", 0)),
                                          "s_per_step": round(r["seconds"] / max(r["steps"], 1), 3),
                                          "unet_samples_per_step": r["unet_samples"] / max(r["steps"], 1)}
                                      for m, r in memory.items()}}
-    (results / f"alignment_{device}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (results / f"alignment_{device}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"base held-out fidelity {scores['base']['mean']:.2f}; pair set: {args.pairs} pairs in {pair_s:.0f} s")
     print(markdown(table))
     for m, r in meta["full_finetune_memory"].items():

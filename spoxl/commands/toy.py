@@ -4,6 +4,8 @@
     spoxl toy export DIR             copy the shipped pretrained toy model out as a diffusers folder
     spoxl toy pairs --model toy --n N --scorer fidelity --out pairs.parquet
                                      an offline preference set from the model's own samples
+    spoxl toy pairs --source counterfactual --n N --out pairs.parquet
+                                     exact renderings against one-attribute-wrong ones (no model)
     spoxl toy captions [--split train|held-out]   print the world's captions
 """
 
@@ -30,14 +32,20 @@ def add_arguments(p) -> None:
     exp = sub.add_parser("export", help="copy the shipped toy model out as a diffusers folder")
     exp.add_argument("out", help="folder to write (created; must be empty or absent)")
 
-    pairs = sub.add_parser("pairs", help="offline preference pairs from the model's own samples (Pick-a-Pic parquet)")
+    pairs = sub.add_parser("pairs", help="offline preference pairs (Pick-a-Pic parquet): the model's own samples "
+                                         "labelled by a scorer, or exact counterfactual renderings")
+    pairs.add_argument("--source", choices=("samples", "counterfactual"), default="samples",
+                       help="samples (default): the model's samples, scored; counterfactual: each caption's exact "
+                            "rendering against the same rendering with one attribute wrong (no model, labels exact)")
+    pairs.add_argument("--attributes", default="colour,shape,position,size,background",
+                       help="counterfactual: the attributes a loser may get wrong, comma-separated (default all five)")
     pairs.add_argument("--model", default="toy", help='"toy" or a local diffusers SDXL folder (default toy)')
     pairs.add_argument("--n", type=int, required=True, help="pairs to keep")
     pairs.add_argument("--scorer", default="fidelity", help="the labelling scorer (default fidelity)")
     pairs.add_argument("--margin", type=float, default=1.0,
                        help="score difference below which a pair is a tie and dropped (scaled units; default 1.0)")
     pairs.add_argument("--prompts", default="train",
-                       help='"train" (the toy training captions; held-out ones stay for eval) or a prompt file')
+                       help='"train" (the toy training captions; held-out ones stay for eval), "held-out" or a prompt file')
     pairs.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     pairs.add_argument("--cfg", type=float, default=5.0, help="CFG scale (default 5)")
     pairs.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -88,13 +96,24 @@ def _pairs(args) -> int:
     from spoxl.errors import SpoxlError
     from spoxl.models.loading import load_sdxl
     from spoxl.models.preference import build_preference_model
-    from spoxl.toy.pairs import generate_pairs, write_parquet
+    from spoxl.paths import check_can_create
+    from spoxl.toy.pairs import counterfactual_pairs, generate_pairs, write_parquet
 
     if not args.out.endswith(".parquet"):
         raise SpoxlError(f"--out {args.out} must end in .parquet")
     if args.steps < 1:
         raise SpoxlError("--steps must be >= 1")
+    check_can_create(Path(args.out), "--out")
     captions = resolve_prompts(args.prompts, None)
+    if args.source == "counterfactual":
+        from spoxl.toy import world
+
+        scenes = [world.parse_caption(c) for c in captions]
+        attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip())
+        rows = counterfactual_pairs(scenes, args.n, seed=args.seed, attributes=attributes)
+        path = write_parquet(rows, Path(args.out))
+        print(f"wrote {len(rows)} counterfactual pairs to {path} (image 0 preferred in {sum(r['label_0'] for r in rows):.0f})")
+        return 0
     scorer = build_preference_model(args.scorer)
     components = load_sdxl(args.model)
     rows = generate_pairs(components, scorer, captions, args.n, margin=args.margin, seed=args.seed,

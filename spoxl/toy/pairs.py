@@ -1,4 +1,6 @@
-"""An offline preference set drawn from a model's own samples, labelled by a toy scorer.
+"""Offline preference sets for the toy world.
+
+`generate_pairs`: drawn from a model's own samples, labelled by a toy scorer.
 
 As MaPO's Pick-Style / Pick-Safety sets were generated from SDXL's samples: for each pair, one
 training caption and two seeds; both images are sampled by the model and scored; the higher score
@@ -6,7 +8,13 @@ wins. Pairs whose scores differ by less than `margin` (scaled units, spoxl.toy.s
 and are dropped; sampling continues until `n` pairs are kept (or `max_rounds` batches are spent).
 Which image is jpg_0 is a coin flip per pair, so the label column is not constant.
 
-Output: a parquet file in the Pick-a-Pic v2 layout spoxl.data.pairs reads: caption, jpg_0, jpg_1
+`counterfactual_pairs`: no model at all. The winner is the caption's scene rendered exactly, the
+loser the same rendering (same jitter) with ONE attribute changed (colour, shape, position, size or
+background). The label is known exactly and the two images differ only where the caption is
+violated, so the pairs isolate whether a method learns the caption-to-picture preference, and one
+built on held-out captions measures whether what it learned generalises.
+
+Output (both): a parquet file in the Pick-a-Pic v2 layout spoxl.data.pairs reads: caption, jpg_0, jpg_1
 (PNG bytes), label_0, label_1 (1/0), are_different, has_label, plus score_0, score_1 (the scorer's
 values) for inspection.
 """
@@ -76,6 +84,47 @@ def generate_pairs(components, scorer, captions: list[str], n: int, *, margin: f
         raise SpoxlError(f"no pair cleared the margin {margin} in {max_rounds} rounds; lower --margin")
     print(f"warning: kept {len(rows)} of {n} pairs after {max_rounds} rounds (margin {margin})", flush=True)
     return rows
+
+
+def counterfactual_pairs(scenes: list, n: int, *, seed: int = 0,
+                         attributes: tuple[str, ...] = ("colour", "shape", "position", "size", "background"),
+                         resolution: int = 64) -> list[dict]:
+    """n pairs (rows of the parquet's columns): a scene's exact rendering against the same rendering
+    with one attribute (drawn from `attributes`) set to another value. Deterministic in `seed`."""
+    import dataclasses
+
+    from spoxl.toy import world
+
+    if n < 1:
+        raise SpoxlError(f"--n must be >= 1, got {n}")
+    if not scenes:
+        raise SpoxlError("counterfactual pairs need at least one scene")
+    options = {"colour": tuple(world.COLOURS), "shape": world.SHAPES, "position": tuple(world.POSITIONS),
+               "size": tuple(world.SIZES), "background": tuple(world.BACKGROUNDS)}
+    unknown = [a for a in attributes if a not in options]
+    if unknown or not attributes:
+        raise SpoxlError(f"unknown toy attribute(s) {unknown or attributes} (known: {', '.join(options)})")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        scene = rng.choice(scenes)
+        attribute = rng.choice(attributes)
+        wrong = rng.choice([v for v in options[attribute] if v != getattr(scene, attribute)])
+        loser_scene = dataclasses.replace(scene, **{attribute: wrong})
+        dx, dy, scale = world.jittered(rng)
+        images = [world.render(s, resolution, dx, dy, scale) for s in (scene, loser_scene)]
+        winner_first = rng.random() < 0.5  # which side is jpg_0 is a coin flip, as in generate_pairs
+        a, b = (0, 1) if winner_first else (1, 0)
+        rows.append({"caption": scene.caption(), "jpg_0": _pil_png(images[a]), "jpg_1": _pil_png(images[b]),
+                     "label_0": 1.0 if winner_first else 0.0, "label_1": 0.0 if winner_first else 1.0,
+                     "are_different": True, "has_label": True, "changed": attribute})  # fmt: skip
+    return rows
+
+
+def _pil_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_parquet(rows: list[dict], out: Path) -> Path:

@@ -100,3 +100,49 @@ def test_toy_pairs_labels_by_the_scorer_in_pick_a_pic_layout(tmp_path):
     s_l = scorer.score(item["pixels_l"][None], [item["caption"]], 0)
     assert float(s_w) > float(s_l)
     assert main(["toy", "pairs", "--n", "2", "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def test_counterfactual_pairs_are_exact_renderings_against_one_wrong_attribute(tmp_path):
+    out = tmp_path / "cf.parquet"
+    assert main(["toy", "pairs", "--source", "counterfactual", "--prompts", "held-out", "--n", "40",
+                 "--seed", "3", "--out", str(out)]) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 40 and {r["label_0"] for r in rows} == {0.0, 1.0}
+    assert {r["caption"] for r in rows} <= set(world.held_out_captions())
+    assert {r["changed"] for r in rows} == {"colour", "shape", "position", "size", "background"}
+    ds = PreferencePairDataset(out, resolution=64)
+    scorer = ToyScorer()
+    for i, r in enumerate(rows):
+        item = ds[i]
+        # the winner as loaded is the image labelled preferred, and the scorer agrees: it is the
+        # caption's scene, the loser gets the changed attribute wrong and every other one right
+        labelled = r["jpg_0"] if r["label_0"] == 1.0 else r["jpg_1"]
+        assert torch.equal(item["pixels_w"], _pixels(labelled))
+        pair = torch.stack([item["pixels_w"], item["pixels_l"]])
+        s_w, s_l = scorer.score(pair, [r["caption"]] * 2, 0).tolist()
+        assert s_w > s_l, (r["caption"], r["changed"], s_w, s_l)
+        correct = scorer.correct(pair, [r["caption"]] * 2)  # colour, shape, position, size
+        assert all(bool(v[0]) for v in correct.values()), (r["caption"], correct)
+        if r["changed"] == "background":  # the classifier reads the object against the NAMED background
+            continue
+        for attribute, right in correct.items():  # the loser gets the changed one wrong, the rest right
+            assert bool(right[1]) == (attribute != r["changed"]), (r["caption"], r["changed"], correct)
+    # the same seed gives the same pairs; bad attribute names and bad captions are one-line errors
+    again = tmp_path / "again.parquet"
+    assert main(["toy", "pairs", "--source", "counterfactual", "--prompts", "held-out", "--n", "40",
+                 "--seed", "3", "--out", str(again)]) == 0
+    assert pq.read_table(again).to_pylist() == rows
+    assert main(["toy", "pairs", "--source", "counterfactual", "--attributes", "colour,hue", "--n", "2",
+                 "--out", str(tmp_path / "bad.parquet")]) == 2
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    assert main(["toy", "pairs", "--source", "counterfactual", "--prompts", str(prompts), "--n", "2",
+                 "--out", str(tmp_path / "bad2.parquet")]) == 2
+
+
+def _pixels(png: bytes) -> torch.Tensor:
+    import io
+
+    from spoxl.data.images import to_pixels
+
+    return to_pixels(Image.open(io.BytesIO(png)).convert("RGB"))

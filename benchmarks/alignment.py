@@ -46,7 +46,9 @@ METHODS = {  # name in the CSV -> (recipe, trains on the offline pair set)
 }
 COLUMNS = ["method", "budget_min", "train_s", "total_s", "steps", "s_per_step", "unet_samples", "peak_rss_mib",
            "cuda_peak_mib", "score", "base_score", "diff_vs_base", "diff_stderr", "win_rate", "win_ci95_low",
-           "win_ci95_high", "colour_acc", "shape_acc", "position_acc", "n_eval"]
+           "win_ci95_high", "colour_acc", "shape_acc", "position_acc", "n_eval", "heldout_pref_acc",
+           "heldout_pref_margin_z"]
+PROBE_PAIRS, PROBE_DRAWS = 64, 16
 
 
 def device_name() -> str:
@@ -156,7 +158,37 @@ def evaluate(out: Path, runs: dict, seeds: int) -> dict:
     return {m["model"]: m for m in json.loads((ev / "eval.json").read_text())["models"]}
 
 
-def rows(runs: dict, scores: dict, pair_s: float) -> list[dict]:
+def preference_probe(out: Path, runs: dict) -> dict:
+    """Each LoRA's held-out preference accuracy: on 64 counterfactual pairs of HELD-OUT captions
+    (exact rendering vs one attribute wrong), how often the tuned UNet denoises the winner better
+    than the loser relative to the base (spoxl.evaluation.preference_accuracy, 16 shared draws), and
+    the mean margin in standard errors. It tells "learned the preference" apart from "samples got
+    better", which the held-out fidelity measures. Cached in <out>/probe.json."""
+    import torch
+
+    from spoxl.evaluation import preference_accuracy
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.lora import load_lora_into_unet
+    from spoxl.toy import world
+    from spoxl.toy.pairs import counterfactual_pairs, pair_items
+
+    cache = out / "probe.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [k for k in runs if k not in done]
+    if todo:
+        torch.set_num_threads(os.cpu_count() or 1)
+        items = pair_items(counterfactual_pairs(world.held_out_scenes(), PROBE_PAIRS, seed=1))
+        for key in todo:
+            components = load_sdxl("toy")
+            load_lora_into_unet(components.unet, runs[key]["lora"])
+            r = preference_accuracy(components, components.unet, items, draws=PROBE_DRAWS, seed=7)
+            done[key] = {"accuracy": r["accuracy"], "margin_z": r["mean_margin"] / r["margin_stderr"]}
+            print(f"{key}: held-out preference accuracy {r['accuracy']:.2f}", flush=True)
+        cache.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def rows(runs: dict, scores: dict, pair_s: float, probe: dict) -> list[dict]:
     base = scores["base"]
     out = []
     for key, r in runs.items():
@@ -173,7 +205,8 @@ def rows(runs: dict, scores: dict, pair_s: float) -> list[dict]:
             "win_rate": round(s["win_rate"], 4), "win_ci95_low": round(s["win_rate_ci95"][0], 4),
             "win_ci95_high": round(s["win_rate_ci95"][1], 4), "colour_acc": round(s["accuracy"]["colour"], 4),
             "shape_acc": round(s["accuracy"]["shape"], 4), "position_acc": round(s["accuracy"]["position"], 4),
-            "n_eval": s["n"],
+            "n_eval": s["n"], "heldout_pref_acc": round(probe[key]["accuracy"], 4),
+            "heldout_pref_margin_z": round(probe[key]["margin_z"], 2),
         })  # fmt: skip
     return out
 
@@ -199,13 +232,15 @@ def plot(table: list[dict], base: float, path: Path, device: str) -> None:
 
 
 def markdown(table: list[dict]) -> str:
-    head = "| method | budget | steps | s/step | UNet samples | peak RSS | held-out fidelity | vs base | win rate [95%] |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| method | budget | steps | s/step | UNet samples | peak RSS | held-out fidelity | vs base | win rate [95%] "
+            "| held-out pref. acc. |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['method']} | {r['budget_min']:g} min | {r['steps']} | {r['s_per_step']:.2f} | "
                      f"{r['unet_samples']:,} | {r['peak_rss_mib']} MiB | {r['score']:.1f} | "
                      f"{r['diff_vs_base']:+.2f} ± {r['diff_stderr']:.2f} | {100 * r['win_rate']:.0f}% "
-                     f"[{100 * r['win_ci95_low']:.0f}, {100 * r['win_ci95_high']:.0f}] |")  # fmt: skip
+                     f"[{100 * r['win_ci95_low']:.0f}, {100 * r['win_ci95_high']:.0f}] | "
+                     f"{r['heldout_pref_acc']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -238,7 +273,7 @@ def main(argv=None) -> int:
         for method in args.methods:
             runs[f"{method}@{budget:g}m"] = train(out, method, budget, args.nproc)
     scores = evaluate(out, runs, args.seeds)
-    table = rows(runs, scores, pair_s)
+    table = rows(runs, scores, pair_s, preference_probe(out, runs))
     memory = {m: memory_run(out, m, args.memory_steps, args.nproc) for m in ("dpo", "mapo")
               if m in args.methods and args.memory_steps}
 

@@ -11,3 +11,8 @@ class SpoxlError(Exception):
     def __init__(self, message: str):
         # Collapse to one line: multi-line messages read badly in launcher logs of many ranks.
         super().__init__(" ".join(str(message).split()))
+
+
+class SharedError(SpoxlError):
+    """A SpoxlError every rank of the job raises together (spoxl.engine.zero_utils shares one
+    rank's error with all): rank 0 reports it, the others stay quiet, so the job prints it once."""

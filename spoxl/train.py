@@ -137,12 +137,20 @@ def main(argv=None) -> int:
                 raise SystemExit(code)  # watch_job records a non-zero exit as this rank's failure
     except SystemExit as e:
         return int(e.code or 0)
+    except Exception as e:
+        from spoxl.cluster.watchdog import is_communication_error
+
+        if is_communication_error(e):
+            # A peer went away: the watchdog has printed the line that names it (or, if no cause
+            # came in time, this error in one line); a traceback of the collective adds nothing.
+            return 1
+        raise  # anything else is a bug in spoxl or a library: keep its traceback
     _shutdown()
     return 0
 
 
 def _run_reporting_errors(args) -> int:
-    from spoxl.errors import SpoxlError
+    from spoxl.errors import SharedError, SpoxlError
 
     try:
         return run(args)
@@ -151,12 +159,43 @@ def _run_reporting_errors(args) -> int:
 
         rank = os.environ.get("RANK", "0")
         note_error(str(e))  # the watchdog's job-wide failure line carries it, whichever rank failed first
+        _join_group_to_report()
         # Usually every rank hits the same config/data error: rank 0 prints it; another rank prints
         # its own only when rank 0 has not failed (yet): an error found on rank 1 alone is never lost.
-        if rank == "0" or not _rank0_failed():
+        # An error every rank raised together (SharedError) is rank 0's to print, always.
+        if rank == "0" or (not isinstance(e, SharedError) and not _rank0_failed()):
             print(f"spoxl train: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
         # No destroy_process_group here: with a peer already gone it can block; exiting is enough.
         return 2
+
+
+def _join_group_to_report() -> None:
+    """A rank that fails a check before the process group exists (its node's copy of a file is
+    missing or different, on a cluster without a shared filesystem) joins the group anyway, only
+    to put its error in the job's failure record on its way out: otherwise its peers, already
+    waiting in the rendezvous or in a first collective, would wait out the whole process-group
+    timeout and never learn why. The single-node `spoxl train` runs these checks before launching,
+    so this matters for jobs started by the launcher itself (launch/per_node.sh, SLURM). Joining
+    is bounded by the watchdog's timeout: a peer that never comes does not hold this rank."""
+    import torch.distributed as dist
+
+    from spoxl.cluster.watchdog import settings_from_env, start_now
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_ADDR" not in os.environ:
+        return
+    enabled, timeout_s, _ = settings_from_env()
+    if not enabled:
+        return
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        from spoxl.engine.setup import init_distributed
+
+        try:
+            init_distributed(timeout=timedelta(seconds=timeout_s))
+        except Exception:  # no peer came, or the network is the problem: exit with the error as it is
+            return
+    start_now()
 
 
 def _rank0_failed() -> bool:

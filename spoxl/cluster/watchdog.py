@@ -281,15 +281,25 @@ class _Starter:
         self._thread.start()
 
     def _wait_for_group(self) -> None:
-        import torch.distributed as dist
+        # Import torch.distributed at once, as before any wait: importing it from this thread while
+        # the main thread is half-way through importing torch aborts the process (C++ terminate).
+        import torch.distributed  # noqa: F401
 
         while not self._closed.wait(0.2):
-            if dist.is_available() and dist.is_initialized():
-                with self._lock:
-                    if not self._closed.is_set():
-                        wd = _default_group_watchdog(self.timeout_s, self.interval_s)
-                        self.watchdog = wd.start() if wd is not None else None
+            if self.start_if_ready():
                 return
+
+    def start_if_ready(self) -> bool:
+        """Start the watchdog if the process group exists (once); True when it exists."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        with self._lock:
+            if not self._closed.is_set() and self.watchdog is None:
+                wd = _default_group_watchdog(self.timeout_s, self.interval_s)
+                self.watchdog = wd.start() if wd is not None else None
+        return True
 
     def close(self) -> Watchdog | None:
         with self._lock:
@@ -315,6 +325,15 @@ def recorded_failure() -> str | None:
         return None
 
 
+def start_now() -> None:
+    """Inside watch_job(), once this process joined the group: start the watchdog now rather than
+    at its starter's next poll (a rank about to exit must be watched when it exits, or its exit
+    status and error never reach the failure record)."""
+    starter = getattr(_active, "starter", None)
+    if starter is not None:
+        starter.start_if_ready()
+
+
 def note_error(message: str) -> None:
     """The one-line error this rank is about to exit with: the watchdog's failure record (the
     line every rank of the job prints) then names the reason, not only the exit status, whichever
@@ -330,7 +349,7 @@ def watch_job():
         yield
         return
     _active.on = True
-    starter = _Starter(timeout_s, interval_s)
+    starter = _active.starter = _Starter(timeout_s, interval_s)
     try:
         yield
     except SystemExit as e:
@@ -351,3 +370,4 @@ def watch_job():
             wd.finish()
     finally:
         _active.on = False
+        _active.starter = None

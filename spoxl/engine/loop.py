@@ -27,14 +27,15 @@ import torch.distributed as dist
 from spoxl.engine import checkpoint
 from spoxl.engine.logging import memory_stats
 from spoxl.engine.zero_utils import raise_on_every_rank
-from spoxl.errors import SpoxlError
+from spoxl.errors import SharedError, SpoxlError
 
 
 _clock = time.perf_counter  # the train.max_minutes clock (tests replace it)
 
 
-class NonFiniteAbort(SpoxlError):
-    """Too many consecutive optimizer steps had a NaN/inf loss or gradient."""
+class NonFiniteAbort(SharedError):
+    """Too many consecutive optimizer steps had a NaN/inf loss or gradient (decided on every rank
+    together)."""
 
 
 def _any_rank(flag: bool) -> bool:

@@ -52,8 +52,10 @@ def _ensure_process_env() -> None:
     os.environ["SPOXL_SELF_RENDEZVOUS"] = "1"
 
 
-def init_distributed(cfg) -> tuple[int, int, torch.device]:
-    """Start (or join) the process group; returns (rank, world_size, device)."""
+def init_distributed(cfg=None, *, timeout: timedelta | None = None) -> tuple[int, int, torch.device]:
+    """Start (or join) the process group; returns (rank, world_size, device). The timeout is the
+    recipe's train.dist_timeout_minutes unless given (spoxl.train joins with a short one, without a
+    recipe, only to report an error)."""
     cpu = use_cpu()
     if cpu:
         # Must be set before deepspeed picks its accelerator (cached on first use).
@@ -71,7 +73,7 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="gloo" if cpu else "nccl",
-            timeout=timedelta(minutes=cfg.train.dist_timeout_minutes),
+            timeout=timeout or timedelta(minutes=cfg.train.dist_timeout_minutes),
             dist_init_required=True,
         )
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -187,12 +187,12 @@ def first_error_on_any_rank(error: str | None) -> str | None:
 
 
 def raise_on_every_rank(error: str | None) -> None:
-    """Collective: every rank raises SpoxlError(<first error by rank>) when any rank has one."""
-    from spoxl.errors import SpoxlError
+    """Collective: every rank raises SharedError(<first error by rank>) when any rank has one."""
+    from spoxl.errors import SharedError
 
     error = first_error_on_any_rank(error)
     if error is not None:
-        raise SpoxlError(error)
+        raise SharedError(error)
 
 
 @contextlib.contextmanager

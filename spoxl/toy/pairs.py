@@ -121,6 +121,25 @@ def counterfactual_pairs(scenes: list, n: int, *, seed: int = 0,
     return rows
 
 
+def pair_items(rows: list[dict]) -> list[dict]:
+    """Rows as preference items, winner first (the keys spoxl.evaluation.preference_accuracy
+    reads), decoded here and NOT through spoxl.data.pairs.PreferencePairDataset: a probe that
+    must stay right when that data path is wrong (a side swap there flips training pairs, and
+    would flip a probe read through it too, so that the two cancel)."""
+    from PIL import Image
+
+    from spoxl.data.images import sdxl_time_ids, to_pixels
+
+    items = []
+    for r in rows:
+        images = [to_pixels(Image.open(io.BytesIO(r[k])).convert("RGB")) for k in ("jpg_0", "jpg_1")]
+        winner, loser = images if r["label_0"] == 1.0 else images[::-1]
+        size = winner.shape[-1]
+        items.append({"pixels_w": winner, "pixels_l": loser, "caption": r["caption"],
+                      "time_ids": sdxl_time_ids((size, size), (0, 0), size)})
+    return items
+
+
 def _pil_png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

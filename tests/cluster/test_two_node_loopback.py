@@ -7,6 +7,8 @@ SDXL with LoRA under ZeRO-2.
    must be identical at every step, and must change between steps (training happened).
 2. SIGKILL of node 1's rank mid-run ends BOTH launchers non-zero within the watchdog timeout,
    and node 0 names rank 1 as the cause.
+3. A bad input on node 1 alone (its node-local copy of the data is missing): both nodes end
+   non-zero within the watchdog timeout, each with ONE line naming the reason and no traceback.
 """
 
 import json
@@ -54,7 +56,7 @@ def _recipe(tmp_path: Path, max_steps: int) -> Path:
     return path
 
 
-def _start_nodes(tmp_path: Path, recipe: Path, port: int) -> list[tuple[subprocess.Popen, Path]]:
+def _start_nodes(tmp_path: Path, recipe: Path, port: int, node1_args=()) -> list[tuple[subprocess.Popen, Path]]:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     nodes = []
@@ -75,7 +77,8 @@ def _start_nodes(tmp_path: Path, recipe: Path, port: int) -> list[tuple[subproce
         }
         log = tmp_path / f"node{node_rank}.log"
         proc = subprocess.Popen(
-            ["bash", str(ROOT / "launch" / "per_node.sh"), "--set", f"checkpoint.dir={tmp_path / f'ckpt{node_rank}'}"],
+            ["bash", str(ROOT / "launch" / "per_node.sh"), "--set", f"checkpoint.dir={tmp_path / f'ckpt{node_rank}'}",
+             *(node1_args if node_rank == 1 else ())],
             env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append((proc, log))
     return nodes
@@ -145,3 +148,38 @@ def test_sigkill_of_one_rank_ends_the_two_node_job(tmp_path, master_port):
     assert codes[0] != 0 and codes[1] != 0, codes
     assert elapsed < 120, elapsed
     assert "rank 1 (" in log0 and "stopped responding" in log0, log0[-4000:]
+
+
+def test_error_on_one_node_alone_ends_both_nodes_with_its_reason(tmp_path, master_port):
+    """Node 1's rank fails a check before any process group exists (its data path is missing, as
+    on a cluster without a shared filesystem), while node 0's rank is fine and waits for it. Node 0
+    must not wait out the rendezvous timeout (10 minutes here) nor print a traceback: both nodes end
+    within the watchdog's time, and node 0's last spoxl line carries node 1's reason."""
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"image {i}")
+    missing = tmp_path / "node1_local" / "images"
+    recipe = _recipe(tmp_path, 10_000)
+    text = recipe.read_text().replace("synthetic_size: 4", f"path: {images}")
+    recipe.write_text(text)
+    started = time.monotonic()
+    nodes = _start_nodes(tmp_path, recipe, master_port, node1_args=("--set", f"data.path={missing}"))
+    try:
+        codes = [proc.wait(timeout=240) for proc, _ in nodes]
+    finally:
+        _stop(nodes)
+    elapsed = time.monotonic() - started
+    logs = [log.read_text() for _, log in nodes]
+    assert codes[0] != 0 and codes[1] != 0, (codes, logs[0][-3000:], logs[1][-3000:])
+    reason = str(missing)
+    for log in logs:
+        assert "Traceback" not in log, log[-4000:]
+        spoxl_lines = [line for line in log.splitlines() if line.startswith(("spoxl", "[spoxl"))]
+        assert spoxl_lines and reason in spoxl_lines[-1], "\n".join(spoxl_lines[-6:])
+    errors1 = [line for line in logs[1].splitlines() if "spoxl train: error" in line]
+    assert len(errors1) == 1 and "(rank 1)" in errors1[0], logs[1][-3000:]
+    assert elapsed < 60 + WATCHDOG_TIMEOUT_S + 30, elapsed  # launches (~20 s each, side by side) + the watchdog

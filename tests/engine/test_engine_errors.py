@@ -24,7 +24,7 @@ def spoxl_train(args, tmp_path, num_ranks=2, timeout=240):
 
 
 def error_lines(proc):
-    return [line for line in proc.stderr.splitlines() if "spoxl train: error:" in line]
+    return [line for line in proc.stderr.splitlines() if line.startswith("spoxl train: error")]  # "(rank N)" too
 
 
 def one_error(proc, *needles):
@@ -65,3 +65,33 @@ def test_unreadable_image_on_one_rank_stops_every_rank(tmp_path):
     proc = spoxl_train(["--set", f"data.path={data}", "--set", "data.shuffle=false", "--set", "train.micro_batch_size=1",
                         "--set", "train.grad_accum=1", "--set", "logging.sample_every=0"], tmp_path)
     one_error(proc, "2.png")
+
+
+@pytest.mark.launcher
+def test_error_found_on_rank1_alone_is_the_jobs_last_word(tmp_path):
+    """The lost-message race through the real launcher: rank 1 alone fails (its copy of the model
+    is damaged) before any collective, rank 0 waits in DeepSpeed's first broadcast. The job must
+    end non-zero, within the watchdog's time, with the reason on its last spoxl line, not only
+    "rank 1 exited with status 2" (tests/engine/train_rank1_fails_first.py)."""
+    import time
+
+    from test_engine_launcher import launch
+
+    sys.path.insert(0, str(REPO / "tests" / "engine"))
+    from train_rank1_fails_first import MESSAGE
+
+    started = time.monotonic()
+    proc = launch([str(REPO / "tests/engine/train_rank1_fails_first.py"), "--config", "configs/tiny_sft.yaml",
+                   "--set", f"run.output_dir={tmp_path / 'run'}", "--set", "logging.progress=false"],
+                  timeout=240, SPOXL_WATCHDOG_TIMEOUT_S="10", SPOXL_WATCHDOG_INTERVAL_S="1")
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    # rank 1 says it once, as itself...
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "(rank 1)" in lines[0] and MESSAGE in lines[0], proc.stderr[-3000:]
+    # ...and the last line spoxl writes (the watchdog's job-wide verdict, printed by rank 0 when it
+    # gives up waiting) carries the reason too, not only the exit status.
+    spoxl_lines = [line for line in proc.stderr.splitlines() if "spoxl" in line and "Traceback" not in line]
+    assert spoxl_lines and MESSAGE in spoxl_lines[-1], "\n".join(spoxl_lines[-5:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 150, elapsed  # launch (~20 s) + the watchdog's 10 s, not the 30-minute gloo timeout

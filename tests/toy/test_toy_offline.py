@@ -34,7 +34,7 @@ from spoxl.engine.setup import build_training
 from spoxl.evaluation import preference_accuracy
 from spoxl.methods.base import objective_class
 from spoxl.toy import world
-from spoxl.toy.pairs import counterfactual_pairs, write_parquet
+from spoxl.toy.pairs import counterfactual_pairs, pair_items, write_parquet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spo"))
 from spo_threads import one_thread  # noqa: F401,E402  (autouse fixture: one intra-op thread)
@@ -65,27 +65,7 @@ def pair_files(tmp_path_factory):
     paths = {"train": d / "train.parquet", "inverted": d / "inverted.parquet"}
     write_parquet(train, paths["train"])
     write_parquet(swapped, paths["inverted"])
-    return paths, probe_items(probe)
-
-
-def probe_items(rows: list[dict]) -> list[dict]:
-    """The probe's items, winner first, built here from the rows and NOT through
-    PreferencePairDataset: a side swap in the data path must not flip the probe along with the
-    training pairs (the two flips would cancel and the test would pass)."""
-    import io
-
-    from PIL import Image
-
-    from spoxl.data.images import sdxl_time_ids, to_pixels
-
-    items = []
-    for r in rows:
-        images = [to_pixels(Image.open(io.BytesIO(r[k])).convert("RGB")) for k in ("jpg_0", "jpg_1")]
-        winner, loser = images if r["label_0"] == 1.0 else images[::-1]
-        size = winner.shape[-1]
-        items.append({"pixels_w": winner, "pixels_l": loser, "caption": r["caption"],
-                      "time_ids": sdxl_time_ids((size, size), (0, 0), size)})
-    return items
+    return paths, pair_items(probe)  # built outside the data path under test
 
 
 def train_and_measure(out, recipe: str, pairs: Path, probe: list[dict], extra=()) -> dict:

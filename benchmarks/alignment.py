@@ -19,7 +19,8 @@ too little signal" from "the method cannot learn"; its files get a `_counterfact
 
 Writes benchmarks/results/alignment_<device>.csv (method, budget, score, paired difference vs base
 with its standard error, win rate with its 95% interval, peak memory, optimizer steps, UNet sample
-evaluations, seconds) and alignment_<device>.png (held-out fidelity vs wall-clock per method).
+evaluations, seconds, and each LoRA's held-out preference accuracy on 64 counterfactual pairs of
+held-out captions: learned preference, as against better samples) and alignment_<device>.png (held-out fidelity vs wall-clock per method).
 Runs in runs/alignment/ (kept: the LoRAs, logs, eval grid). Needs `make venv`; about
 (sum of budgets) x (methods) + 15 minutes on 2 cores.
 """

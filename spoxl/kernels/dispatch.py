@@ -1,7 +1,9 @@
 """The one place that picks a kernel backend.
 
 SPOXL_KERNELS (read at every call, so tests and scripts can switch it):
-  auto    (default) Triton when the inputs are on CUDA and triton imports, else torch; silent.
+  auto    (default) Triton when the inputs are on CUDA and triton imports, else torch; silent,
+          except on CUDA inputs with TRITON_INTERPRET=1 set: torch, and a warning once (the
+          interpreter would copy every launch through the host).
   torch   the pure-torch reference (spoxl.kernels.reference), any device.
   triton  the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1 (the interpreter).
           Unavailable -> SpoxlError naming why (a forced backend never falls back silently).
@@ -60,12 +62,15 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton cannot be imported ({exc})"
+    loaded = sys.modules.get(_TRITON_MODULE)
     if device.type == "cuda":
+        if _interpreter_requested() or (loaded is not None and loaded.INTERPRETED):
+            return ("TRITON_INTERPRET=1 is set: the interpreter would run the kernels on the host, copying "
+                    "every CUDA tensor there and back at each launch")
         return None
     if device.type != "cpu":
         return f"Triton kernels do not run on {device.type} tensors"
     # The interpreter is chosen when the kernels are decorated (at import), not at launch.
-    loaded = sys.modules.get(_TRITON_MODULE)
     if loaded is not None and not loaded.INTERPRETED:
         return "the Triton kernels were imported without TRITON_INTERPRET=1, so they cannot run on CPU tensors"
     if loaded is None and not _interpreter_requested():
@@ -83,7 +88,21 @@ def choose_backend(device: torch.device) -> str:
         if reason is not None:
             raise SpoxlError(f"{ENV_VAR}=triton but the Triton backend is unavailable: {reason}")
         return "triton"
+    if reason is not None and device.type == "cuda":
+        _say_once(f"spoxl.kernels: CUDA inputs use the torch backend: {reason}")
     return "triton" if reason is None else "torch"
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    """A warning printed once per process (the dispatcher runs at every op call)."""
+    if message not in _said:
+        _said.add(message)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def backend_module(device: torch.device):

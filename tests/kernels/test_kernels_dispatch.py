@@ -124,3 +124,24 @@ def test_bad_inputs_raise_one_line_errors(backend, call, message):
     with pytest.raises(SpoxlError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_cuda_inputs_with_the_interpreter_on_use_torch_and_say_so_once(monkeypatch):
+    """The guard of issue 17: TRITON_INTERPRET=1 on a GPU machine would send every launch through
+    the host. `auto` takes the torch path for CUDA inputs and warns once; a forced triton backend
+    is a one-line error naming why. (Decided from the device alone: no CUDA tensor is made.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_said", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1 is set"):
+        assert K.choose_backend(cuda) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call is silent
+        assert K.choose_backend(cuda) == "torch"
+    with K.use_backend("triton"), pytest.raises(SpoxlError, match="TRITON_INTERPRET=1 is set"):
+        K.choose_backend(cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if dispatch.sys.modules.get(dispatch._TRITON_MODULE) is None or not dispatch.sys.modules[dispatch._TRITON_MODULE].INTERPRETED:
+        assert K.choose_backend(cuda) == "triton"  # the compiled kernels, once the interpreter is off

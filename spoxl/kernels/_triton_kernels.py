@@ -45,9 +45,12 @@ def sqerr_partials_kernel(
     t_w = tl.load(t_w_ptr + base, mask=mask, other=0.0).to(ACC)
     d = tl.load(p_w_ptr + base, mask=mask, other=0.0).to(ACC) - t_w
     tl.store(out + 0, tl.sum(d * d, axis=0))
+    zero = tl.sum(tl.zeros([BLOCK], dtype=ACC), axis=0)  # absent slots are written too: no zero-fill launch
     if HAS_REF:
         d = tl.load(r_w_ptr + base, mask=mask, other=0.0).to(ACC) - t_w
         tl.store(out + 2, tl.sum(d * d, axis=0))
+    else:
+        tl.store(out + 2, zero)
     if HAS_L:
         t_l = tl.load(t_l_ptr + base, mask=mask, other=0.0).to(ACC)
         d = tl.load(p_l_ptr + base, mask=mask, other=0.0).to(ACC) - t_l
@@ -55,6 +58,11 @@ def sqerr_partials_kernel(
         if HAS_REF:
             d = tl.load(r_l_ptr + base, mask=mask, other=0.0).to(ACC) - t_l
             tl.store(out + 3, tl.sum(d * d, axis=0))
+        else:
+            tl.store(out + 3, zero)
+    else:
+        tl.store(out + 1, zero)
+        tl.store(out + 3, zero)
 
 
 @triton.jit
@@ -252,9 +260,20 @@ def _mapo_g(m, snr):
 
 
 @triton.jit
+def _mean_b(v, rmask, inv_b):
+    return tl.sum(tl.where(rmask, v, 0.0), axis=0) * inv_b
+
+
+@triton.jit
+def _implicit_acc(logit, rmask, inv_b):
+    # pairs whose logit favours the winner; ties count one half (diffusers' convention)
+    return _mean_b(tl.where(logit > 0, 1.0, tl.where(logit == 0, 0.5, 0.0)), rmask, inv_b)
+
+
+@triton.jit
 def loss_head_kernel(
     loss_ptr,  # [1] the loss (fp32, or fp64 under gradcheck)
-    stats_ptr,  # [B, S] fp64 per-sample values for metrics: log-ratios (SPO) or MSEs
+    met_ptr,  # [8] fp32 metrics, in the order of _triton_ops.METRIC_NAMES[LOSS]
     coef_ptr,  # [2, B] ACC: per-sample input-gradient scales for the w and l tensors
     part_ptr,  # [B, NCHUNK, S] ACC partial sums from the reduction kernel
     std_ptr,  # [B] (SPO only)
@@ -267,7 +286,8 @@ def loss_head_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Phase 2 of every loss, one program: sum the chunk partials, apply the loss head in fp64,
-    write the loss, the per-sample stats and dL/d(input) coefficients (gradient in forward).
+    write the loss, the metrics (batch means, as spoxl.kernels._heads defines them) and the
+    dL/d(input) coefficients (gradient in forward).
 
     The backward is then one elementwise kernel: grad = g * coef[b] * (a - b). SPO's clamp zeroes
     coef where exp(log-ratio) is outside [1 - clip, 1 + clip] (inclusive bounds, as torch.clamp).
@@ -313,8 +333,14 @@ def loss_head_kernel(
         # grad mean = dL/dlr * (x - mean) * two_scale = coef * (mean - x), coef = -dL/dlr * two_scale
         coef_w = -tl.where(in_w, d_logit * beta, 0.0) * two_scale
         coef_l = tl.where(in_l, d_logit * beta, 0.0) * two_scale
-        tl.store(stats_ptr + rows * S, lr_w, mask=rmask)
-        tl.store(stats_ptr + rows * S + 1, lr_l, mask=rmask)
+        tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 2, _mean_b(lr_w, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 3, _mean_b(lr_l, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 4, _mean_b(tl.exp(log_r_w), rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 5, _mean_b(tl.exp(log_r_l), rmask, inv_b).to(tl.float32))
+        clamped = tl.where(in_w, 0.0, 1.0) + tl.where(in_l, 0.0, 1.0)
+        tl.store(met_ptr + 6, (0.5 * _mean_b(clamped, rmask, inv_b)).to(tl.float32))
     else:  # MSE-based: s0..s3 = sums of squared errors of pred_w, pred_l, ref_w, ref_l
         mse_w = s0 * inv_n
         mse_l = s1 * inv_n
@@ -326,6 +352,14 @@ def loss_head_kernel(
             d_logit = -_sigmoid_neg(logit) * inv_b
             d_w = d_logit * (-0.5 * beta)
             d_l = d_logit * (0.5 * beta)
+            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 4, _mean_b(ref_w, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 5, _mean_b(ref_l, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 6, _mean_b(mse_w - mse_l, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 7, _mean_b(ref_w - ref_l, rmask, inv_b).to(tl.float32))
         elif LOSS == 2:  # MaPO: p1 = snr, p2 = T
             g_w, dg_w = _mapo_g(mse_w, p1)
             g_l, dg_l = _mapo_g(mse_l, p1)
@@ -334,25 +368,33 @@ def loss_head_kernel(
             d_logit = -beta * _sigmoid_neg(logit) * inv_b
             d_w = inv_b + d_logit * p2 * dg_w
             d_l = -d_logit * p2 * dg_l
-        elif LOSS == 5:  # NCP sft
-            per_sample = mse_w
-            d_w = tl.zeros([BLOCK_B], dtype=tl.float64) + inv_b
-            d_l = tl.zeros([BLOCK_B], dtype=tl.float64)
-        else:  # NCP dpo (3) / cpo (4): logit = beta (d_ref - d_theta), d_ref = 0 for cpo
+            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 1, _mean_b(g_w - g_l, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+        else:  # NCP dpo (3) / cpo (4) / sft (5): logit = beta (d_ref - d_theta), d_ref = 0 unless dpo
             d_ref = ref_w - ref_l
-            if LOSS == 4:
+            if LOSS != 3:
                 d_ref = tl.zeros([BLOCK_B], dtype=tl.float64)
-            logit = beta * (d_ref - (mse_w - mse_l))
-            per_sample = -_log_sigmoid(logit)
-            d_logit = -_sigmoid_neg(logit) * inv_b
-            d_w = -beta * d_logit
-            d_l = beta * d_logit
+            d_theta = mse_w - mse_l
+            logit = beta * (d_ref - d_theta)
+            if LOSS == 5:  # sft: mean(mse_w); the logit is reported, reference-free, as for cpo
+                per_sample = mse_w
+                d_w = tl.zeros([BLOCK_B], dtype=tl.float64) + inv_b
+                d_l = tl.zeros([BLOCK_B], dtype=tl.float64)
+            else:
+                per_sample = -_log_sigmoid(logit)
+                d_logit = -_sigmoid_neg(logit) * inv_b
+                d_w = -beta * d_logit
+                d_l = beta * d_logit
+            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 4, _mean_b(d_theta, rmask, inv_b).to(tl.float32))
+            tl.store(met_ptr + 5, _mean_b(d_ref, rmask, inv_b).to(tl.float32))
         coef_w = d_w * 2.0 * inv_n  # d mse / d pred = 2 (pred - target) / N
         coef_l = d_l * 2.0 * inv_n
-        tl.store(stats_ptr + rows * S, mse_w, mask=rmask)
-        tl.store(stats_ptr + rows * S + 1, mse_l, mask=rmask)
-        tl.store(stats_ptr + rows * S + 2, ref_w, mask=rmask)
-        tl.store(stats_ptr + rows * S + 3, ref_l, mask=rmask)
     tl.store(coef_ptr + rows, coef_w.to(coef_ptr.dtype.element_ty), mask=rmask)
     tl.store(coef_ptr + B + rows, coef_l.to(coef_ptr.dtype.element_ty), mask=rmask)
     loss = tl.sum(tl.where(rmask, per_sample, 0.0), axis=0) * inv_b

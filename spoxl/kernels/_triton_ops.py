@@ -7,8 +7,8 @@ Losses run as three launches: a reduction kernel that reads every input once and
 per-chunk partial sums, a one-program head kernel that finishes the sums and applies the loss in
 fp64, writing the loss and each sample's gradient coefficient (gradient in forward, as Liger),
 and in backward one elementwise kernel grad = g * coef[b] * (a - b) that writes the gradients
-directly. Metrics, when asked for, come from the per-sample stats through _heads (the torch
-backend's code) without touching the latents again. The log-prob ops return [B] or [B, k]
+directly. The head also writes the metrics (batch means as _heads defines them, in fp64, stored
+fp32) into one small tensor, so asking for them adds no launch and no host sync. The log-prob ops return [B] or [B, k]
 values, so their (tiny) head stays in torch.
 """
 
@@ -20,7 +20,6 @@ import triton.language as tl
 from triton import knobs
 
 from spoxl import sampling
-from spoxl.kernels import _heads
 from spoxl.kernels import _triton_kernels as K
 from spoxl.kernels._checks import per_sample
 
@@ -69,8 +68,7 @@ def _sqerr_partials(pred_w, target_w, pred_l=None, target_l=None, ref_w=None, re
     flat = [_flat(t) if t is not None else None for t in (pred_w, target_w, pred_l, target_l, ref_w, ref_l)]
     p_w, t_w, p_l, t_l, r_w, r_l = [f if f is not None else flat[0] for f in flat]
     grid = _grid(batch, n)
-    alloc = torch.empty if has_l and has_ref else torch.zeros  # absent slots must read as zero
-    partials = alloc(batch, grid[1], 4, dtype=acc, device=pred_w.device)
+    partials = torch.empty(batch, grid[1], 4, dtype=acc, device=pred_w.device)  # the kernel writes every slot
     K.sqerr_partials_kernel[grid](
         partials, p_w, t_w, p_l, t_l, r_w, r_l, n, grid[1],
         HAS_L=has_l, HAS_REF=has_ref, ACC=_tl(acc), **_launch_config(n),
@@ -111,21 +109,37 @@ def _head_params(params, batch: int, n: int, device) -> torch.Tensor:
     return cached
 
 
+# The metrics each loss head writes, in order (batch means; spoxl.kernels._heads defines each).
+METRIC_NAMES = {
+    K.SPO: ("implicit_acc", "margin", "log_ratio_w", "log_ratio_l", "ratio_w", "ratio_l", "clamp_frac"),
+    K.DIFFUSION_DPO: ("implicit_acc", "margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "model_diff", "ref_diff"),
+    K.MAPO: ("implicit_acc", "margin", "mse_w", "mse_l"),
+    K.NCP_DPO: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta", "d_ref"),
+    K.NCP_CPO: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta"),
+    K.NCP_SFT: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta"),
+}
+
+
 def _loss_head(loss_id, partials, params, n, std=None):
-    """Phase 2 (one program): (loss 0-d, stats [B, S] fp64, coef [2, B]) from the chunk partials."""
+    """Phase 2 (one program): (loss 0-d, metrics [8] fp32, coef [2, B]) from the chunk partials."""
     batch, nchunk, width = partials.shape
     device = partials.device
     loss = torch.empty((), dtype=partials.dtype, device=device)
-    stats = torch.empty(batch, width, dtype=torch.float64, device=device)
+    metrics = torch.empty(8, dtype=torch.float32, device=device)
     coef = torch.empty(2, batch, dtype=partials.dtype, device=device)
     param = _head_params(params, batch, n, device)
     block_b = triton.next_power_of_2(batch)
     block_c = max(1, min(triton.next_power_of_2(nchunk), max(1, 4096 // block_b)))
     K.loss_head_kernel[(1,)](
-        loss, stats, coef, partials, std if std is not None else param, param, batch, nchunk,
+        loss, metrics, coef, partials, std if std is not None else param, param, batch, nchunk,
         LOSS=loss_id, S=width, BLOCK_B=block_b, BLOCK_C=block_c,
     )  # fmt: skip
-    return loss, stats, coef
+    return loss, metrics, coef
+
+
+def _metrics_dict(loss_id, metrics: torch.Tensor) -> dict:
+    """The head's metric vector as {name: 0-d view}: no copy, no launch, no host sync."""
+    return {name: metrics[i] for i, name in enumerate(METRIC_NAMES[loss_id])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +150,7 @@ NCP_LOSS_IDS = {"dpo": K.NCP_DPO, "cpo": K.NCP_CPO, "sft": K.NCP_SFT}
 
 
 class FusedPairLoss(torch.autograd.Function):
-    """Diffusion-DPO / MaPO / NCP: (loss, stats [B, 4] = mse_w, mse_l, ref_mse_w, ref_mse_l).
+    """Diffusion-DPO / MaPO / NCP: (loss, metrics [8], see METRIC_NAMES).
 
     Gradients flow into pred_w and pred_l; ref_w/ref_l may be None (MaPO, NCP cpo/sft).
     """
@@ -144,14 +158,14 @@ class FusedPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss_id, params, pred_w, pred_l, target_w, target_l, ref_w, ref_l):
         partials, saved = _sqerr_partials(pred_w, target_w, pred_l, target_l, ref_w, ref_l)
-        loss, stats, coef = _loss_head(loss_id, partials, params, pred_w[0].numel())
+        loss, metrics, coef = _loss_head(loss_id, partials, params, pred_w[0].numel())
         ctx.save_for_backward(*saved, coef)
         ctx.meta = (pred_w.shape, pred_w.dtype, pred_l.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
 
     @staticmethod
-    def backward(ctx, g_loss, _g_stats):
+    def backward(ctx, g_loss, _g_metrics):
         p_w, t_w, p_l, t_l, coef = ctx.saved_tensors
         shape, dtype_w, dtype_l = ctx.meta
         grad_w, grad_l = _scaled_diffs(
@@ -161,7 +175,7 @@ class FusedPairLoss(torch.autograd.Function):
 
 
 class FusedSpoLoss(torch.autograd.Function):
-    """SPO: (loss, stats [B, 2] = log-ratios of w and l); gradients into mean_w and mean_l.
+    """SPO: (loss, metrics [8], see METRIC_NAMES); gradients into mean_w and mean_l.
 
     The reduction forms (x - ref)^2 - (x - mean)^2 per element, so the log(std) and
     log(sqrt(2 pi)) terms cancel exactly instead of between two rounded sums.
@@ -177,14 +191,14 @@ class FusedSpoLoss(torch.autograd.Function):
         K.logratio_partials_kernel[grid](
             partials, x_w, m_w, r_w, x_l, m_l, r_l, n, grid[1], ACC=_tl(acc), **_launch_config(n)
         )
-        loss, stats, coef = _loss_head(K.SPO, partials, params, n, std=std.to(acc).contiguous())
+        loss, metrics, coef = _loss_head(K.SPO, partials, params, n, std=std.to(acc).contiguous())
         ctx.save_for_backward(x_w, x_l, m_w, m_l, coef)
         ctx.meta = (mean_w.shape, mean_w.dtype, mean_l.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
 
     @staticmethod
-    def backward(ctx, g_loss, _g_stats):
+    def backward(ctx, g_loss, _g_metrics):
         x_w, x_l, m_w, m_l, coef = ctx.saved_tensors
         shape, dtype_w, dtype_l = ctx.meta
         grad_w, grad_l = _scaled_diffs(
@@ -294,39 +308,34 @@ def pool_logprobs(samples, mean, ref_mean, std):
     return PoolLogprobs.apply(samples, mean, ref_mean, _std(std, mean))
 
 
-def _with_metrics(loss, metrics_fn, return_metrics: bool):
-    """The fused kernels return the loss; metrics come from the fp64 per-sample stats through the
-    same _heads code as the torch backend, and only when asked for."""
-    if not return_metrics:
-        return loss
-    with torch.no_grad():
-        return loss, metrics_fn()[1]
+def _with_metrics(loss_id, loss, metrics, return_metrics: bool):
+    """The fused head wrote the metrics in the same launch as the loss: handing them out costs
+    nothing, and they are only read (a host sync) where the logger reads them."""
+    return (loss, _metrics_dict(loss_id, metrics)) if return_metrics else loss
 
 
 def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
     params = (float(beta), float(clip), 0.0)
-    loss, stats = FusedSpoLoss.apply(params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
-    return _with_metrics(loss, lambda: _heads.spo_head(stats[:, 0], stats[:, 1], beta, clip), return_metrics)
+    loss, metrics = FusedSpoLoss.apply(params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
+    return _with_metrics(K.SPO, loss, metrics, return_metrics)
 
 
 def diffusion_dpo_loss(
     pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
 ):
     params = (float(beta), 0.0, 0.0)
-    loss, stats = FusedPairLoss.apply(
+    loss, metrics = FusedPairLoss.apply(
         K.DIFFUSION_DPO, params, pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l
     )
-    return _with_metrics(loss, lambda: _heads.diffusion_dpo_head(*stats.unbind(1), beta), return_metrics)
+    return _with_metrics(K.DIFFUSION_DPO, loss, metrics, return_metrics)
 
 
 def mapo_loss(
     pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
 ):
     params = (float(beta), float(snr), float(num_train_timesteps))
-    loss, stats = FusedPairLoss.apply(K.MAPO, params, pred_w, pred_l, target_w, target_l, None, None)
-    return _with_metrics(
-        loss, lambda: _heads.mapo_head(stats[:, 0], stats[:, 1], beta, snr, num_train_timesteps), return_metrics
-    )
+    loss, metrics = FusedPairLoss.apply(K.MAPO, params, pred_w, pred_l, target_w, target_l, None, None)
+    return _with_metrics(K.MAPO, loss, metrics, return_metrics)
 
 
 def ncp_loss(
@@ -343,8 +352,5 @@ def ncp_loss(
 ):
     refs = (ref_feat_w, ref_feat_l) if kind == "dpo" else (None, None)
     params = (float(beta), 0.0, 0.0)
-    loss, stats = FusedPairLoss.apply(NCP_LOSS_IDS[kind], params, feat_w, feat_l, target_feat_w, target_feat_l, *refs)
-    ref_w, ref_l = (stats[:, 2], stats[:, 3]) if kind == "dpo" else (None, None)
-    return _with_metrics(
-        loss, lambda: _heads.ncp_head(stats[:, 0], stats[:, 1], ref_w, ref_l, beta, kind), return_metrics
-    )
+    loss, metrics = FusedPairLoss.apply(NCP_LOSS_IDS[kind], params, feat_w, feat_l, target_feat_w, target_feat_l, *refs)
+    return _with_metrics(NCP_LOSS_IDS[kind], loss, metrics, return_metrics)

@@ -32,7 +32,8 @@ ACC_POINTERS = {
     "part_ptr", "coef_a_ptr", "coef_c_ptr", "coef_ptr", "mean_ptr", "sqrt_1m_a_ptr", "sqrt_a_ptr",
     "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "loss_ptr",
 }  # fmt: skip
-FP64_POINTERS = {"stats_ptr", "param_ptr"}
+FP64_POINTERS = {"param_ptr"}
+FP32_POINTERS = {"met_ptr"}
 FLAGS = {
     "sqerr_partials_kernel": ("HAS_L", "HAS_REF"),
     "scaled_diff_kernel": ("HAS_SECOND", "HAS_G"),
@@ -59,6 +60,8 @@ def signature(fn, data: str, acc) -> dict:
             sig[name] = "constexpr"
         elif name in FP64_POINTERS:
             sig[name] = "*fp64"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = f"*{acc_name}" if name in ACC_POINTERS else f"*{data}"
         else:

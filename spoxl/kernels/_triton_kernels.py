@@ -136,56 +136,114 @@ def scaled_diff_kernel(
 
 @triton.jit
 def pool_logprob_partials_kernel(
-    part_ptr,  # [B, NCHUNK, K, 2] ACC: sums of (x_j - mean)^2 and (x_j - ref)^2
+    part_ptr,  # [B, NCHUNK, K, 2] ACC: sums of (x_j - mean)^2 and (x_j - ref)^2 (0 without ref)
     x_ptr,  # [B, K, N]
     m_ptr,  # [B, N]
-    r_ptr,  # [B, N]
+    r_ptr,  # [B, N] (read only when HAS_REF)
     N,
     NCHUNK,
     K,
+    HAS_REF: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Both log-prob reductions of all k candidates; mean and ref are read once for the pool."""
+    """Both log-prob reductions of all k candidates; mean and ref are read once for the pool.
+    transition_logprob is the case K = 1 without a reference."""
     pid_b, pid_c, cols, mask = _offsets(N, BLOCK)
     base = pid_b * N + cols
     m = tl.load(m_ptr + base, mask=mask, other=0.0).to(ACC)
-    r = tl.load(r_ptr + base, mask=mask, other=0.0).to(ACC)
+    if HAS_REF:
+        r = tl.load(r_ptr + base, mask=mask, other=0.0).to(ACC)
     out = part_ptr + (pid_b * NCHUNK + pid_c) * K * 2
     for j in range(K):
         x = tl.load(x_ptr + (pid_b * K + j) * N + cols, mask=mask, other=0.0).to(ACC)
         dm = x - m
-        dr = x - r
         tl.store(out + 2 * j, tl.sum(dm * dm, axis=0))
-        tl.store(out + 2 * j + 1, tl.sum(dr * dr, axis=0))
+        if HAS_REF:
+            dr = x - r
+            tl.store(out + 2 * j + 1, tl.sum(dr * dr, axis=0))
+        else:
+            tl.store(out + 2 * j + 1, tl.sum(dm * 0.0, axis=0))
+
+
+@triton.jit
+def logprob_head_kernel(
+    logp_ptr,  # [B, K] ACC
+    ref_logp_ptr,  # [B, K] ACC (written only when HAS_REF)
+    part_ptr,  # [B, NCHUNK, K, 2] ACC
+    std_ptr,  # [B] ACC
+    param_ptr,  # fp64 [3]: log(sqrt(2 pi)), 1/B, 1/N
+    NCHUNK,
+    K,
+    HAS_REF: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per sample: finish the chunk sums of every candidate and write its mean
+    Gaussian log density, -sum/(2 std^2 N) - log(std) - log(sqrt(2 pi)) (as spoxl.sampling)."""
+    b = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    s_m = tl.zeros([BLOCK_K], dtype=tl.float64)
+    s_r = tl.zeros([BLOCK_K], dtype=tl.float64)
+    for c0 in range(0, NCHUNK, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        m2 = (cs[:, None] < NCHUNK) & kmask[None, :]
+        at = part_ptr + ((b * NCHUNK + cs[:, None]) * K + ks[None, :]) * 2
+        s_m += tl.sum(tl.load(at, mask=m2, other=0.0).to(tl.float64), axis=0)
+        if HAS_REF:
+            s_r += tl.sum(tl.load(at + 1, mask=m2, other=0.0).to(tl.float64), axis=0)
+    log_sqrt_2pi = tl.load(param_ptr)
+    inv_n = tl.load(param_ptr + 2)
+    std = tl.load(std_ptr + b).to(tl.float64)
+    scale = inv_n / (2.0 * std * std)
+    const = tl.log(std) + log_sqrt_2pi
+    out_ty = logp_ptr.dtype.element_ty
+    tl.store(logp_ptr + b * K + ks, (-s_m * scale - const).to(out_ty), mask=kmask)
+    if HAS_REF:
+        tl.store(ref_logp_ptr + b * K + ks, (-s_r * scale - const).to(out_ty), mask=kmask)
 
 
 @triton.jit
 def pool_logprob_backward_kernel(
     grad_m_ptr,  # [B, N]
-    grad_r_ptr,  # [B, N]
+    grad_r_ptr,  # [B, N] (written only when HAS_REF)
     x_ptr,  # [B, K, N]
     m_ptr,
     r_ptr,
-    coef_ptr,  # [B, K, 2] ACC: dL/dlogp_j / (std^2 N) and dL/dref_logp_j / (std^2 N)
+    g_ptr,  # [B, K] upstream gradient of logp (read only when HAS_G; else it is zero)
+    g_ref_ptr,  # [B, K] upstream gradient of ref_logp (read only when HAS_G_REF)
+    std_ptr,  # [B] ACC
+    param_ptr,  # fp64 [3]: log(sqrt(2 pi)), 1/B, 1/N
     N,
     K,
+    HAS_REF: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_G_REF: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """grad_mean = sum_j c_j (x_j - mean), grad_ref = sum_j c'_j (x_j - ref), candidates read once."""
+    """grad_mean = sum_j c_j (x_j - mean), grad_ref = sum_j c'_j (x_j - ref), c_j = g_j / (std^2 N):
+    the candidates are read once and the coefficients formed here, not by torch ops."""
     pid_b, pid_c, cols, mask = _offsets(N, BLOCK)
     base = pid_b * N + cols
+    std = tl.load(std_ptr + pid_b).to(ACC)
+    scale = tl.load(param_ptr + 2).to(ACC) / (std * std)
     m = tl.load(m_ptr + base, mask=mask, other=0.0).to(ACC)
-    r = tl.load(r_ptr + base, mask=mask, other=0.0).to(ACC)
     acc_m = tl.zeros([BLOCK], dtype=ACC)
     acc_r = tl.zeros([BLOCK], dtype=ACC)
+    if HAS_REF:
+        r = tl.load(r_ptr + base, mask=mask, other=0.0).to(ACC)
     for j in range(K):
         x = tl.load(x_ptr + (pid_b * K + j) * N + cols, mask=mask, other=0.0).to(ACC)
-        acc_m += tl.load(coef_ptr + (pid_b * K + j) * 2) * (x - m)
-        acc_r += tl.load(coef_ptr + (pid_b * K + j) * 2 + 1) * (x - r)
+        if HAS_G:
+            acc_m += tl.load(g_ptr + pid_b * K + j).to(ACC) * scale * (x - m)
+        if HAS_REF:
+            if HAS_G_REF:
+                acc_r += tl.load(g_ref_ptr + pid_b * K + j).to(ACC) * scale * (x - r)
     tl.store(grad_m_ptr + base, acc_m.to(grad_m_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_r_ptr + base, acc_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+    if HAS_REF:
+        tl.store(grad_r_ptr + base, acc_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

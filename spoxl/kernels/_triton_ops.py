@@ -207,65 +207,84 @@ class FusedSpoLoss(torch.autograd.Function):
         return None, None, None, grad_w, grad_l, None, None, None
 
 
+def _logprobs_forward(samples, mean, ref_mean, std):
+    """(logp [B, K], ref_logp [B, K] or None) in two launches: the partials and the head."""
+    batch, k = samples.shape[:2]
+    n = mean[0].numel()
+    has_ref = ref_mean is not None
+    acc = _acc_dtype(samples, mean, ref_mean)
+    x = samples.detach().reshape(batch, k, n).contiguous()
+    m = _flat(mean)
+    r = _flat(ref_mean) if has_ref else m
+    std = std.to(acc)
+    grid = _grid(batch, n)
+    partials = torch.empty(batch, grid[1], k, 2, dtype=acc, device=mean.device)
+    K.pool_logprob_partials_kernel[grid](partials, x, m, r, n, grid[1], k, HAS_REF=has_ref, ACC=_tl(acc),
+                                         **_launch_config(n))  # fmt: skip
+    logp = torch.empty(batch, k, dtype=acc, device=mean.device)
+    ref_logp = torch.empty(batch, k, dtype=acc, device=mean.device) if has_ref else logp
+    param = _head_params((sampling.LOG_SQRT_2PI,), batch, n, mean.device)
+    K.logprob_head_kernel[(batch,)](
+        logp, ref_logp, partials, std, param, grid[1], k, HAS_REF=has_ref,
+        BLOCK_C=min(64, triton.next_power_of_2(grid[1])), BLOCK_K=triton.next_power_of_2(k),
+    )  # fmt: skip
+    return (x, m, r, std, param), logp, (ref_logp if has_ref else None)
+
+
+def _logprobs_backward(saved, meta, g, g_ref):
+    """(grad_mean, grad_ref_mean or None) in one launch; g/g_ref None = zero (not materialised)."""
+    x, m, r, std, param = saved
+    shape, dtype_m, dtype_r, acc, n, has_ref = meta
+    batch, k = x.shape[:2]
+    grad_m = torch.empty(batch, n, dtype=dtype_m, device=m.device)
+    grad_r = torch.empty(batch, n, dtype=dtype_r, device=m.device) if has_ref else grad_m
+    K.pool_logprob_backward_kernel[_grid(batch, n)](
+        grad_m, grad_r, x, m, r, g if g is not None else std, g_ref if g_ref is not None else std, std, param,
+        n, k, HAS_REF=has_ref, HAS_G=g is not None, HAS_G_REF=g_ref is not None, ACC=_tl(acc),
+        **_launch_config(n),
+    )  # fmt: skip
+    return grad_m.view(shape), (grad_r.view(shape) if has_ref else None)
+
+
 class TransitionLogprob(torch.autograd.Function):
-    """[B] mean Gaussian log density of x_prev under (mean, std); gradient into mean."""
+    """[B] mean Gaussian log density of x_prev under (mean, std); gradient into mean. The pool
+    kernels with k = 1 and no reference: 2 launches forward, 1 backward."""
 
     @staticmethod
     def forward(ctx, x_prev, mean, std):
-        partials, (m, x, _, _) = _sqerr_partials(mean, x_prev)
-        mse = partials[..., 0].sum(1) / m.shape[1]
-        std = std.to(mse.dtype)
-        ctx.save_for_backward(m, x, std)
-        ctx.meta = (mean.shape, mean.dtype)
-        return -mse / (2 * std**2) - torch.log(std) - sampling.LOG_SQRT_2PI
+        ctx.set_materialize_grads(False)
+        saved, logp, _ = _logprobs_forward(x_prev.unsqueeze(1), mean, None, std)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (mean.shape, mean.dtype, mean.dtype, logp.dtype, mean[0].numel(), False)
+        return logp.view(mean.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        m, x, std = ctx.saved_tensors
-        shape, dtype = ctx.meta
-        # d logp / d mean = (x - mean) / (std^2 N), written as coef * (mean - x).
-        coef = (-g.to(std.dtype) / (std**2 * m.shape[1])).contiguous()
-        grad_mean, _ = _scaled_diffs(shape, m, x, coef, dtype)
+        if g is None:
+            return None, None, None
+        grad_mean, _ = _logprobs_backward(ctx.saved_tensors, ctx.meta, g.contiguous(), None)
         return None, grad_mean, None
 
 
 class PoolLogprobs(torch.autograd.Function):
-    """(logp [B, k], ref_logp [B, k]) of all candidates in one pass; grads into mean and ref_mean."""
+    """(logp [B, k], ref_logp [B, k]) of all candidates in one pass; grads into mean and ref_mean.
+    2 launches forward, 1 backward."""
 
     @staticmethod
     def forward(ctx, samples, mean, ref_mean, std):
-        batch, k = samples.shape[:2]
-        n = mean[0].numel()
-        acc = _acc_dtype(samples, mean, ref_mean)
-        x = samples.detach().reshape(batch, k, n).contiguous()
-        m, r = _flat(mean), _flat(ref_mean)
-        std = std.to(acc)
-        grid = _grid(batch, n)
-        partials = torch.empty(batch, grid[1], k, 2, dtype=acc, device=mean.device)
-        K.pool_logprob_partials_kernel[grid](partials, x, m, r, n, grid[1], k, ACC=_tl(acc), **_launch_config(n))
-        const = (torch.log(std) + sampling.LOG_SQRT_2PI).unsqueeze(1)
-        sq = partials.sum(1) / (2 * std.view(batch, 1, 1) ** 2 * n)
-        ctx.save_for_backward(x, m, r, std)
-        ctx.meta = (mean.shape, mean.dtype, ref_mean.dtype, acc, n)
-        return (-sq[..., 0] - const).contiguous(), (-sq[..., 1] - const).contiguous()
+        ctx.set_materialize_grads(False)
+        saved, logp, ref_logp = _logprobs_forward(samples, mean, ref_mean, std)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (mean.shape, mean.dtype, ref_mean.dtype, logp.dtype, mean[0].numel(), True)
+        return logp, ref_logp
 
     @staticmethod
     def backward(ctx, g, g_ref):
-        x, m, r, std = ctx.saved_tensors
-        shape, dtype_m, dtype_r, acc, n = ctx.meta
-        batch, k = x.shape[:2]
-        scale = (1.0 / (std**2 * n)).view(batch, 1)
-        coef = torch.stack([g.to(acc) * scale, g_ref.to(acc) * scale], -1).contiguous()
-        grad_m = torch.empty(batch, n, dtype=dtype_m, device=m.device)
-        grad_r = torch.empty(batch, n, dtype=dtype_r, device=m.device)
-        K.pool_logprob_backward_kernel[_grid(batch, n)](
-            grad_m, grad_r, x, m, r, coef, n, k, ACC=_tl(acc), **_launch_config(n)
-        )
-        return None, grad_m.view(shape), grad_r.view(shape), None
-
-
-# ---------------------------------------------------------------------------------------------
-# Ops with the public signatures (inputs already validated by spoxl.kernels.ops)
+        if g is None and g_ref is None:
+            return None, None, None, None
+        grad_m, grad_r = _logprobs_backward(ctx.saved_tensors, ctx.meta, None if g is None else g.contiguous(),
+                                            None if g_ref is None else g_ref.contiguous())  # fmt: skip
+        return None, grad_m, grad_r, None
 
 
 def _std(std, like: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from spoxl.kernels import _triton_kernels as kernels  # noqa: E402
 # Pointers that always hold the accumulation dtype (partials, per-sample coefficients, the mean).
 ACC_POINTERS = {
     "part_ptr", "coef_a_ptr", "coef_c_ptr", "coef_ptr", "mean_ptr", "sqrt_1m_a_ptr", "sqrt_a_ptr",
-    "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "loss_ptr",
+    "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "g_ref_ptr", "loss_ptr", "logp_ptr", "ref_logp_ptr",
 }  # fmt: skip
 FP64_POINTERS = {"param_ptr"}
 FP32_POINTERS = {"met_ptr"}
@@ -38,12 +38,16 @@ FLAGS = {
     "sqerr_partials_kernel": ("HAS_L", "HAS_REF"),
     "scaled_diff_kernel": ("HAS_SECOND", "HAS_G"),
     "pool_step_kernel": ("HAS_NOISE",),
+    "pool_logprob_partials_kernel": ("HAS_REF",),
+    "pool_logprob_backward_kernel": ("HAS_REF", "HAS_G", "HAS_G_REF"),
+    "logprob_head_kernel": ("HAS_REF",),
 }
 KERNELS = [
     "sqerr_partials_kernel",
     "logratio_partials_kernel",
     "scaled_diff_kernel",
     "pool_logprob_partials_kernel",
+    "logprob_head_kernel",
     "pool_logprob_backward_kernel",
     "pool_step_kernel",
     "loss_head_kernel",
@@ -92,10 +96,16 @@ def main(argv=None) -> int:
     start = time.time()
     for arch, name, (data, acc) in itertools.product(args.arch, KERNELS, DTYPES):
         fn = getattr(kernels, name)
-        if name == "loss_head_kernel" and data in ("bf16", "fp16"):
+        heads = ("loss_head_kernel", "logprob_head_kernel")
+        if name in heads and data in ("bf16", "fp16"):
             continue  # reads only accumulation-dtype partials: fp32 and fp64 cover it
         for flags in variants(name):
-            constexprs = dict(flags) if name == "loss_head_kernel" else {**flags, "ACC": acc, "BLOCK": args.block}
+            if name == "loss_head_kernel":
+                constexprs = dict(flags)
+            elif name == "logprob_head_kernel":
+                constexprs = {**flags, "BLOCK_C": 32, "BLOCK_K": 4}
+            else:
+                constexprs = {**flags, "ACC": acc, "BLOCK": args.block}
             src = ASTSource(fn=fn, signature=signature(fn, data, acc), constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             assert compiled.asm.get("cubin"), f"{name}: no cubin"

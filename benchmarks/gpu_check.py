@@ -130,7 +130,7 @@ def make_inputs(op: str, shape, dtype_name: str, device, k: int = 2, seed: int =
     if op == "pool_step":
         x_t, eps = randn(*shape), randn(*shape)
         noise = randn(shape[0], k, *shape[1:])
-        return [x_t.to(policy), eps.to(policy), 0.3, 0.35, 1.0, k], {"noise": noise}, ()
+        return [x_t.to(policy), eps.to(policy), 0.3, 0.35, 1.0, k], {"noise": noise, "return_logprob": True}, ()
     raise ValueError(op)
 
 
@@ -230,6 +230,14 @@ def check_correctness(report: Report, triton_ops, reference, device, shapes, ncp
         fp64 = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
         kw64 = {key: (v.double() if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()}
         out_r, grads_r = run_op(op_function(reference, op), op, fp64, kw64, grad_idx)
+        if op == "pool_step":  # the log-probs are those of the STORED (rounded) samples: their oracle
+            samples_t, logp_t = out_t[0], out_t.pop()  # is the fp64 density of Triton's own samples
+            out_r.pop()
+            expected = torch.stack([reference.transition_logprob(samples_t[:, j].double(), out_r[1], out_r[2])
+                                    for j in range(samples_t.shape[1])], 1)  # fmt: skip
+            err = excess(logp_t, expected, 1e-4, 1e-6)
+            report.add("correctness", op, case, "triton", "logprob_error_over_tolerance", err, "<= 1",
+                       "PASS" if err <= 1 else "FAIL")
         if op in LOSS_OPS:  # 0-d loss and metrics, reduced in fp32/fp64 from the same rounded inputs
             worst = max(excess(a, b, LOSS_RTOL, LOSS_ATOL) for a, b in zip(out_t, out_r))
         else:  # tensors stored in their dtype
@@ -262,6 +270,7 @@ def count_launches(fn_call) -> tuple[int, int, int]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from spoxl.kernels import _triton_kernels as K
+    from spoxl.kernels import _triton_ops
 
     free = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "squeeze", "unsqueeze",
             "slice", "select", "as_strided", "detach", "alias", "empty", "empty_like", "empty_strided",
@@ -275,7 +284,14 @@ def count_launches(fn_call) -> tuple[int, int, int]:
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside_kernel[0]:
+            # Not the op's device work: the interpreter's own copies inside a launch, and scalar
+            # math the op declares as host-side (1-element CPU tensors; _triton_ops.host_math,
+            # which must only ever see CPU tensors: checked here).
+            host = _triton_ops.HOST_MATH.active
+            if host:
+                tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+                assert all(t.device.type == "cpu" and t.numel() <= 1 for t in tensors), f"host_math saw {func}"
+            if not inside_kernel[0] and not host:
                 name = func.overloadpacket.__name__
                 if name in syncing or (name in ("_to_copy", "copy_") and _host_to_device(func, args, kwargs)):
                     counts["sync"] += 1

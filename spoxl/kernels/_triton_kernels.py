@@ -246,46 +246,111 @@ def pool_logprob_backward_kernel(
         tl.store(grad_r_ptr + base, acc_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "sqrt_1m_a", "sqrt_a", "x0_coef", "eps_coef", "std_value"])
 def pool_step_kernel(
     samples_ptr,  # [B, K, N], x_t's dtype
     mean_ptr,  # [B, N] ACC
+    std_out_ptr,  # [B] ACC: written by chunk 0 of each sample (SCALAR: from std_value)
+    part_ptr,  # [B, NCHUNK, K, 2] ACC: sums of (sample_j - mean)^2 (written only when WITH_LOGP)
     x_ptr,  # [B, N]
     eps_ptr,  # [B, N]
     noise_ptr,  # [B, K, N] (only read when HAS_NOISE)
-    sqrt_1m_a_ptr,  # [B] ACC: sqrt(1 - a)
+    sqrt_1m_a_ptr,  # [B] ACC: sqrt(1 - a)          (per-sample path, SCALAR False)
     sqrt_a_ptr,  # sqrt(a)
     x0_coef_ptr,  # sqrt(a_prev)
     eps_coef_ptr,  # sqrt(1 - a_prev - std^2)
     std_ptr,
+    sqrt_1m_a,  # the same five as scalars (SCALAR True: one timestep for the whole batch)
+    sqrt_a,
+    x0_coef,
+    eps_coef,
+    std_value,
     seed,
     N,
+    NCHUNK,
     K,
     HAS_NOISE: tl.constexpr,
+    SCALAR: tl.constexpr,
+    WITH_LOGP: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One DDIM(eta) step to k candidates: x_t and eps are read once, the shared mean is formed
     in registers (same operation order as spoxl.sampling), and each candidate adds std * z_j.
 
-    Without injected noise, z_j comes from Philox: tl.randn(seed, offset) with a distinct offset
-    (b*K + j)*N + n per candidate element, so one seed gives the whole pool reproducibly.
+    The block is handled as four quarters so that ONE Philox call (tl.randn4x) gives the normals
+    of four elements: element pid_c*BLOCK + q*BLOCK/4 + c of candidate (b, j) takes normal q of
+    counter (b*K + j) * NCHUNK*BLOCK/4 + pid_c*BLOCK/4 + c. The seed is not specialised (no
+    recompile per seed). With WITH_LOGP, the squared distance of each STORED candidate to the
+    mean is summed per chunk for logprob_head_kernel: the log-probs equal transition_logprob's.
     """
-    pid_b, pid_c, cols, mask = _offsets(N, BLOCK)
-    base = pid_b * N + cols
-    x = tl.load(x_ptr + base, mask=mask, other=0.0).to(ACC)
-    e = tl.load(eps_ptr + base, mask=mask, other=0.0).to(ACC)
-    x0 = (x - tl.load(sqrt_1m_a_ptr + pid_b) * e) / tl.load(sqrt_a_ptr + pid_b)
-    mean = tl.load(x0_coef_ptr + pid_b) * x0 + tl.load(eps_coef_ptr + pid_b) * e
-    tl.store(mean_ptr + base, mean, mask=mask)
-    std = tl.load(std_ptr + pid_b)
+    Q: tl.constexpr = BLOCK // 4
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    if SCALAR:
+        c_1m_a = sqrt_1m_a
+        c_a = sqrt_a
+        c_x0 = x0_coef
+        c_eps = eps_coef
+        std = std_value
+    else:
+        c_1m_a = tl.load(sqrt_1m_a_ptr + pid_b)
+        c_a = tl.load(sqrt_a_ptr + pid_b)
+        c_x0 = tl.load(x0_coef_ptr + pid_b)
+        c_eps = tl.load(eps_coef_ptr + pid_b)
+        std = tl.load(std_ptr + pid_b)
+    if pid_c == 0:
+        tl.store(std_out_ptr + pid_b, std)
+    quarter = tl.arange(0, Q).to(tl.int64)
+    # The four quarters' columns and shared means, kept in registers for every candidate.
+    cols0 = pid_c * BLOCK + quarter
+    cols1 = cols0 + Q
+    cols2 = cols0 + 2 * Q
+    cols3 = cols0 + 3 * Q
+    m0 = _ddim_mean(mean_ptr, x_ptr, eps_ptr, pid_b * N, cols0, N, c_1m_a, c_a, c_x0, c_eps, ACC)
+    m1 = _ddim_mean(mean_ptr, x_ptr, eps_ptr, pid_b * N, cols1, N, c_1m_a, c_a, c_x0, c_eps, ACC)
+    m2 = _ddim_mean(mean_ptr, x_ptr, eps_ptr, pid_b * N, cols2, N, c_1m_a, c_a, c_x0, c_eps, ACC)
+    m3 = _ddim_mean(mean_ptr, x_ptr, eps_ptr, pid_b * N, cols3, N, c_1m_a, c_a, c_x0, c_eps, ACC)
     for j in range(K):
-        offs = (pid_b * K + j) * N + cols
+        row = pid_b * K + j
         if HAS_NOISE:
-            z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(ACC)
+            z0 = tl.load(noise_ptr + row * N + cols0, mask=cols0 < N, other=0.0)
+            z1 = tl.load(noise_ptr + row * N + cols1, mask=cols1 < N, other=0.0)
+            z2 = tl.load(noise_ptr + row * N + cols2, mask=cols2 < N, other=0.0)
+            z3 = tl.load(noise_ptr + row * N + cols3, mask=cols3 < N, other=0.0)
         else:
-            z = tl.randn(seed, offs).to(ACC)
-        tl.store(samples_ptr + offs, (mean + std * z).to(samples_ptr.dtype.element_ty), mask=mask)
+            z0, z1, z2, z3 = tl.randn4x(seed, row * NCHUNK * Q + pid_c * Q + quarter)
+        sq = _candidate(samples_ptr, row * N, cols0, N, m0, std, z0, ACC)
+        sq += _candidate(samples_ptr, row * N, cols1, N, m1, std, z1, ACC)
+        sq += _candidate(samples_ptr, row * N, cols2, N, m2, std, z2, ACC)
+        sq += _candidate(samples_ptr, row * N, cols3, N, m3, std, z3, ACC)
+        if WITH_LOGP:
+            at = part_ptr + ((pid_b * NCHUNK + pid_c) * K + j) * 2
+            tl.store(at, tl.sum(sq, axis=0))
+            tl.store(at + 1, tl.sum(sq * 0.0, axis=0))
+
+
+@triton.jit
+def _ddim_mean(mean_ptr, x_ptr, eps_ptr, row_start, cols, N, c_1m_a, c_a, c_x0, c_eps, ACC: tl.constexpr):
+    """The DDIM mean of some columns of one sample, stored and returned (spoxl.sampling's order)."""
+    mask = cols < N
+    x = tl.load(x_ptr + row_start + cols, mask=mask, other=0.0).to(ACC)
+    e = tl.load(eps_ptr + row_start + cols, mask=mask, other=0.0).to(ACC)
+    x0 = (x - c_1m_a * e) / c_a
+    mean = c_x0 * x0 + c_eps * e
+    tl.store(mean_ptr + row_start + cols, mean, mask=mask)
+    return mean
+
+
+@triton.jit
+def _candidate(samples_ptr, row_start, cols, N, mean, std, z, ACC: tl.constexpr):
+    """Store mean + std * z for some columns of one candidate; returns the squared distance of
+    the STORED (rounded) values to the mean (0 outside N)."""
+    mask = cols < N
+    sample = (mean + std * z.to(ACC)).to(samples_ptr.dtype.element_ty)
+    tl.store(samples_ptr + row_start + cols, sample, mask=mask)
+    d = tl.where(mask, sample.to(ACC) - mean, 0.0)
+    return d * d
 
 
 # Loss ids of loss_head_kernel (module constants so the wrappers and the kernel agree).

@@ -14,6 +14,9 @@ values, so their (tiny) head stays in torch.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -291,32 +294,95 @@ def _std(std, like: torch.Tensor) -> torch.Tensor:
     return per_sample("std", std, like.shape[0], like.device, _acc_dtype(like))
 
 
-@torch.no_grad()
-def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None):
-    batch, n = x_t.shape[0], x_t[0].numel()
-    acc = _acc_dtype(x_t, eps)
-    a = per_sample("alpha_bar_t", alpha_bar_t, batch, x_t.device)
-    a_prev = per_sample("alpha_bar_prev", alpha_bar_prev, batch, x_t.device)
-    std = sampling.ddim_std(a, a_prev, per_sample("eta", eta, batch, x_t.device)).to(x_t.device)
-    # The mean's coefficients come from spoxl.sampling evaluated on basis vectors, so the DDIM
-    # algebra stays in one place: ddim_mean(x0, eps) = c_x0 * x0 + c_eps * eps.
+class _HostMath(threading.local):
+    active = False
+
+
+HOST_MATH = _HostMath()
+
+
+@contextlib.contextmanager
+def host_math():
+    """Scalar math on the host (1-element CPU tensors, Python floats): no device launch and no
+    device sync, however it looks to a dispatch-mode counter on a CPU-only machine, where host
+    and device are the same; benchmarks/gpu_check.py's launch counter skips what runs in here."""
+    HOST_MATH.active = True
+    try:
+        yield
+    finally:
+        HOST_MATH.active = False
+
+
+def _host_value(v):
+    """v as a 1-element CPU fp32 tensor when it is ONE value on the host (a number, or a
+    1-element CPU tensor such as scheduler.alphas_cumprod[t]); None for device or per-sample
+    tensors. Host values become kernel arguments: no host-to-device copy, no sync."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.tensor([float(v)], dtype=torch.float32)
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() == 1:
+        return v.detach().to(torch.float32).reshape(1)
+    return None
+
+
+def _ddim_coefficients(a, a_prev, eta) -> tuple:
+    """(sqrt(1 - a), sqrt(a), x0 coefficient, eps coefficient, std) of a DDIM step, from
+    spoxl.sampling evaluated on basis vectors (the DDIM algebra stays in one place):
+    ddim_mean(x0, eps) = c_x0 * x0 + c_eps * eps. Works on [B] or [1] tensors alike."""
+    std = sampling.ddim_std(a, a_prev, eta).to(a.device)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
     c_x0 = sampling.ddim_mean(one, zero, a_prev, std)
     c_eps = sampling.ddim_mean(zero, one, a_prev, std)
-    coefs = [c.to(acc).contiguous() for c in ((1 - a).sqrt(), a.sqrt(), c_x0, c_eps, std)]
-    samples = torch.empty(batch, k, *x_t.shape[1:], dtype=x_t.dtype, device=x_t.device)
-    mean = torch.empty(x_t.shape, dtype=acc, device=x_t.device)
+    return (1 - a).sqrt(), a.sqrt(), c_x0, c_eps, std
+
+
+POOL_STEP_MIN_BLOCK = 16  # four quarters of at least 4 elements (one Philox call gives 4 normals)
+
+
+@torch.no_grad()
+def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None, return_logprob=False):
+    batch, n = x_t.shape[0], x_t[0].numel()
+    acc = _acc_dtype(x_t, eps)
+    device = x_t.device
+    with host_math():
+        host = [_host_value(v) for v in (alpha_bar_t, alpha_bar_prev, eta)]
+    scalar = all(h is not None for h in host)
+    if scalar:  # one timestep for the batch: five floats, computed on the host in fp32 as the reference
+        with host_math():
+            values = [float(c) for c in _ddim_coefficients(*host)]
+        coef_ptrs = [x_t] * 5  # never read (SCALAR=True)
+    else:
+        a = per_sample("alpha_bar_t", alpha_bar_t, batch, device)
+        a_prev = per_sample("alpha_bar_prev", alpha_bar_prev, batch, device)
+        coefs = _ddim_coefficients(a, a_prev, per_sample("eta", eta, batch, device))
+        coef_ptrs = [c.to(acc).contiguous() for c in coefs]
+        values = [0.0] * 5
+    block = max(POOL_STEP_MIN_BLOCK, _block(n))
+    nchunk = triton.cdiv(n, block)
+    samples = torch.empty(batch, k, *x_t.shape[1:], dtype=x_t.dtype, device=device)
+    mean = torch.empty(x_t.shape, dtype=acc, device=device)
+    std = torch.empty(batch, dtype=acc, device=device)
+    partials = torch.empty(batch, nchunk, k, 2, dtype=acc, device=device) if return_logprob else mean
     if noise is not None:
         noise_arg = noise.detach().reshape(batch, k, n).contiguous()
     else:
         noise_arg = samples  # never read (HAS_NOISE=False); any pointer will do
         if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    K.pool_step_kernel[_grid(batch, n)](
-        samples, mean, _flat(x_t), _flat(eps), noise_arg, *coefs, int(seed or 0), n, k,
-        HAS_NOISE=noise is not None, ACC=_tl(acc), **_launch_config(n),
+            with host_math():
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the host's global RNG: no device sync
+    K.pool_step_kernel[(batch, nchunk)](
+        samples, mean, std, partials, _flat(x_t), _flat(eps), noise_arg, *coef_ptrs, *values, int(seed or 0),
+        n, nchunk, k, HAS_NOISE=noise is not None, SCALAR=scalar, WITH_LOGP=return_logprob, ACC=_tl(acc),
+        BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )  # fmt: skip
-    return samples, mean, std
+    if not return_logprob:
+        return samples, mean, std
+    logp = torch.empty(batch, k, dtype=acc, device=device)
+    param = _head_params((sampling.LOG_SQRT_2PI,), batch, n, device)
+    K.logprob_head_kernel[(batch,)](
+        logp, logp, partials, std, param, nchunk, k, HAS_REF=False,
+        BLOCK_C=min(64, triton.next_power_of_2(nchunk)), BLOCK_K=triton.next_power_of_2(k),
+    )  # fmt: skip
+    return samples, mean, std, logp
 
 
 def transition_logprob(x_prev, mean, std):

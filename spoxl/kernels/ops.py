@@ -29,10 +29,14 @@ def _check_std(std, batch: int) -> None:
         raise SpoxlError(f"std must be > 0, got {std}")
 
 
-def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None):
+def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None, return_logprob=False):
     """One DDIM(eta) step (epsilon prediction) from each x_t to k candidates around the shared mean.
 
-    Returns (samples [B, k, C, H, W] in x_t's dtype, mean [B, C, H, W] fp32, std [B] fp32).
+    Returns (samples [B, k, C, H, W] in x_t's dtype, mean [B, C, H, W] fp32, std [B] fp32), and
+    with return_logprob=True also logp [B, k]: each stored candidate's transition_logprob under
+    the mean, from the same kernel (the Triton path adds one small head launch, not a pass).
+    alpha_bar_t, alpha_bar_prev and eta may be numbers or 1-element CPU tensors (one timestep for
+    the batch: passed to the kernel as arguments, no host-to-device copy) or [B] tensors.
     `noise` [B, k, C, H, W] makes the step exact; otherwise noise is drawn from `seed`
     (torch backend: a torch.Generator; Triton: Philox), reproducibly, or from the global RNG
     when seed is None. The two backends draw different streams for the same seed. No gradients.
@@ -47,7 +51,7 @@ def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise SpoxlError(f"seed must be a non-negative int, got {seed!r}")
     return backend_module(x_t.device).pool_step(
-        x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, noise=noise, seed=seed
+        x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, noise=noise, seed=seed, return_logprob=return_logprob
     )
 
 

@@ -35,7 +35,7 @@ def pool_noise(shape, device, seed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None):
+def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed=None, return_logprob=False):
     """k DDIM(eta) candidates around one shared mean: samples = mean + std * z_j (epsilon prediction)."""
     batch = x_t.shape[0]
     a = per_sample("alpha_bar_t", alpha_bar_t, batch, x_t.device)
@@ -45,8 +45,11 @@ def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed
     mean = sampling.ddim_mean(pred_x0, pred_eps, a_prev, std)
     if noise is None:
         noise = pool_noise((batch, k, *x_t.shape[1:]), x_t.device, seed)
-    samples = mean.unsqueeze(1) + sampling.bcast(std, noise) * noise.float()
-    return samples.to(x_t.dtype), mean, std
+    samples = (mean.unsqueeze(1) + sampling.bcast(std, noise) * noise.float()).to(x_t.dtype)
+    if not return_logprob:
+        return samples, mean, std
+    logp = torch.stack([sampling.transition_logprob(samples[:, j], mean, std) for j in range(k)], 1)
+    return samples, mean, std, logp
 
 
 def transition_logprob(x_prev, mean, std):

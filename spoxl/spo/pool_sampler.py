@@ -164,12 +164,11 @@ class PoolSampler:
             end = min(start + 1 + c.num_inner_step, c.steps)
             t = timesteps[start]
             a, a_prev = self._alpha(t)
-            samples, mean, std = kernels.pool_step(x, eps, a, a_prev, c.eta, k, seed=_seed(generator))
+            # The k candidates and their log-probs under the policy mean (the sampler has no
+            # reference) from one kernel: a DDIM candidate's log-prob needs only its noise and std.
+            samples, mean, std, logp = kernels.pool_step(x, eps, a, a_prev, c.eta, k, seed=_seed(generator),
+                                                         return_logprob=True)  # fmt: skip
             samples = samples.float()
-            # Log-probs under the policy mean only (the sampler has no reference): all B x k
-            # candidates in one transition_logprob call, each against its prompt's shared mean.
-            logp = kernels.transition_logprob(samples.flatten(0, 1), mean.repeat_interleave(k, 0),
-                                              std.repeat_interleave(k)).view(B, k)  # fmt: skip
             # Each record: (x_t [B, k], x_prev [B, k], t, t_prev, std [B], logp [B, k]).
             records = [(x.unsqueeze(1).expand_as(samples), samples, t, self._prev(t), std, logp)]
             cur = samples.reshape(B * k, *x.shape[1:])
@@ -177,9 +176,10 @@ class PoolSampler:
                 tj = timesteps[j]
                 aj, aj_prev = self._alpha(tj)
                 _, eps_j = denoise(cur, tj, k)
-                nxt, mean_j, std_j = kernels.pool_step(cur, eps_j, aj, aj_prev, c.eta, 1, seed=_seed(generator))
+                nxt, mean_j, std_j, logp_j = kernels.pool_step(cur, eps_j, aj, aj_prev, c.eta, 1, seed=_seed(generator),
+                                                               return_logprob=True)  # fmt: skip
                 nxt = nxt[:, 0].float()
-                logp_j = kernels.transition_logprob(nxt, mean_j, std_j)
+                logp_j = logp_j[:, 0]
                 records.append(
                     (cur.view(B, k, *x.shape[1:]), nxt.view(B, k, *x.shape[1:]), tj, self._prev(tj),
                      std_j.view(B, k)[:, 0], logp_j.view(B, k))

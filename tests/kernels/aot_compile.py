@@ -30,14 +30,15 @@ from spoxl.kernels import _triton_kernels as kernels  # noqa: E402
 # Pointers that always hold the accumulation dtype (partials, per-sample coefficients, the mean).
 ACC_POINTERS = {
     "part_ptr", "coef_a_ptr", "coef_c_ptr", "coef_ptr", "mean_ptr", "sqrt_1m_a_ptr", "sqrt_a_ptr",
-    "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "g_ref_ptr", "loss_ptr", "logp_ptr", "ref_logp_ptr",
+    "x0_coef_ptr", "eps_coef_ptr", "std_ptr", "g_ptr", "g_ref_ptr", "loss_ptr", "logp_ptr", "ref_logp_ptr", "std_out_ptr",
 }  # fmt: skip
 FP64_POINTERS = {"param_ptr"}
 FP32_POINTERS = {"met_ptr"}
+FLOAT_ARGS = {"sqrt_1m_a", "sqrt_a", "x0_coef", "eps_coef", "std_value"}  # pool_step's scalar coefficients
 FLAGS = {
     "sqerr_partials_kernel": ("HAS_L", "HAS_REF"),
     "scaled_diff_kernel": ("HAS_SECOND", "HAS_G"),
-    "pool_step_kernel": ("HAS_NOISE",),
+    "pool_step_kernel": ("HAS_NOISE", "SCALAR", "WITH_LOGP"),
     "pool_logprob_partials_kernel": ("HAS_REF",),
     "pool_logprob_backward_kernel": ("HAS_REF", "HAS_G", "HAS_G_REF"),
     "logprob_head_kernel": ("HAS_REF",),
@@ -68,6 +69,8 @@ def signature(fn, data: str, acc) -> dict:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = f"*{acc_name}" if name in ACC_POINTERS else f"*{data}"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
         else:
             sig[name] = "i64" if name == "seed" else "i32"
     # B, N, NCHUNK and K are runtime ints despite being upper case.

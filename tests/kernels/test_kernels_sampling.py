@@ -145,3 +145,30 @@ def test_pool_logprobs_agree_with_transition_logprob(backend):
     torch.testing.assert_close(logp, ref_logp)
     for j in range(4):
         torch.testing.assert_close(logp[:, j], K.transition_logprob(samples[:, j], mean, std), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alphas", ["floats", "host_tensors", "per_sample"])
+def test_pool_step_logprobs_equal_transition_logprob(backend, dtype, alphas):
+    """return_logprob=True gives each STORED candidate's transition_logprob under the shared mean,
+    from the step itself, for every way the timestep can be given (host scalars go to the kernel
+    as arguments; per-sample values as tensors), with drawn and with injected noise."""
+    scheduler = sdxl_scheduler()
+    shape, k = (3, 4, 6, 10), 4
+    x_t, eps = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    a, a_prev = scheduler.alphas_cumprod[501], scheduler.alphas_cumprod[451]
+    if alphas == "floats":
+        a, a_prev = float(a), float(a_prev)
+    elif alphas == "per_sample":
+        a, a_prev = a.repeat(shape[0]), a_prev.repeat(shape[0])
+    for noise in (None, torch.randn(shape[0], k, *shape[1:])):
+        samples, mean, std, logp = K.pool_step(x_t, eps, a, a_prev, 1.0, k, seed=2**62 - 3, noise=noise,
+                                               return_logprob=True)  # fmt: skip
+        plain = K.pool_step(x_t, eps, a, a_prev, 1.0, k, seed=2**62 - 3, noise=noise)
+        assert all(torch.equal(u, v) for u, v in zip((samples, mean, std), plain))  # the same step
+        assert logp.shape == (shape[0], k)
+        for j in range(k):
+            expected = K.transition_logprob(samples[:, j], mean, std)
+            assert_close(logp[:, j], expected, torch.float32, name=f"logp of candidate {j}")
+        # and the density is the written-out Gaussian one of the stored samples
+        assert_close(logp[:, 0], gaussian_logprob(samples[:, 0], mean, std), torch.float32, name="logp oracle")

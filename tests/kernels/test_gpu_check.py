@@ -40,7 +40,7 @@ def test_cpu_mode_runs_every_section_and_passes(gpu_check, tmp_path, capsys):
     for needle in ("fp32", "mixed_bf16", "fp16", "odd_3x3x5x7", "b1_1x", "_k1", "_k4", "ncp_", "philox_seed_4611686018427387903"):
         assert needle in cases, needle
     launches = {r["op"]: int(r["value"]) for r in rows if r["metric"] == "triton_kernels"}
-    assert launches["spo_loss"] == 3 and launches["pool_step"] == 1  # reduction + head + backward; one step kernel
+    assert launches["spo_loss"] == 3 and launches["pool_step"] == 2  # reduction + head + backward; step + log-prob head
 
 
 def test_counters_see_launches_and_host_syncs(gpu_check):

@@ -95,46 +95,63 @@ def read_prompts(cfg: SPOConfig) -> list[str]:
 # Means at x_t for a micro-batch of pairs
 
 
-def pair_means(model, pairs: PairBatch, *, scheduler, cfg_scale: float,
-               uncond: PromptEmbeds, time_ids: torch.Tensor, prediction_type: str = "epsilon",
-               share_sources: bool = True, device=None, dtype=torch.float32):  # fmt: skip
-    """(mean_w, mean_l) [M, C, H, W] fp32: the DDIM(eta) means of the winner and loser transitions.
-    The sampler's eta enters only through the std stored with each pair (pairs.std).
+@dataclass
+class PairSources:
+    """The UNet inputs of a micro-batch of pairs, gathered ONCE and shared by the policy and the
+    reference (their means differ only in the model): one call per group, and where in the
+    concatenated outputs each pair's winner and loser mean sits."""
 
-    share_sources=True: one UNet call on the distinct sources (x_t_w, plus x_t_l where not shared).
-    share_sources=False: the straightforward path, one call for all w and one for all l.
-    """
+    groups: list  # per UNet call: (x_t, t, a, a_prev, std, cond)
+    w_index: torch.Tensor
+    l_index: torch.Tensor
+
+
+def pair_sources(pairs: PairBatch, *, scheduler, share_sources: bool = True, device=None) -> PairSources:
+    """share_sources=True: one UNet call on the distinct sources (x_t_w, plus x_t_l where not
+    shared). share_sources=False: the straightforward path, one call for all w and one for all l.
+    The index work (nonzero, gathers, alpha lookups) happens here, not once per model."""
     device = device or pairs.x_w.device
     m = len(pairs)
-    shared = pairs.shared.to(device)
     t = pairs.timestep.to(device)
+    t_prev, std = pairs.prev_timestep.to(device), pairs.std.to(device)
+
+    def group(x_t, idx):
+        ti, ti_prev = t[idx], t_prev[idx]
+        a = sampling.alpha_bar(scheduler, ti.cpu()).to(device)
+        a_prev = sampling.alpha_bar(scheduler, ti_prev.cpu()).to(device)
+        return (x_t, ti, a, a_prev, std[idx].float(), pairs.cond.index(idx.cpu()).to(device))
+
+    every = torch.arange(m, device=device)
     if share_sources:
-        unshared = (~shared).nonzero().flatten()
+        unshared = (~pairs.shared.to(device)).nonzero().flatten()
         sources = torch.cat([pairs.x_t_w.to(device), pairs.x_t_l.to(device)[unshared]])
-        src_t = torch.cat([t, t[unshared]])
-        src_idx = torch.cat([torch.arange(m, device=device), unshared])  # which pair each source serves
-        means = _means(model, sources, src_t, pairs.prev_timestep.to(device)[src_idx], pairs.std.to(device)[src_idx],
-                       pairs.cond.index(src_idx.cpu()).to(device), uncond, time_ids, scheduler, cfg_scale,
-                       prediction_type, dtype)  # fmt: skip
-        l_index = torch.arange(m, device=device)
+        src_idx = torch.cat([every, unshared])  # which pair each source serves
+        l_index = every.clone()
         l_index[unshared] = m + torch.arange(len(unshared), device=device)
-        return means[:m], means[l_index]
-    out = []
-    for x_t in (pairs.x_t_w, pairs.x_t_l):
-        out.append(_means(model, x_t.to(device), t, pairs.prev_timestep.to(device), pairs.std.to(device),
-                          pairs.cond.to(device), uncond, time_ids, scheduler, cfg_scale, prediction_type, dtype))  # fmt: skip
-    return out[0], out[1]
+        return PairSources([group(sources, src_idx)], every, l_index)
+    return PairSources([group(pairs.x_t_w.to(device), every), group(pairs.x_t_l.to(device), every)], every, every + m)
 
 
-def _means(model, x_t, t, t_prev, std, cond, uncond, time_ids, scheduler, cfg_scale, prediction_type, dtype):
+def pair_means(model, pairs, *, cfg_scale: float, uncond: PromptEmbeds, time_ids: torch.Tensor,
+               prediction_type: str = "epsilon", dtype=torch.float32, scheduler=None, share_sources: bool = True,
+               device=None):  # fmt: skip
+    """(mean_w, mean_l) [M, C, H, W] fp32: the DDIM(eta) means of the winner and loser transitions
+    under `model`. `pairs`: a PairBatch, or the PairSources made from it once (spo_pair_loss
+    shares them between policy and reference). The sampler's eta enters only through the std
+    stored with each pair (pairs.std)."""
+    sources = pairs if isinstance(pairs, PairSources) else pair_sources(
+        pairs, scheduler=scheduler, share_sources=share_sources, device=device)
+    means = torch.cat([_means(model, *g, uncond, time_ids, cfg_scale, prediction_type, dtype) for g in sources.groups])
+    return means[sources.w_index], means[sources.l_index]
+
+
+def _means(model, x_t, t, a, a_prev, std, cond, uncond, time_ids, cfg_scale, prediction_type, dtype):
     n = x_t.shape[0]
-    a = sampling.alpha_bar(scheduler, t.cpu()).to(x_t.device)
-    a_prev = sampling.alpha_bar(scheduler, t_prev.cpu()).to(x_t.device)
     un = PromptEmbeds(uncond.embeds[:1].expand(n, -1, -1), uncond.pooled[:1].expand(n, -1)).to(x_t.device, dtype)
     out = sampling.guided_output(model, x_t.to(dtype), t, cond.to(x_t.device, dtype), un,
                                  time_ids[:1].expand(n, -1).to(x_t.device, dtype), cfg_scale)  # fmt: skip
     x0, eps = sampling.split_prediction(out, x_t, a, prediction_type)
-    return sampling.ddim_mean(x0, eps, a_prev, std.float())
+    return sampling.ddim_mean(x0, eps, a_prev, std)
 
 
 def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip: float, fused: bool = True, **kw):
@@ -143,9 +160,11 @@ def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip:
     `reference_ctx` is a context manager yielding the reference model (TrainContext.reference).
     fused=False uses the unfused torch loss (spoxl.kernels.reference) for the benchmark baseline.
     """
-    mean_w, mean_l = pair_means(policy, pairs, **kw)
+    sources = pair_sources(pairs, scheduler=kw.pop("scheduler"), share_sources=kw.pop("share_sources", True),
+                           device=kw.pop("device", None))  # once for both models  # fmt: skip
+    mean_w, mean_l = pair_means(policy, sources, **kw)
     with reference_ctx() as ref:
-        ref_w, ref_l = pair_means(ref, pairs, **kw)
+        ref_w, ref_l = pair_means(ref, sources, **kw)
     device = mean_w.device
     args = (pairs.x_w.to(device), pairs.x_l.to(device), mean_w, mean_l, ref_w.detach(), ref_l.detach(),
             pairs.std.to(device).float())  # fmt: skip

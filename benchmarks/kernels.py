@@ -57,6 +57,15 @@ def _latents(batch, dtype, device, grad=False, n=1):
     return [torch.randn(batch, dtype=dtype, device=device, requires_grad=grad) for _ in range(n)]
 
 
+# The papers' settings (the ops take them as required keywords; methods pass their configs').
+LOSS_SETTINGS = {
+    "spo_loss": {"beta": 10.0, "clip": 0.1},
+    "diffusion_dpo_loss": {"beta": 5000.0},
+    "mapo_loss": {"beta": 0.1, "snr": 0.5, "num_train_timesteps": 1000},
+    "ncp_loss": {"beta": 2500.0, "kind": "dpo"},
+}
+
+
 def build(case: Case, dtype, device):
     """(args, kwargs, grad_inputs, bytes_per_mode) for one benchmark case."""
     shape, k = case.shape, case.k
@@ -68,15 +77,15 @@ def build(case: Case, dtype, device):
     if case.op == "spo_loss":
         x_w, x_l, ref_w, ref_l = _latents(shape, dtype, device, n=4)
         mean_w, mean_l = _latents(shape, dtype, device, grad=True, n=2)
-        return (x_w, x_l, mean_w, mean_l, ref_w, ref_l, std), {}, [mean_w, mean_l], _bytes(numel * e, 6, 4, 2)
+        return (x_w, x_l, mean_w, mean_l, ref_w, ref_l, std), LOSS_SETTINGS[case.op], [mean_w, mean_l], _bytes(numel * e, 6, 4, 2)
     if case.op in ("diffusion_dpo_loss", "ncp_loss"):
         pred_w, pred_l = _latents(shape, dtype, device, grad=True, n=2)
         rest = _latents(shape, dtype, device, n=4)
-        return (pred_w, pred_l, *rest), {}, [pred_w, pred_l], _bytes(numel * e, 6, 4, 2)
+        return (pred_w, pred_l, *rest), LOSS_SETTINGS[case.op], [pred_w, pred_l], _bytes(numel * e, 6, 4, 2)
     if case.op == "mapo_loss":
         pred_w, pred_l = _latents(shape, dtype, device, grad=True, n=2)
         t_w, t_l = _latents(shape, dtype, device, n=2)
-        return (pred_w, pred_l, t_w, t_l), {}, [pred_w, pred_l], _bytes(numel * e, 4, 4, 2)
+        return (pred_w, pred_l, t_w, t_l), LOSS_SETTINGS[case.op], [pred_w, pred_l], _bytes(numel * e, 4, 4, 2)
     if case.op == "transition_logprob":
         (x,) = _latents(shape, dtype, device)
         (mean,) = _latents(shape, dtype, device, grad=True)

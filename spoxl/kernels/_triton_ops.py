@@ -399,14 +399,14 @@ def _with_metrics(loss_id, loss, metrics, return_metrics: bool):
     return (loss, _metrics_dict(loss_id, metrics)) if return_metrics else loss
 
 
-def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
+def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, return_metrics=False):
     params = (float(beta), float(clip), 0.0)
     loss, metrics = FusedSpoLoss.apply(params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
     return _with_metrics(K.SPO, loss, metrics, return_metrics)
 
 
 def diffusion_dpo_loss(
-    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
+    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, *, beta, return_metrics=False
 ):
     params = (float(beta), 0.0, 0.0)
     loss, metrics = FusedPairLoss.apply(
@@ -416,7 +416,7 @@ def diffusion_dpo_loss(
 
 
 def mapo_loss(
-    pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
+    pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps, return_metrics=False
 ):
     params = (float(beta), float(snr), float(num_train_timesteps))
     loss, metrics = FusedPairLoss.apply(K.MAPO, params, pred_w, pred_l, target_w, target_l, None, None)
@@ -430,9 +430,9 @@ def ncp_loss(
     ref_feat_l,
     target_feat_w,
     target_feat_l,
-    beta=2500.0,
-    kind="dpo",
     *,
+    beta,
+    kind,
     return_metrics=False,
 ):
     refs = (ref_feat_w, ref_feat_l) if kind == "dpo" else (None, None)

@@ -75,7 +75,7 @@ def pool_logprobs(samples, mean, ref_mean, std):
     return backend_module(mean.device).pool_logprobs(samples, mean, ref_mean, std)
 
 
-def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
+def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, return_metrics=False):
     """SPO: r = clamp(exp(logp - ref_logp), 1-clip, 1+clip) for w and l;
     loss = mean(-logsigmoid(beta log r_w - beta log r_l)). Gradients into mean_w and mean_l,
     zero where the clamp is active. Metrics: implicit_acc, margin, log_ratio_w/l, ratio_w/l, clamp_frac."""
@@ -86,12 +86,12 @@ def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, c
     if not 0 < clip < 1:
         raise SpoxlError(f"clip must be in (0, 1), got {clip}")
     return backend_module(x_w.device).spo_loss(
-        x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta, clip, return_metrics=return_metrics
+        x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=beta, clip=clip, return_metrics=return_metrics
     )
 
 
 def diffusion_dpo_loss(
-    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
+    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, *, beta, return_metrics=False
 ):
     """Diffusion-DPO: logit = -beta/2 ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)), loss = mean(-logsigmoid).
     Gradients into pred_w and pred_l. Metrics: implicit_acc, margin, mse_w/l, ref_mse_w/l, model/ref_diff."""
@@ -100,12 +100,12 @@ def diffusion_dpo_loss(
          "target_w": target_w, "target_l": target_l}
     )  # fmt: skip
     return backend_module(pred_w.device).diffusion_dpo_loss(
-        pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta, return_metrics=return_metrics
+        pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=beta, return_metrics=return_metrics
     )
 
 
 def mapo_loss(
-    pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
+    pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps, return_metrics=False
 ):
     """MaPO: mean(mse_w) - beta mean(logsigmoid(T (g(mse_w) - g(mse_l)))), g(m) = s m / (exp(s m) - 1).
     Gradients into pred_w and pred_l. Metrics: implicit_acc, margin (g_w - g_l), mse_w, mse_l."""
@@ -113,7 +113,8 @@ def mapo_loss(
     if not snr > 0:
         raise SpoxlError(f"snr must be > 0, got {snr}")
     return backend_module(pred_w.device).mapo_loss(
-        pred_w, pred_l, target_w, target_l, beta, snr, num_train_timesteps, return_metrics=return_metrics
+        pred_w, pred_l, target_w, target_l, beta=beta, snr=snr, num_train_timesteps=num_train_timesteps,
+        return_metrics=return_metrics
     )
 
 
@@ -124,9 +125,9 @@ def ncp_loss(
     ref_feat_l,
     target_feat_w,
     target_feat_l,
-    beta=2500.0,
-    kind="dpo",
     *,
+    beta,
+    kind,
     return_metrics=False,
 ):
     """NCP in U-Net-feature space, d = mse_w - mse_l: kind 'dpo' -logsigmoid(beta (d_ref - d_theta)),
@@ -141,6 +142,6 @@ def ncp_loss(
         tensors.update(ref_feat_w=ref_feat_w, ref_feat_l=ref_feat_l)
     _checks.same_shape(tensors)
     return backend_module(feat_w.device).ncp_loss(
-        feat_w, feat_l, ref_feat_w, ref_feat_l, target_feat_w, target_feat_l, beta, kind,
+        feat_w, feat_l, ref_feat_w, ref_feat_l, target_feat_w, target_feat_l, beta=beta, kind=kind,
         return_metrics=return_metrics,
     )  # fmt: skip

@@ -73,7 +73,7 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.detach().float()) ** 2).flatten(1).mean(1)
 
 
-def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, clip=0.1, *, return_metrics=False):
+def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, return_metrics=False):
     def log_ratio(x, mean, ref_mean):
         return sampling.transition_logprob(x, mean, std) - sampling.transition_logprob(x, ref_mean.detach(), std)
 
@@ -84,7 +84,7 @@ def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, beta=10.0, c
 
 
 def diffusion_dpo_loss(
-    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=5000.0, *, return_metrics=False
+    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, *, beta, return_metrics=False
 ):
     head = _heads.diffusion_dpo_head(
         per_sample_mse(pred_w, target_w),
@@ -98,7 +98,7 @@ def diffusion_dpo_loss(
 
 
 def mapo_loss(
-    pred_w, pred_l, target_w, target_l, beta=0.1, snr=0.5, num_train_timesteps=1000, *, return_metrics=False
+    pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps, return_metrics=False
 ):
     head = _heads.mapo_head(
         per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l), beta, snr, num_train_timesteps,
@@ -114,9 +114,9 @@ def ncp_loss(
     ref_feat_l,
     target_feat_w,
     target_feat_l,
-    beta=2500.0,
-    kind="dpo",
     *,
+    beta,
+    kind,
     return_metrics=False,
 ):
     ref_w = ref_l = None

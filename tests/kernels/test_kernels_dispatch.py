@@ -96,7 +96,7 @@ def test_package_import_does_not_import_triton():
         "import sys, torch, spoxl.kernels as K\n"
         "assert 'triton' not in sys.modules, 'triton imported at package import'\n"
         "x = torch.randn(2, 3)\n"
-        "K.spo_loss(x, x, x, x, x, x, 1.0)\n"
+        "K.spo_loss(x, x, x, x, x, x, 1.0, beta=10.0, clip=0.1)\n"
         "assert 'triton' not in sys.modules, 'the torch backend imported triton'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
@@ -105,13 +105,13 @@ def test_package_import_does_not_import_triton():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: K.diffusion_dpo_loss(*[torch.randn(2, 4)] * 5, torch.randn(3, 4)), "target_l has shape"),
-        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=-1.0), "std must be > 0"),
-        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=torch.ones(3)), "one value per sample"),
-        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=1.0, clip=1.5), "clip must be in"),
-        (lambda: K.mapo_loss(*[torch.randn(2, 4)] * 3, torch.randn(2, 4).long()), "must be fp16, bf16"),
-        (lambda: K.ncp_loss(*[torch.randn(2, 4)] * 6, kind="ipo"), "ncp kind must be one of"),
-        (lambda: K.ncp_loss(torch.randn(2, 4), torch.randn(2, 4), None, None, *[torch.randn(2, 4)] * 2), "needs ref"),
+        (lambda: K.diffusion_dpo_loss(*[torch.randn(2, 4)] * 5, torch.randn(3, 4), beta=5000.0), "target_l has shape"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=-1.0, beta=10.0, clip=0.1), "std must be > 0"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=torch.ones(3), beta=10.0, clip=0.1), "one value per sample"),
+        (lambda: K.spo_loss(*[torch.randn(2, 4)] * 6, std=1.0, beta=10.0, clip=1.5), "clip must be in"),
+        (lambda: K.mapo_loss(*[torch.randn(2, 4)] * 3, torch.randn(2, 4).long(), beta=0.1, snr=0.5, num_train_timesteps=1000), "must be fp16, bf16"),
+        (lambda: K.ncp_loss(*[torch.randn(2, 4)] * 6, beta=2500.0, kind="ipo"), "ncp kind must be one of"),
+        (lambda: K.ncp_loss(torch.randn(2, 4), torch.randn(2, 4), None, None, *[torch.randn(2, 4)] * 2, beta=2500.0, kind="dpo"), "needs ref"),
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 0), "positive int"),
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, noise=torch.randn(2, 4)), "noise"),
         (lambda: K.pool_step(torch.randn(2, 4), torch.randn(2, 4), 0.5, 0.6, 1.0, 2, seed=-3), "seed"),
@@ -145,3 +145,26 @@ def test_cuda_inputs_with_the_interpreter_on_use_torch_and_say_so_once(monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if dispatch.sys.modules.get(dispatch._TRITON_MODULE) is None or not dispatch.sys.modules[dispatch._TRITON_MODULE].INTERPRETED:
         assert K.choose_backend(cuda) == "triton"  # the compiled kernels, once the interpreter is off
+
+
+def test_loss_settings_have_no_defaults_in_the_kernels():
+    """beta, clip, snr, T and NCP's kind live in the method configs only (tests/methods/
+    test_paper_defaults.py holds them to the papers): every backend's op requires them, so a call
+    that drops one fails instead of silently using a second copy of a default."""
+    import inspect
+
+    from spoxl.kernels import reference
+
+    required = {"spo_loss": ("beta", "clip"), "diffusion_dpo_loss": ("beta",),
+                "mapo_loss": ("beta", "snr", "num_train_timesteps"), "ncp_loss": ("beta", "kind")}  # fmt: skip
+    modules = [K, reference]
+    if INTERPRETER:
+        from spoxl.kernels import _triton_ops
+
+        modules.append(_triton_ops)
+    for module in modules:
+        for op, names in required.items():
+            params = inspect.signature(getattr(module, op)).parameters
+            for name in names:
+                assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (module.__name__, op, name)
+                assert params[name].default is inspect.Parameter.empty, (module.__name__, op, name)

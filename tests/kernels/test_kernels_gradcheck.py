@@ -94,12 +94,12 @@ def test_public_losses_in_fp64():
     x = [_r(shape) for _ in range(2)]
     means = [_near(x[i], 0.3).requires_grad_(True) for i in range(2)]
     refs = [_near(m, 0.02) for m in means]
-    assert gradcheck(lambda mw, ml: T.spo_loss(x[0], x[1], mw, ml, *refs, std), means, fast_mode=True)
+    assert gradcheck(lambda mw, ml: T.spo_loss(x[0], x[1], mw, ml, *refs, std, beta=10.0, clip=0.1), means, fast_mode=True)
     t = [_r(shape) for _ in range(2)]
     preds = [_near(t[i], 0.05).requires_grad_(True) for i in range(2)]
     ref_preds = [_near(t[i], 0.05) for i in range(2)]
     assert gradcheck(lambda pw, pl: T.diffusion_dpo_loss(pw, pl, *ref_preds, *t, beta=50.0), preds, fast_mode=True)
     assert gradcheck(
-        lambda pw, pl: T.mapo_loss(pw, pl, *t, num_train_timesteps=10, return_metrics=True)[0], preds, fast_mode=True
+        lambda pw, pl: T.mapo_loss(pw, pl, *t, beta=0.1, snr=0.5, num_train_timesteps=10, return_metrics=True)[0], preds, fast_mode=True
     )
-    assert gradcheck(lambda pw, pl: T.ncp_loss(pw, pl, *ref_preds, *t, beta=20.0), preds, fast_mode=True)
+    assert gradcheck(lambda pw, pl: T.ncp_loss(pw, pl, *ref_preds, *t, beta=20.0, kind="dpo"), preds, fast_mode=True)

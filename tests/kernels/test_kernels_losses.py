@@ -6,6 +6,7 @@ would make the gradient comparison vacuous). The loss is scaled by 1.7 before ba
 grad_output != 1 path runs.
 """
 
+import functools
 import pytest
 import torch
 
@@ -76,7 +77,7 @@ def test_spo_loss(backend, dtype, shape):
     inputs_std = dict(inputs)
 
     def op(**kw):
-        return K.spo_loss(**kw, std=std)
+        return K.spo_loss(**kw, std=std, beta=10.0, clip=0.1)
 
     def oracle(*args):
         return spo(*args, std.double(), 10.0, 0.1)
@@ -103,7 +104,7 @@ def test_diffusion_dpo_loss(backend, dtype, shape):
     }
     args = ["pred_w", "pred_l", "ref_pred_w", "ref_pred_l", "target_w", "target_l"]
     metrics, logit, _ = _run(
-        K.diffusion_dpo_loss, inputs, lambda *a: diffusion_dpo(*a, 5000.0), args, ["pred_w", "pred_l"], dtype
+        functools.partial(K.diffusion_dpo_loss, beta=5000.0), inputs, lambda *a: diffusion_dpo(*a, 5000.0), args, ["pred_w", "pred_l"], dtype
     )
     assert 0.05 < logit.abs().max() < 20, "test inputs should give O(1) logits"
     assert_loss_close(metrics["margin"], logit.mean(), "margin")
@@ -121,7 +122,8 @@ def test_mapo_loss(backend, dtype, shape):
     }
     args = ["pred_w", "pred_l", "target_w", "target_l"]
     metrics, margin, _ = _run(
-        K.mapo_loss, inputs, lambda *a: mapo(*a, 0.1, 0.5, 1000), args, ["pred_w", "pred_l"], dtype
+        functools.partial(K.mapo_loss, beta=0.1, snr=0.5, num_train_timesteps=1000), inputs,
+        lambda *a: mapo(*a, 0.1, 0.5, 1000), args, ["pred_w", "pred_l"], dtype
     )
     assert_loss_close(metrics["margin"], margin.mean(), "margin")
     assert_loss_close(metrics["implicit_acc"], _accuracy(margin), "implicit_acc")
@@ -155,14 +157,14 @@ def test_ncp_reference_free_kinds_accept_no_reference(backend):
     shape = (2, 3, 4, 4)
     f_w, f_l, t_w, t_l = (torch.randn(shape) for _ in range(4))
     for kind in ("cpo", "sft"):
-        with_ref = K.ncp_loss(f_w, f_l, torch.randn(shape), torch.randn(shape), t_w, t_l, kind=kind)
-        without = K.ncp_loss(f_w, f_l, None, None, t_w, t_l, kind=kind)
+        with_ref = K.ncp_loss(f_w, f_l, torch.randn(shape), torch.randn(shape), t_w, t_l, beta=2500.0, kind=kind)
+        without = K.ncp_loss(f_w, f_l, None, None, t_w, t_l, beta=2500.0, kind=kind)
         assert torch.equal(with_ref, without)
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="forces Triton on CPU tensors")
-def test_losses_agree_across_backends_with_default_arguments(monkeypatch):
-    """The same call through both backends (defaults only), a direct torch-vs-triton check."""
+def test_losses_agree_across_backends_with_the_papers_settings(monkeypatch):
+    """The same call through both backends (the papers' settings), a direct torch-vs-triton check."""
     monkeypatch.delenv("SPOXL_KERNELS", raising=False)
     shape = (3, 4, 6, 6)
     t_w, t_l = torch.randn(shape), torch.randn(shape)
@@ -172,9 +174,9 @@ def test_losses_agree_across_backends_with_default_arguments(monkeypatch):
     for name in ("torch", "triton"):
         with K.use_backend(name):
             results[name] = (
-                K.diffusion_dpo_loss(*preds, *refs, t_w, t_l),
-                K.mapo_loss(*preds, t_w, t_l),
-                K.ncp_loss(*preds, *refs, t_w, t_l),
+                K.diffusion_dpo_loss(*preds, *refs, t_w, t_l, beta=5000.0),
+                K.mapo_loss(*preds, t_w, t_l, beta=0.1, snr=0.5, num_train_timesteps=1000),
+                K.ncp_loss(*preds, *refs, t_w, t_l, beta=2500.0, kind="dpo"),
             )
     for a, b in zip(results["torch"], results["triton"]):
         assert_loss_close(a, b)

@@ -45,7 +45,7 @@ def test_gradient_is_zero_exactly_where_the_clamp_is_active(backend, side):
     free_side = [stack(other, i) for i in range(3)]
     w, l = (clamped_side, free_side) if side == "w" else (free_side, clamped_side)
     mean_w, mean_l = w[1].requires_grad_(True), l[1].requires_grad_(True)
-    loss, metrics = K.spo_loss(w[0], l[0], mean_w, mean_l, w[2], l[2], std, 10.0, CLIP, return_metrics=True)
+    loss, metrics = K.spo_loss(w[0], l[0], mean_w, mean_l, w[2], l[2], std, beta=10.0, clip=CLIP, return_metrics=True)
     loss.backward()
     grad = (mean_w if side == "w" else mean_l).grad.flatten(1).abs().amax(1)
     for i, name in enumerate(names):

@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--scorer-scale", type=float, default=100.0, help="score = scale * similarity (programmatic scorers)")
     p.add_argument("--scorer-path", default=None, help="clip: a local CLIPModel folder, or tiny")
     p.add_argument("--scorer-weights", default=None, help="clip: step-aware weights from spoxl train-preference-model")
+    p.add_argument("--allow-untrained-scorer", action="store_true",
+                   help="clip: score with an untrained step-aware CLIP (it ignores the timestep; for experiments)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic given the seed)")
@@ -88,7 +90,8 @@ def run(args) -> int:
     prompts = resolve_prompts(args.prompts, args.num_prompts)
     kind = args.scorer
     kwargs = {} if kind in ("clip", "step_aware_clip") else {"scale": args.scorer_scale}
-    scorer = build_preference_model(kind, path=args.scorer_path, weights=args.scorer_weights, **kwargs)
+    scorer = build_preference_model(kind, path=args.scorer_path, weights=args.scorer_weights,
+                                    allow_untrained=args.allow_untrained_scorer, **kwargs)
     names = args.name or [_default_name(f) for f in args.lora]
     if len(set(names)) != len(names) or "base" in names:
         raise SpoxlError(f"model names must be distinct and not 'base' (got {', '.join(names)}); name each --lora with --name")

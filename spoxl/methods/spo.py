@@ -44,6 +44,7 @@ class PreferenceConfig:
     kind: str = "colour"  # "clip" (step-aware CLIP), "colour", "brightness"
     path: Optional[str] = None  # clip: a local CLIPModel folder, or "tiny"
     weights: Optional[str] = None  # clip: trained time-conditioning weights (safetensors)
+    allow_untrained: bool = False  # clip without weights ignores t: an error unless this is set
     scale: float = 100.0  # programmatic scorers: score = scale * similarity (see spoxl.models.scorers)
 
 
@@ -205,6 +206,11 @@ class SPOObjective(Objective):
             raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
         if cfg.prompts_per_rank < 1:
             raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        pc = cfg.preference
+        if pc.kind in ("clip", "step_aware_clip") and not pc.weights and not pc.allow_untrained:
+            raise SpoxlError("method.preference: kind 'clip' has no weights: an untrained step-aware CLIP ignores the "
+                             "timestep; give method.preference.weights (from `spoxl train-preference-model`) or set "
+                             "method.preference.allow_untrained: true for an experiment")
         read_prompts(cfg)
 
     def setup(self, ctx: TrainContext) -> None:
@@ -217,7 +223,7 @@ class SPOObjective(Objective):
             raise SpoxlError(f"SPO cannot sample with prediction_type {ctx.prediction_type!r}")
         self.prompts = read_prompts(cfg)
         pc = cfg.preference
-        self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights,
+        self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights, allow_untrained=pc.allow_untrained,
                                              **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
         if hasattr(self.scorer, "check_prompts"):
             self.scorer.check_prompts(self.prompts)  # every rank has every prompt: all fail alike

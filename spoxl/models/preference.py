@@ -299,15 +299,25 @@ class StepAwareCLIP(nn.Module):
 # One entry point for configs
 
 
-def build_preference_model(kind: str, *, path: str | None = None, weights: str | None = None, **kwargs):
+def build_preference_model(kind: str, *, path: str | None = None, weights: str | None = None,
+                           allow_untrained: bool = False, **kwargs):
     """A preference model by name: "clip" (step-aware CLIP from `path`, or "tiny"), or one of the
-    programmatic scorers in spoxl.models.scorers ("colour", "brightness")."""
+    programmatic scorers in spoxl.models.scorers ("colour", "brightness").
+
+    "clip" needs its step-aware `weights`: without them the time conditioning is the identity at
+    init, so the model scores every timestep alike (a plain PickScore-style CLIP that ignores t)
+    and SPO would silently train against the wrong judge. `allow_untrained=True` keeps that for
+    experiments (and for the SPM trainer, which starts from it)."""
     from spoxl.models import scorers
 
     if kind in ("clip", "step_aware_clip"):
         if not path:
             raise SpoxlError("preference model 'clip' needs a path: a local CLIPModel folder "
                              "(e.g. PickScore_v1), or 'tiny' for the toy model")
+        if not weights and not allow_untrained:
+            raise SpoxlError("preference model 'clip' has no step-aware weights: untrained, it ignores the timestep; "
+                             "give preference.weights (from `spoxl train-preference-model`) or set "
+                             "preference.allow_untrained: true for an experiment")
         if path == "tiny":
             model = StepAwareCLIP.tiny()
             if weights:

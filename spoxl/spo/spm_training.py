@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
         dataset = PreferencePairDataset(args.pairs, args.resolution, drop_ties=False, seed=args.seed)
         components = load_sdxl(args.model)
-        model = build_preference_model("clip", path=args.clip)
+        model = build_preference_model("clip", path=args.clip, allow_untrained=True)  # what training starts from
         before = evaluate(model, components, dataset)
         train_spm(model, components, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   seed=args.seed, log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f}")

@@ -67,6 +67,8 @@ RECIPES = [
     ("spo 0 steps", SPO, ["method.steps=0"], "steps"),
     ("spo pool of 1", SPO, ["method.pool_size=1"], "pool_size"),
     ("spo divert past the end", SPO, ["method.divert_start_step=50"], "divert_start_step"),
+    ("spo clip judge without weights", SPO, ["method.preference.kind=clip", "method.preference.path=tiny"],
+     "has no weights: an untrained step-aware CLIP ignores the timestep"),
     ("missing data file", GOOD, ["data.path=/nonexistent/pairs.parquet"], "/nonexistent/pairs.parquet"),
     ("ds config missing", GOOD, ["deepspeed.config=/nonexistent/ds.json"], "/nonexistent/ds.json"),
 ]

@@ -109,5 +109,9 @@ def test_unknown_preference_model():
         build_preference_model("pickscore_v9")
     with pytest.raises(SpoxlError, match="needs a path"):
         build_preference_model("clip", path=None)
+    # an untrained step-aware CLIP ignores t: only on request (the SPM trainer starts from it)
+    with pytest.raises(SpoxlError, match="has no step-aware weights"):
+        build_preference_model("clip", path="tiny")
+    assert isinstance(build_preference_model("clip", path="tiny", allow_untrained=True), StepAwareCLIP)
     with pytest.raises(SpoxlError, match="has no config.json"):
-        build_preference_model("clip", path="/nonexistent/clip")
+        build_preference_model("clip", path="/nonexistent/clip", allow_untrained=True)

@@ -112,6 +112,10 @@ class DataConfig:
     crop: Literal["center", "random"] = "center"
     hflip: bool = False
     cache_dir: Optional[str] = None  # VAE latents + text embeddings cached here
+    # Offline methods: the share of captions replaced by the empty caption at each step (the
+    # official Diffusion-DPO's proportion_empty_prompts, 0.2), so the model keeps its
+    # unconditional branch for CFG; drawn per sample from the run's generator, after the noise.
+    caption_dropout: float = 0.0
     shuffle: bool = True
     synthetic_size: int = 8  # samples in the built-in synthetic dataset (tests, smoke runs)
 
@@ -404,6 +408,8 @@ def validate(cfg: Config) -> None:
             raise SpoxlError(f"config: export.formats entries must be diffusers, kohya or unet, got {f!r}")
         if f in ("diffusers", "kohya") and not cfg.lora.enabled:
             raise SpoxlError(f"config: export format {f} is a LoRA format but lora.enabled is false")
+    if not 0.0 <= cfg.data.caption_dropout <= 1.0:
+        raise SpoxlError(f"config: data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
     if cfg.data.resolution % 8:
         raise SpoxlError(f"config: data.resolution must be a multiple of 8, got {cfg.data.resolution}")
 

@@ -215,10 +215,34 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
     noise = torch.randn(shape, generator=gen, device=ctx.device)
     t = torch.randint(min_timestep, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=ctx.device)
     a = alpha_bar(scheduler, t.cpu()).to(ctx.device)
-    if posterior_noise:
-        z = torch.randn(shape, generator=gen, device=ctx.device)
-        return batch, noise, t, a, z
-    return batch, noise, t, a
+    z = torch.randn(shape, generator=gen, device=ctx.device) if posterior_noise else None
+    if ctx.config.data.caption_dropout > 0:  # drawn last: the stream above is the same with or without
+        drop = torch.rand(shape[0], generator=gen, device=ctx.device) < ctx.config.data.caption_dropout
+        batch = drop_captions(ctx, batch, drop)
+    return (batch, noise, t, a, z) if posterior_noise else (batch, noise, t, a)
+
+
+_EMPTY_CAPTION: dict = {}
+
+
+def drop_captions(ctx: TrainContext, batch: dict, drop: torch.Tensor) -> dict:
+    """The batch with the text embeddings of the rows in `drop` replaced by those of the empty
+    caption "" (encoded once per model, as the official scripts encode ""), everything else kept."""
+    from spoxl.models.text import encode_prompts
+
+    key = id(ctx.components.text_encoder)
+    if key not in _EMPTY_CAPTION:
+        with torch.no_grad():
+            empty = encode_prompts(ctx.components, [""])
+        _EMPTY_CAPTION.clear()  # one model per process
+        _EMPTY_CAPTION[key] = (empty.embeds, empty.pooled)
+    embeds, pooled = _EMPTY_CAPTION[key]
+    out = dict(batch)
+    pe, pp = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    keep = ~drop.to(pe.device)
+    out["prompt_embeds"] = torch.where(keep[:, None, None], pe, embeds.to(pe.device, pe.dtype))
+    out["pooled_prompt_embeds"] = torch.where(keep[:, None], pp, pooled.to(pp.device, pp.dtype))
+    return out
 
 
 def stacked_pair_inputs(ctx: TrainContext, batch: dict, fixed_noise: bool):

@@ -3,7 +3,8 @@
 DDIM with eta = 1 and CFG over N inference steps:
 
   1. steps 0 .. divert_start_step-1 are one plain stochastic trajectory per prompt (never trained);
-  2. from then on the trajectory is cut into segments of 1 + num_inner_step steps. At a segment
+  2. from then on the trajectory is cut into segments of 1 + num_inner_step steps (a last
+     segment of one step folds into the one before, as the official sampler). At a segment
      start, k candidates are drawn from ONE x_t (kernels.pool_step: shared mean, k noises); each
      candidate then denoises on its own for num_inner_step more steps (chunked branching, the SDXL
      recipe: k = 2, 3 inner steps; num_inner_step = 0 is per-step branching, the SD1.5 recipe, k=4);
@@ -69,6 +70,18 @@ class RoundResult:
 
     def acceptance(self) -> dict[int, float]:
         return {t: self.accepted[t] / max(1, self.offered[t]) for t in self.offered}
+
+
+def segments(steps: int, divert_start_step: int, num_inner_step: int) -> list[tuple[int, int]]:
+    """The branching segments [start, end) of one trajectory: a pool at `start`, then each chain
+    alone until `end`. As the official sampler, a final segment of ONE step is not branched: when
+    (steps - divert) % (1 + inner) == 1 that step folds into the previous segment, whose chains
+    take it before being scored at t = 0 (the official pipeline's last-step branch)."""
+    starts = list(range(divert_start_step, steps, 1 + num_inner_step))
+    if len(starts) > 1 and (steps - divert_start_step) % (1 + num_inner_step) == 1:
+        starts.pop()
+    ends = starts[1:] + [steps]
+    return list(zip(starts, ends))
 
 
 def _seed(generator: torch.Generator | None) -> int:
@@ -160,8 +173,7 @@ class PoolSampler:
         prompts_k = [p for p in prompts for _ in range(k)]
         arange = torch.arange(B)
         final_scores = None
-        for start in range(c.divert_start_step, c.steps, 1 + c.num_inner_step):
-            end = min(start + 1 + c.num_inner_step, c.steps)
+        for start, end in segments(c.steps, c.divert_start_step, c.num_inner_step):
             t = timesteps[start]
             a, a_prev = self._alpha(t)
             # The k candidates and their log-probs under the policy mean (the sampler has no

@@ -170,3 +170,26 @@ def test_bad_sampler_settings():
         PoolSamplerConfig(pool_size=1).validate()
     with pytest.raises(SpoxlError, match="divert_start_step"):
         PoolSamplerConfig(steps=4, divert_start_step=4).validate()
+
+
+def test_a_final_one_step_segment_folds_into_the_previous_one():
+    """Official sampler: it never branches at the final step; that step continues the previous
+    segment's chains, which are then scored at t = 0."""
+    from spoxl.spo.pool_sampler import segments
+
+    assert segments(20, 4, 3) == [(4, 8), (8, 12), (12, 16), (16, 20)]  # the SDXL recipe: no tail
+    assert segments(21, 4, 3) == [(4, 8), (8, 12), (12, 16), (16, 21)]  # (21 - 4) % 4 == 1: folded
+    assert segments(22, 4, 3) == [(4, 8), (8, 12), (12, 16), (16, 20), (20, 22)]  # a 2-step tail stays
+    assert segments(20, 15, 0) == [(15, 16), (16, 17), (17, 18), (18, 19), (19, 20)]  # per-step: never folds
+    assert segments(10, 9, 3) == [(9, 10)]  # a single segment is kept
+
+
+def test_sampler_folds_the_tail_segment(setup):
+    big = ColourScorer(scale=1e6)
+    result, unet = run(setup, big, pool_size=2, num_inner_step=1, steps=8, divert_start_step=1)  # (8-1) % 2 == 1
+    timesteps = [int(t) for t in sampling.inference_timesteps(setup[0].scheduler, 8)]
+    assert sorted(result.offered, reverse=True) == [timesteps[1], timesteps[3], timesteps[5]]  # no pool at step 7
+    # the last segment's chains take steps 5, 6 and 7: three transitions per kept prompt there
+    kept = result.accepted[timesteps[5]]
+    assert int((result.pairs.timestep == timesteps[7]).sum()) == kept > 0
+    assert len(unet.batches) == 8 == result.unet_calls

@@ -9,6 +9,7 @@
             train.max_nonfinite_steps in a row save the last good state and abort
         log scalars, sample a grid now and then, checkpoint every N steps
         train.max_minutes passed (on any rank): stop before the next step
+        the objective's micro_batches ended (SPO's method.epochs): stop
 
 Returns the last logged scalars plus what the run cost: optimizer steps, loop seconds, latent rows
 through the UNet on all ranks (policy, reference, sampling: the compute measure of
@@ -49,6 +50,8 @@ def _next_batch(batches):
     error = None
     try:
         batch = next(batches)
+    except StopIteration:  # the objective's data ended (SPO's method.epochs): on every rank at once
+        batch = None
     except SpoxlError as e:
         error, batch = str(e), None
     raise_on_every_rank(error)
@@ -145,14 +148,21 @@ def train(ctx, objective, logger) -> dict:
         metrics, losses, bad_loss = [], [], False
         skipped_before = engine.skipped_steps
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
+        ended = False
         for _ in range(cfg.train.grad_accum):
             batch = _next_batch(batches)
+            if batch is None:
+                ended = True
+                break
             loss, m = objective.loss(ctx, batch)
             bad_loss |= not bool(torch.isfinite(loss.detach()).all())
             engine.backward(loss)
             engine.step()  # applies the optimizer only at the accumulation boundary
             losses.append(float(loss.detach().float()))
             metrics.append(m)
+        if ended:  # a partly accumulated last step is dropped
+            logger.info(f"the objective's data ended after step {ctx.global_step} (method.epochs): stopping")
+            break
         bad_loss = _any_rank(bad_loss)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")

@@ -177,7 +177,9 @@ class Objective:
         """Called once after the engine exists (build datasets, cache embeddings, ...)."""
 
     def micro_batches(self, ctx: TrainContext) -> Iterator[Any]:
-        """An endless (or long enough) iterator; the loop pulls ONE batch per micro-step.
+        """An endless (or long enough) iterator; the loop pulls ONE batch per micro-step. It may
+        end (return) to end the run early, as SPO's method.epochs does; it must then end at the
+        same micro-step on every rank (a function of state every rank shares).
 
         Called once per run, after setup() and after load_state_dict() on resume; it must start
         at the position the state dict describes. Online objectives refill by sampling here.

@@ -70,6 +70,9 @@ class SPOConfig:
     # share one UNet call between w and l when they share x_t; False: the straightforward path
     share_sources: bool = True
     max_empty_rounds: int = 50  # rounds in a row without a single kept pair before giving up
+    # Run length in passes over the prompt set (the official 10): no round starts past it, the
+    # pairs left over are dropped and the run ends. None: train.max_steps alone (the cap either way).
+    epochs: Optional[int] = None
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def sampler_config(self) -> PoolSamplerConfig:
@@ -206,6 +209,8 @@ class SPOObjective(Objective):
             raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
         if cfg.prompts_per_rank < 1:
             raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        if cfg.epochs is not None and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 1):
+            raise SpoxlError(f"method.epochs must be a positive integer or null, got {cfg.epochs!r}")
         pc = cfg.preference
         if pc.kind in ("clip", "step_aware_clip") and not pc.weights and not pc.allow_untrained:
             raise SpoxlError("method.preference: kind 'clip' has no weights: an untrained step-aware CLIP ignores the "
@@ -254,6 +259,13 @@ class SPOObjective(Objective):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.run.seed * 7919 + epoch))
             out.append(self.prompts[int(order[i])])
         return out
+
+    def epochs_done(self, ctx: TrainContext) -> bool:
+        """Whether method.epochs passes over the prompt set have all been sampled."""
+        if self.config.epochs is None:
+            return False
+        per_round = self.config.prompts_per_rank * ctx.world_size
+        return self.round * per_round >= self.config.epochs * len(self.prompts)
 
     def _generator(self, ctx: TrainContext) -> torch.Generator:
         """The round's sampling noise: a function of (seed, rank, round) only, so a resumed run
@@ -313,6 +325,8 @@ class SPOObjective(Objective):
             # The buffer length is the same on every rank (equal deals), so every rank decides to
             # sample at the same time and the collectives inside sample_round line up.
             while self.buffer is None or len(self.buffer) < mb:
+                if self.epochs_done(ctx):
+                    return  # every rank at once: the round counter and buffer are the same everywhere
                 fresh = self.sample_round(ctx)
                 if len(fresh) == 0:
                     self.empty_rounds += 1

@@ -2,12 +2,14 @@
 (The objective's state -- round counter, undealt pairs, the shared leftover -- is in the checkpoint;
 each round's noise depends only on (seed, round, rank).) One rank, in process."""
 
+import pytest
 import torch
 
 from spoxl.config import load_config
 from spoxl.engine import checkpoint, loop
 from spoxl.engine.logging import MetricsLogger
 from spoxl.engine.setup import build_training
+from spoxl.errors import SpoxlError
 from spoxl.methods.spo import SPOObjective
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
@@ -47,3 +49,27 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert uninterrupted.keys() == resumed.keys()
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0)
+
+
+def test_epochs_end_the_run_after_that_many_passes_over_the_prompts(tmp_path):
+    """method.epochs: 2 prompts per round over a 6-prompt set is 3 rounds an epoch; with a large
+    max_steps the run ends when the prompts of 1 (then 2) epochs are sampled and their pairs
+    trained, not at max_steps (the round counter the decision reads is in every checkpoint)."""
+    prompts = ["a red square", "a green square", "a blue square", "a red circle", "a green circle", "a blue circle"]
+    sets = [f"method.prompts={prompts}".replace("'", '"'), "train.max_steps=1000"]
+
+    def run(out, epochs, resume_from=None):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={out}", *FAST, *sets, f"method.epochs={epochs}"])
+        objective = SPOObjective(cfg.method.params)
+        ctx = build_training(cfg, objective)
+        ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
+        objective.setup(ctx)
+        loop.train(ctx, objective, ctx.logger)
+        return ctx, objective
+
+    ctx1, one = run(tmp_path / "e1", 1)
+    assert one.round == 3 and 0 < ctx1.global_step < 1000
+    ctx2, two = run(tmp_path / "e2", 2)
+    assert two.round == 6 and ctx2.global_step > ctx1.global_step
+    with pytest.raises(SpoxlError, match="method.epochs must be a positive integer"):
+        SPOObjective(load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.epochs=0"]).method.params).check(None)

@@ -32,7 +32,7 @@ import torch
 from spoxl import kernels, sampling
 from spoxl.errors import SpoxlError
 from spoxl.methods.base import Objective, TrainContext
-from spoxl.models.text import PromptEmbeds, encode_prompts, make_time_ids
+from spoxl.models.text import PromptEmbeds, make_time_ids, negative_embeds
 from spoxl.spo.pairs import PairBatch, all_gather_pairs, deal, shared_permutation
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
 
@@ -236,7 +236,7 @@ class SPOObjective(Objective):
             self.scorer = self.scorer.to(ctx.device)
         comps = ctx.components
         self.resolution = cfg.resolution or default_resolution(comps)
-        self.uncond = encode_prompts(comps, [""]).to(ctx.device, torch.float32)
+        self.uncond = negative_embeds(comps, 1).to(ctx.device, torch.float32)  # zeros for SDXL base
         self.time_ids = make_time_ids(1, (self.resolution, self.resolution), device=ctx.device)
         self.sampler = PoolSampler(cfg.sampler_config(), comps.scheduler, comps.vae, self.scorer,
                                    prediction_type=ctx.prediction_type)  # fmt: skip

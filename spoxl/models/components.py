@@ -17,6 +17,11 @@ class SDXLComponents:
     tokenizer: Any
     tokenizer_2: Any
     scheduler: Any  # diffusers DDIMScheduler (its config holds alphas_cumprod's definition)
+    # The CFG negative of an empty prompt: zeros (SDXL base's model_index.json, and diffusers'
+    # StableDiffusionXLPipeline default) or the encoded "" (a model trained with "" as its
+    # unconditional caption, such as the toy model). Read from model_index.json by load_sdxl;
+    # the in-code tiny model keeps the encoded "".
+    force_zeros_for_empty_prompt: bool = False
 
     MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -45,14 +50,16 @@ class SDXLComponents:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for f in fields(self):
-            getattr(self, f.name).save_pretrained(path / f.name)
-        (path / "model_index.json").write_text(_MODEL_INDEX)
+            if f.name != "force_zeros_for_empty_prompt":
+                getattr(self, f.name).save_pretrained(path / f.name)
+        (path / "model_index.json").write_text(
+            _MODEL_INDEX.replace("FORCE_ZEROS", "true" if self.force_zeros_for_empty_prompt else "false"))
 
 
 _MODEL_INDEX = """{
   "_class_name": "StableDiffusionXLPipeline",
   "_diffusers_version": "0.42.1",
-  "force_zeros_for_empty_prompt": true,
+  "force_zeros_for_empty_prompt": FORCE_ZEROS,
   "scheduler": ["diffusers", "DDIMScheduler"],
   "text_encoder": ["transformers", "CLIPTextModel"],
   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

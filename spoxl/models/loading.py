@@ -147,6 +147,7 @@ def load_sdxl(
         config_dir = Path(resolve_model_path(model)).expanduser()
         check_sdxl_folder(config_dir)
         parts = _load_folder(config_dir, variant)
+        parts.force_zeros_for_empty_prompt = _force_zeros(config_dir)
     if unet_file is not None or vae_file is not None:
         if config_dir is None:
             # The tiny model has no folder; save its configs to a temporary one for from_single_file.
@@ -163,6 +164,19 @@ def load_sdxl(
     parts.freeze_frozen_parts()
     parts.unet.eval()
     return parts
+
+
+def _force_zeros(folder: Path) -> bool:
+    """model_index.json's force_zeros_for_empty_prompt; absent means true, as diffusers'
+    StableDiffusionXLPipeline (SDXL base sets it true: its CFG negative is all zeros)."""
+    import json
+
+    index = folder / "model_index.json"
+    try:
+        value = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+    except (OSError, ValueError) as e:
+        raise SpoxlError(f"{index} is not valid JSON: {e}") from None
+    return bool(value)
 
 
 def _load_folder(path: Path, variant: str | None = None) -> SDXLComponents:

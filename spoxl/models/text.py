@@ -63,11 +63,21 @@ def encode_prompts(components, prompts: list[str]) -> PromptEmbeds:
     return PromptEmbeds(embeds=embeds, pooled=out2.text_embeds)
 
 
+def negative_embeds(components, n: int) -> PromptEmbeds:
+    """The classifier-free-guidance negative for n prompts, as diffusers' StableDiffusionXLPipeline
+    makes it without a negative prompt: all zeros (sequence and pooled) when the model's
+    force_zeros_for_empty_prompt is set (SDXL base), else the encoded empty prompt "". Used by
+    every CFG call in spoxl: sampling, SPO's training means, SPM training, sample and eval."""
+    empty = encode_prompts(components, [""])
+    if getattr(components, "force_zeros_for_empty_prompt", False):
+        empty = PromptEmbeds(torch.zeros_like(empty.embeds), torch.zeros_like(empty.pooled))
+    return empty.repeat_interleave(n)
+
+
 def encode_with_negative(components, prompts: list[str]) -> tuple[PromptEmbeds, PromptEmbeds]:
-    """(positive, negative) where negative is the encoded empty prompt, repeated per prompt."""
+    """(positive, negative): the negative as negative_embeds, one per prompt."""
     pos = encode_prompts(components, prompts)
-    neg = encode_prompts(components, [""]).repeat_interleave(len(pos))
-    return pos, neg
+    return pos, negative_embeds(components, len(pos))
 
 
 def make_time_ids(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from spoxl import sampling
 from spoxl.errors import SpoxlError
-from spoxl.models.text import encode_prompts, make_time_ids
+from spoxl.models.text import encode_prompts, make_time_ids, negative_embeds
 
 EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # where the official recipe reports pairwise accuracy
 
@@ -51,7 +51,7 @@ def predicted_x0_images(components, pixels_w, pixels_l, prompts, t, *, cfg_scale
     a = sampling.alpha_bar(sched, t2).to(device)
     x_t = sampling.add_noise(latents, torch.cat([noise, noise]), a)
     cond = encode_prompts(components, list(prompts) * 2).to(device, dtype)
-    uncond = encode_prompts(components, [""]).repeat_interleave(2 * n).to(device, dtype)
+    uncond = negative_embeds(components, 2 * n).to(device, dtype)
     res = pixels_w.shape[-1]
     time_ids = make_time_ids(2 * n, (res, res), device=device, dtype=dtype)
     out = sampling.guided_output(unet, x_t.to(dtype), t2.to(device), cond, uncond, time_ids, cfg_scale)

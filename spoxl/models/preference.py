@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -194,8 +195,7 @@ class StepAwareCLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None):
         """A CLIPModel + tokenizer from a local folder (e.g. a PickScore_v1 copy), optionally with
-        trained SPM weights from a safetensors file written by `save` (spoxl.spo.spm_training);
-        the official .bin release is not loadable (see `load`)."""
+        trained SPM weights (`load`: spoxl's safetensors, or an official .bin release)."""
         from transformers import AutoTokenizer, CLIPModel
 
         path = Path(path)
@@ -218,24 +218,42 @@ class StepAwareCLIP(nn.Module):
         save_file(state, str(file))
 
     def load(self, file: str | os.PathLike) -> None:
+        """Trained SPM weights: a safetensors file written by `save`, or an official release
+        (`sd-v1-5_step-aware_preference_model.bin`, `sdxl_step-aware_preference_model.bin`: a
+        torch state dict in the official module names, read with weights_only=True and mapped by
+        official_spm_keys). Strict: every key of this model must be given, no other."""
         from safetensors.torch import load_file
 
         file = Path(file)
         if not file.is_file():
             raise SpoxlError(f"preference model weights {file} do not exist")
-        if file.suffix != ".safetensors":
-            # The released official SPMs (SPO-Diffusion-Models/Step-Aware_Preference_Models,
-            # *_step-aware_preference_model.bin) are torch pickles with the official code's module
-            # names; no key map into this module is defined yet (methods.md 1.6 does not give the
-            # names), so they are refused rather than loaded with a guessed mapping.
-            raise SpoxlError(
-                f"preference model weights {file}: only safetensors written by StepAwareCLIP.save "
-                "(python -m spoxl.spo.spm_training ... --out FILE.safetensors) can be loaded; the official "
-                "*_step-aware_preference_model.bin checkpoints are not loadable yet")  # fmt: skip
-        missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
-        if unexpected or any(not k.startswith("clip.") for k in missing):
-            bad = (unexpected or [k for k in missing if not k.startswith("clip.")])[0]
-            raise SpoxlError(f"preference model weights {file} do not match the model (key {bad})")
+        if file.suffix == ".safetensors":
+            state = load_file(str(file))
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as e:  # a full pickled object, or not a torch file at all
+                raise SpoxlError(f"preference model weights {file} are not a torch state dict "
+                                 f"({str(e).splitlines()[0][:120]})") from None  # fmt: skip
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise SpoxlError(f"preference model weights {file} are not a state dict of tensors")
+            if any(k.startswith("model.") for k in state):
+                state = official_spm_keys(state, file)
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        expected = {k for k in self.state_dict() if not k.endswith("position_ids")}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            what = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
+            raise SpoxlError(f"preference model weights {file} do not match the model ({what}; "
+                             f"{len(missing)} missing, {len(unexpected)} unexpected)")  # fmt: skip
+        own = self.state_dict()
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise SpoxlError(f"preference model weights {file} do not match the model (key {k}: shape "
+                                 f"{tuple(v.shape)}, the model has {tuple(own[k].shape)})")  # fmt: skip
+        self.load_state_dict(state, strict=False)  # strict on the keys above; position_ids are buffers
 
     # ---- forward pieces --------------------------------------------------------------------
 
@@ -297,6 +315,37 @@ class StepAwareCLIP(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # One entry point for configs
+
+
+_OFFICIAL_BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.adaLN_modulation\.(.+)")
+
+
+def official_spm_keys(state: dict, file="the state dict") -> dict:
+    """The official step-aware preference model's keys in this module's names (a pure rename;
+    the chunk orders are the same: (shift, scale, gate) x 2 per block, final (shift, scale)):
+      model.t_embedder.mlp.*                                    -> time_embed.mlp.*
+      model.vision_model.encoder.layers.N.adaLN_modulation.*    -> blocks.N.modulation.*
+      model.vision_model.adaLN_modulation.*                     -> final_modulation.*
+      model.X (the CLIP itself)                                 -> clip.X
+    position_ids buffers are dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if not key.startswith("model."):
+            raise SpoxlError(f"preference model weights {file}: key {key} is not in the official layout (model.*)")
+        rest = key[len("model."):]
+        block = _OFFICIAL_BLOCK.fullmatch(rest)
+        if rest.startswith("t_embedder.mlp."):
+            new = "time_embed.mlp." + rest[len("t_embedder.mlp."):]
+        elif block:
+            new = f"blocks.{block.group(1)}.modulation.{block.group(2)}"
+        elif rest.startswith("vision_model.adaLN_modulation."):
+            new = "final_modulation." + rest[len("vision_model.adaLN_modulation."):]
+        else:
+            new = "clip." + rest
+        out[new] = value
+    return out
 
 
 def build_preference_model(kind: str, *, path: str | None = None, weights: str | None = None,

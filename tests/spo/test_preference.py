@@ -67,11 +67,64 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(other.score(images, PROMPTS[:2], 300), model.score(images, PROMPTS[:2], 300))
     with pytest.raises(SpoxlError, match="do not exist"):
         other.load(tmp_path / "missing.safetensors")
-    # the official release is a torch pickle with other module names: refused, not guessed at
-    torch.save({"vision_model.embeddings.class_embedding": torch.zeros(4)},
-               tmp_path / "sdxl_step-aware_preference_model.bin")  # fmt: skip
-    with pytest.raises(SpoxlError, match="not loadable yet"):
-        other.load(tmp_path / "sdxl_step-aware_preference_model.bin")
+    # a torch file in neither layout is refused with the key that does not fit
+    torch.save({"vision_model.embeddings.class_embedding": torch.zeros(4)}, tmp_path / "odd.bin")
+    with pytest.raises(SpoxlError, match="do not match the model"):
+        other.load(tmp_path / "odd.bin")
+
+
+def _official_layout(model: StepAwareCLIP) -> dict:
+    """The official SPO code's state dict of the same weights, written out here from its module
+    names (official-differences.md 2), independently of spoxl's loader: the CLIP under `model.`,
+    the time embedder as `model.t_embedder`, the per-layer adaLN inside the vision encoder layers,
+    the final one on the vision model."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("clip."):
+            out["model." + key[len("clip."):]] = value.clone()
+        elif key.startswith("time_embed."):
+            out["model.t_embedder." + key[len("time_embed."):]] = value.clone()
+        elif key.startswith("blocks."):
+            _, n, _, rest = key.split(".", 3)  # blocks.N.modulation.REST
+            out[f"model.vision_model.encoder.layers.{n}.adaLN_modulation.{rest}"] = value.clone()
+        elif key.startswith("final_modulation."):
+            out["model.vision_model.adaLN_modulation." + key[len("final_modulation."):]] = value.clone()
+        else:
+            raise AssertionError(key)
+    return out
+
+
+def test_official_spm_release_loads_by_key_rename(tmp_path):
+    """An official *_step-aware_preference_model.bin (a torch state dict in the official names) loads
+    strictly and scores exactly as the model it was written from, time conditioning included."""
+    source = StepAwareCLIP.tiny(seed=5)
+    with torch.no_grad():  # non-zero adaLN everywhere, so a block or chunk mixed up changes the scores
+        for name, p in source.named_parameters():
+            if not name.startswith("clip."):
+                p.normal_(std=0.05)
+    state = _official_layout(source)
+    state["model.text_model.embeddings.position_ids"] = torch.arange(77)[None]  # dropped, as the official run has it
+    official = tmp_path / "sdxl_step-aware_preference_model.bin"
+    torch.save(state, official)
+    loaded = build_preference_model("clip", path="tiny", weights=str(official))  # another seed's weights before
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    for t in (0, 501, 951):
+        torch.testing.assert_close(loaded.score(images, PROMPTS[:3], t), source.score(images, PROMPTS[:3], t))
+    assert not torch.allclose(loaded.score(images, PROMPTS[:3], 0), loaded.score(images, PROMPTS[:3], 951))
+    # strict: a missing key or a foreign one is named
+    del state["model.vision_model.adaLN_modulation.1.weight"]
+    torch.save(state, official)
+    with pytest.raises(SpoxlError, match="missing key final_modulation.1.weight"):
+        loaded.load(official)
+    state = _official_layout(source)
+    state["model.extra_head.weight"] = torch.zeros(2)
+    torch.save(state, official)
+    with pytest.raises(SpoxlError, match="unexpected key clip.extra_head.weight"):
+        loaded.load(official)
+    # a pickled object, not a state dict, is refused without being unpickled
+    torch.save({"model": torch.nn.Linear(2, 2)}, official)
+    with pytest.raises(SpoxlError, match="not a torch state dict"):
+        loaded.load(official)
 
 
 def test_colour_scorer_prefers_the_named_colour():

@@ -31,6 +31,12 @@ class ModelConfig:
     path: str = "tiny"  # "tiny[:SEED]", "toy" (the pretrained toy-world model) or a local diffusers SDXL folder
     unet_file: Optional[str] = None  # single-file .safetensors replacing the UNet weights
     vae_file: Optional[str] = None
+    # A diffusers AutoencoderKL folder replacing the model's VAE (e.g. the fp16-fix SDXL VAE, for
+    # fp16 runs: SDXL's own VAE overflows in fp16).
+    vae_path: Optional[str] = None
+    # The frozen VAE's dtype: fp32 (default; the official Diffusion-DPO keeps it so, and encoding
+    # at bf16/fp16 rounds the latents every method trains on) or "compute" (the run's precision).
+    vae_dtype: Literal["fp32", "compute"] = "fp32"
     prediction_type: Optional[str] = None  # None: the scheduler's (epsilon for SDXL base)
     # Weight files to load ("fp16": *.fp16.safetensors). None: the plain weights, or a part's only
     # variant when it has no plain ones (SDXL folders downloaded with only fp16 files load as they are).

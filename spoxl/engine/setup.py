@@ -199,13 +199,15 @@ def build_training(cfg, objective, *, components=None):
     torch.manual_seed(cfg.run.seed)
     if components is None:
         components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file,
-                               variant=cfg.model.variant)
-    # Frozen parts: compute dtype, on the device, never seen by DeepSpeed (so never partitioned).
+                               variant=cfg.model.variant, vae_path=cfg.model.vae_path)
+    # Frozen parts: compute dtype (the VAE fp32 unless model.vae_dtype says compute), on the
+    # device, never seen by DeepSpeed (so never partitioned).
     for name in ("vae", "text_encoder", "text_encoder_2"):
         part = getattr(components, name)
+        part_dtype = torch.float32 if name == "vae" and cfg.model.vae_dtype == "fp32" else dtype
         # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.
-        if next(part.parameters()).dtype != dtype:
-            part.to(dtype=dtype)
+        if next(part.parameters()).dtype != part_dtype:
+            part.to(dtype=part_dtype)
         part.to(device=device)
     components.freeze_frozen_parts()
 

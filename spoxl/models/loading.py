@@ -127,6 +127,7 @@ def load_sdxl(
     vae_file: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     variant: str | None = None,
+    vae_path: str | os.PathLike | None = None,
 ) -> SDXLComponents:
     """Load all SDXL parts (frozen VAE/text encoders, UNet in train-ready fp32 unless dtype says).
 
@@ -148,6 +149,10 @@ def load_sdxl(
         check_sdxl_folder(config_dir)
         parts = _load_folder(config_dir, variant)
         parts.force_zeros_for_empty_prompt = _force_zeros(config_dir)
+    if vae_path is not None:
+        if vae_file is not None:
+            raise SpoxlError("give the VAE as a folder (model.vae_path) or as a single file (model.vae_file), not both")
+        parts.vae = _load_vae_folder(Path(vae_path).expanduser())
     if unet_file is not None or vae_file is not None:
         if config_dir is None:
             # The tiny model has no folder; save its configs to a temporary one for from_single_file.
@@ -164,6 +169,20 @@ def load_sdxl(
     parts.freeze_frozen_parts()
     parts.unet.eval()
     return parts
+
+
+def _load_vae_folder(path: Path):
+    """A diffusers AutoencoderKL folder (config.json + weights), or its parent with a vae/ inside."""
+    from diffusers import AutoencoderKL
+
+    if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise SpoxlError(f"VAE folder {path} has no config.json (a diffusers AutoencoderKL folder is expected)")
+    try:
+        return AutoencoderKL.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpoxlError(f"could not load VAE folder {path}: {str(e).splitlines()[0]}") from None
 
 
 def _force_zeros(folder: Path) -> bool:

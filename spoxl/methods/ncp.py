@@ -46,8 +46,14 @@ class NCPConfig:
     encoder_loss_coeff: float = 1.0  # multiplies the per-sample perceptual MSEs (official default 1)
     # Debug/sanity mode: the same noise, timesteps, z and VAE sample at every step (see SFT).
     fixed_noise: bool = False
+    # The frozen encoder and its x_{t-1} inputs: fp32 (default) or the run's precision. NCP's
+    # signal x^theta_{t-1} - x*_{t-1} is -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) (eps_hat - eps),
+    # a coefficient of 0.004-0.012: bf16 rounding of x_{t-1} (~1.7e-3 RMS) is about its size.
+    encoder_dtype: str = "fp32"
 
     def __post_init__(self):
+        if self.encoder_dtype not in ("fp32", "compute"):
+            raise SpoxlError(f"config: method.encoder_dtype must be fp32 or compute, got {self.encoder_dtype!r}")
         if self.kind not in NCP_KINDS:
             raise SpoxlError(f"config: method.kind must be one of {', '.join(NCP_KINDS)}, got {self.kind!r}")
         finite_number("method.beta", self.beta)
@@ -125,9 +131,12 @@ class NCPObjective(OfflineObjective):
             raise SpoxlError("method ncp does not support ZeRO stage 3 yet (its frozen encoder copy "
                              "needs the UNet's unpartitioned weights): use ds_configs/zero2.json")
         self.encoder = FrozenUNetEncoder(ctx.unet, self.config.use_middle_states)
+        self.encoder_dtype = torch.float32 if self.config.encoder_dtype == "fp32" else ctx.dtype
+        if next(self.encoder.parameters()).dtype != self.encoder_dtype:
+            self.encoder.to(self.encoder_dtype)
 
     def encode(self, ctx: TrainContext, x, t, embeds, pooled, time_ids) -> torch.Tensor:
-        cast = lambda v: v.to(ctx.device, ctx.dtype)  # noqa: E731
+        cast = lambda v: v.to(ctx.device, self.encoder_dtype)  # noqa: E731
         return self.encoder(cast(x), t.to(ctx.device), cast(embeds), cast(pooled), cast(time_ids))
 
     def loss(self, ctx: TrainContext, batch):

@@ -169,6 +169,7 @@ def test_log2_at_init_then_training_lowers_the_loss_through_the_frozen_encoder(t
     ([*NCP, "method.beta=-5"], "method.beta must be a finite number > 0, got -5"),
     ([*NCP, "method.beta=.nan"], "method.beta must be a finite number, got nan"),
     ([*NCP, "method.snr=0.5"], "unknown key method.snr"),
+    ([*NCP, "method.encoder_dtype=bf16"], "method.encoder_dtype must be fp32 or compute, got 'bf16'"),
 ])
 def test_bad_ncp_config_is_a_one_line_error(overrides, message):
     with pytest.raises(SpoxlError, match=message.replace(".", r"\.").replace("(", r"\(")) as e:
@@ -199,3 +200,16 @@ def test_recipes_load_with_the_official_settings():
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.name, cfg.optim.weight_decay) == (64, 64, "adamw8bit", 1e-2)
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.warmup_steps, cfg.train.max_steps) == (8, 64, 500, 2000)
     assert cfg.train.lr == pytest.approx(1e-8 * 8 * 64) and cfg.run.seed == 69 and cfg.data.resolution == 1024
+
+
+@pytest.mark.parametrize("encoder_dtype, expected", [("fp32", torch.float32), ("compute", torch.bfloat16)])
+def test_frozen_encoder_runs_in_fp32_in_a_bf16_run(tmp_path, monkeypatch, encoder_dtype, expected):
+    """NCP's signal in x_{t-1} is about bf16's rounding: the frozen encoder and its inputs stay fp32
+    unless method.encoder_dtype says compute; the loss then trains through it as before."""
+    ctx, obj = make(tmp_path, [*NCP, "deepspeed.precision=bf16", f"method.encoder_dtype={encoder_dtype}"], NCPObjective)
+    assert next(obj.encoder.parameters()).dtype == expected
+    seen = []
+    real = spoxl.kernels.ncp_loss
+    monkeypatch.setattr(spoxl.kernels, "ncp_loss", lambda *a, **k: seen.append(a[0].dtype) or real(*a, **k))
+    loss, _ = obj.loss(ctx, next(iter(obj.micro_batches(ctx))))
+    assert torch.isfinite(loss) and seen == [expected]

@@ -22,6 +22,7 @@ COMMANDS = {
     "preflight": ("spoxl.commands.preflight", "check a hostfile + config against the cluster before launch"),
     "eval": ("spoxl.commands.eval", "base vs tuned models on the same prompts and seeds, scored, with paired figures"),
     "toy": ("spoxl.commands.toy", "the toy world: pretrain / export the toy model, make preference pairs"),
+    "pairs": ("spoxl.commands.pairs", "preference-pair set tools: NCP's absolute-winners subset"),
 }
 
 

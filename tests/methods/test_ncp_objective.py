@@ -199,6 +199,7 @@ def test_recipes_load_with_the_official_settings():
     assert (cfg.method.name, p.kind, p.beta, p.use_middle_states) == ("ncp", "dpo", 2500.0, False)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.name, cfg.optim.weight_decay) == (64, 64, "adamw8bit", 1e-2)
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.warmup_steps, cfg.train.max_steps) == (8, 64, 500, 2000)
+    assert (cfg.data.hflip, cfg.data.ties) == (True, "keep")  # joint pair flips, ties kept: the official run
     assert cfg.train.lr == pytest.approx(1e-8 * 8 * 64) and cfg.run.seed == 69 and cfg.data.resolution == 1024
 
 

@@ -46,14 +46,14 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
     from spoxl.imaging import save_grid
     from spoxl.methods.spo import read_prompts
     from spoxl.models.loading import load_sdxl
-    from spoxl.models.preference import build_preference_model
+    from spoxl.models.preference import MODEL_KINDS, build_preference_model
 
     run_dir = Path(run_dir)
     cfg, lora_file = _run_files(run_dir)
     m = cfg.method.params
     pc = m.preference
     scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights, allow_untrained=pc.allow_untrained,
-                                    **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
+                                    **({} if pc.kind in MODEL_KINDS else {"scale": pc.scale}))  # fmt: skip
     if pc.kind in TOY_SCORERS:
         from spoxl.toy.world import held_out_captions
 

@@ -33,10 +33,14 @@ def add_arguments(p) -> None:
                    help="first seed; far from training rounds' seeds (default 100000)")
     p.add_argument("--scorer", default="fidelity",
                    help="preference model: fidelity, aesthetic, toy_colour/shape/position/size/background, "
-                        "colour, brightness, or clip (with --scorer-path) (default fidelity)")
-    p.add_argument("--scorer-scale", type=float, default=100.0, help="score = scale * similarity (programmatic scorers)")
-    p.add_argument("--scorer-path", default=None, help="clip: a local CLIPModel folder, or tiny")
-    p.add_argument("--scorer-weights", default=None, help="clip: step-aware weights from spoxl train-preference-model")
+                        "colour, brightness; or a model from a local path: clip (step-aware), pickscore, "
+                        "laion_aesthetic (with --scorer-path and, where needed, --scorer-weights) (default fidelity)")
+    p.add_argument("--scorer-scale", type=float, default=None,
+                   help="score = scale * similarity (programmatic scorers: default 100; laion_aesthetic: default 1)")
+    p.add_argument("--scorer-path", default=None, help="clip / pickscore / laion_aesthetic: a local CLIPModel folder "
+                                                       "(clip: or tiny)")
+    p.add_argument("--scorer-weights", default=None, help="clip: step-aware weights (spoxl's safetensors or the official "
+                                                          ".bin); laion_aesthetic: the predictor's MLP .pth")
     p.add_argument("--allow-untrained-scorer", action="store_true",
                    help="clip: score with an untrained step-aware CLIP (it ignores the timestep; for experiments)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
@@ -89,7 +93,9 @@ def run(args) -> int:
         raise SpoxlError(f"--out {out} exists and is not a folder")
     prompts = resolve_prompts(args.prompts, args.num_prompts)
     kind = args.scorer
-    kwargs = {} if kind in ("clip", "step_aware_clip") else {"scale": args.scorer_scale}
+    from spoxl.models.preference import MODEL_KINDS
+
+    kwargs = {} if kind in MODEL_KINDS or args.scorer_scale is None else {"scale": args.scorer_scale}
     scorer = build_preference_model(kind, path=args.scorer_path, weights=args.scorer_weights,
                                     allow_untrained=args.allow_untrained_scorer, **kwargs)
     names = args.name or [_default_name(f) for f in args.lora]

@@ -220,7 +220,7 @@ class SPOObjective(Objective):
 
     def setup(self, ctx: TrainContext) -> None:
         from spoxl.imaging import default_resolution
-        from spoxl.models.preference import build_preference_model
+        from spoxl.models.preference import MODEL_KINDS, build_preference_model
 
         cfg = self.config
         self.check(ctx.config)
@@ -229,7 +229,7 @@ class SPOObjective(Objective):
         self.prompts = read_prompts(cfg)
         pc = cfg.preference
         self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights, allow_untrained=pc.allow_untrained,
-                                             **({} if pc.kind in ("clip", "step_aware_clip") else {"scale": pc.scale}))  # fmt: skip
+                                             **({} if pc.kind in MODEL_KINDS else {"scale": pc.scale}))  # fmt: skip
         if hasattr(self.scorer, "check_prompts"):
             self.scorer.check_prompts(self.prompts)  # every rank has every prompt: all fail alike
         if hasattr(self.scorer, "to"):

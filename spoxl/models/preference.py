@@ -66,6 +66,22 @@ def check_inputs(x: torch.Tensor, prompts: list[str]) -> None:
         raise SpoxlError(f"preference model got {x.shape[0]} inputs but {len(prompts)} prompts")
 
 
+def clip_pixel_values(images: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
+    """[-1, 1] images -> CLIP pixel values: bicubic resize (shortest side), centre crop, [0, 1],
+    CLIP mean/std (every CLIP-based scorer in spoxl: the SPM, PickScore, the LAION predictor)."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = images.float()
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = (x[..., top : top + size, left : left + size] + 1) / 2
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Timestep conditioning (DiT)
 
@@ -176,8 +192,6 @@ class StepAwareCLIP(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in vision.encoder.layers)
         # Final adaLN on the pooled output: all-zero so (1 + s) * x + b is x at init.
         self.final_modulation = _modulation(width, 2)
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     # ---- construction ---------------------------------------------------------------------
 
@@ -258,20 +272,7 @@ class StepAwareCLIP(nn.Module):
     # ---- forward pieces --------------------------------------------------------------------
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images -> CLIP pixel values: bicubic resize (shortest side), centre crop,
-        [0, 1], CLIP mean/std."""
-        size = self.image_size
-        h, w = images.shape[-2:]
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = images.float()
-        if (new_h, new_w) != (h, w):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        x = x[..., top : top + size, left : left + size]
-        x = (x + 1) / 2
-        dtype = self.clip.logit_scale.dtype
-        return ((x - self.mean) / self.std).to(dtype)
+        return clip_pixel_values(images, self.image_size, self.clip.logit_scale.dtype)
 
     def image_features(self, pixel_values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         vision = self.clip.vision_model
@@ -315,6 +316,17 @@ class StepAwareCLIP(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # One entry point for configs
+
+
+# Preference models that are networks loaded from a path: they take no `scale` from the recipe or
+# `spoxl eval --scorer-scale` (their own scale is part of the model).
+MODEL_KINDS = ("clip", "step_aware_clip", "pickscore")
+
+
+def _rewards():
+    from spoxl.models import rewards
+
+    return rewards
 
 
 _OFFICIAL_BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.adaLN_modulation\.(.+)")
@@ -373,7 +385,17 @@ def build_preference_model(kind: str, *, path: str | None = None, weights: str |
                 model.load(weights)
             return model
         return StepAwareCLIP.from_pretrained(path, weights)
+    if kind in ("pickscore", "laion_aesthetic") or kind in _rewards().UNSUPPORTED:
+        rewards = _rewards()
+        if kind in rewards.UNSUPPORTED:
+            raise SpoxlError(f"preference model {kind!r} is not supported yet: {rewards.UNSUPPORTED[kind]} "
+                             "(supported reward models: pickscore, laion_aesthetic)")
+        if not path:
+            raise SpoxlError(f"preference model {kind!r} needs a path: a local CLIP folder")
+        if kind == "pickscore":
+            return rewards.PickScore(path)
+        return rewards.LaionAesthetic(path, weights, **kwargs)
     if kind in scorers.SCORERS:
         return scorers.SCORERS[kind](**kwargs)
-    known = ", ".join(["clip", *sorted(scorers.SCORERS)])
+    known = ", ".join(["clip", "pickscore", "laion_aesthetic", *sorted(scorers.SCORERS)])
     raise SpoxlError(f"unknown preference model {kind!r} (known: {known})")

@@ -89,6 +89,11 @@ class PreferencePairDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def captions(self) -> list[str]:
+        """Every item's caption, in item order, without reading any image."""
+        column = self.table.column(self.columns[3])
+        return [column[row] if column[row] is not None else "" for row in self._rows]
+
     def _sources(self, row: int) -> tuple:
         c0, c1, _, cap = self.columns
         r = self.table.row(row)

@@ -146,7 +146,8 @@ def test_bf16_with_gradient_accumulation(tmp_path):
                                "data.synthetic_size=6"])
     assert ctx.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in ctx.unet.parameters())
-    assert next(ctx.components.vae.parameters()).dtype == torch.bfloat16  # frozen parts in compute dtype
+    assert next(ctx.components.text_encoder.parameters()).dtype == torch.bfloat16  # frozen encoders: compute dtype
+    assert next(ctx.components.vae.parameters()).dtype == torch.float32  # the VAE stays fp32 (model.vae_dtype)
     start = fixed_loss(ctx, obj)
     loop.train(ctx, obj, ctx.logger)
     assert fixed_loss(ctx, obj) < start

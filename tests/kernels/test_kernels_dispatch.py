@@ -74,7 +74,9 @@ def test_forced_triton_without_triton_raises_but_auto_falls_back(monkeypatch):
     assert "\n" not in str(info.value)
     monkeypatch.setenv("SPOXL_KERNELS", "auto")
     assert K.choose_backend(CPU) == "torch"
-    assert K.choose_backend(torch.device("cuda")) == "torch"  # auto never raises
+    monkeypatch.setattr(dispatch, "_said", set())
+    with pytest.warns(RuntimeWarning, match="CUDA inputs use the torch backend: triton cannot be imported"):
+        assert K.choose_backend(torch.device("cuda")) == "torch"  # auto never raises; it says why, once
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -237,3 +237,18 @@ def test_unet_samples_count_the_reference_whether_adapters_off_or_a_frozen_copy(
 def test_max_minutes_must_be_positive(tmp_path):
     with pytest.raises(SpoxlError, match="train.max_minutes must be a number > 0"):
         make(tmp_path, ["train.max_minutes=0"])
+
+
+def test_fp16_runs_keep_fp32_master_weights_for_the_lora(tmp_path):
+    """`deepspeed.precision: fp16` is the official runs' "fp16 mixed precision with fp32 LoRA
+    weights": the LoRA parameters the forward uses are fp16 (as autocast would cast them for every
+    matmul), the optimizer updates fp32 master copies, and training moves the weights."""
+    ctx, obj = make(tmp_path, ["deepspeed.precision=fp16", "train.max_steps=2", "train.lr=1e-2"])
+    trainable = [p for p in ctx.unet.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float16 for p in trainable)
+    masters = ctx.engine.optimizer.single_partition_of_fp32_groups  # ZeRO-1/2's flat fp32 partitions
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert sum(m.numel() for m in masters) >= sum(p.numel() for p in trainable) // ctx.world_size
+    before = [m.clone() for m in masters]
+    loop.train(ctx, obj, ctx.logger)
+    assert any(not torch.equal(a, b) for a, b in zip(before, masters))

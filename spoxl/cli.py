@@ -23,6 +23,8 @@ COMMANDS = {
     "eval": ("spoxl.commands.eval", "base vs tuned models on the same prompts and seeds, scored, with paired figures"),
     "toy": ("spoxl.commands.toy", "the toy world: pretrain / export the toy model, make preference pairs"),
     "pairs": ("spoxl.commands.pairs", "preference-pair set tools: NCP's absolute-winners subset"),
+    "train-preference-model": ("spoxl.commands.train_preference_model",
+                               "train the step-aware preference model (SPM) on preference pairs"),
 }
 
 

@@ -217,52 +217,62 @@ def examples_source_captions(dataset) -> list[str]:
 PRESETS = {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000}}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spoxl.spo.spm_training", description=__doc__.splitlines()[0])
+def add_arguments(p) -> None:
+    """The trainer's flags (`spoxl train-preference-model` and `python -m spoxl.spo.spm_training`)."""
     p.add_argument("--pairs", required=True, help="Pick-a-Pic-layout pair table (.jsonl / .parquet)")
     p.add_argument("--model", default="tiny", help="the frozen base model: tiny or a local SDXL folder")
     p.add_argument("--clip", default="tiny", help="CLIPModel folder to start from (e.g. PickScore_v1), or tiny")
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=64, help="image side the pairs are cropped to (default 64)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the official recipe's lr, warmup (then linear decay) and steps: sd15 3e-6/500/8000, "
                         "sdxl 1e-6/500/7000 (explicit flags override)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100, or the preset's)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per step (default 4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, or the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 0, or the preset's 500)")
     p.add_argument("--relabel-with", default=None,
                    help="a PickScore CLIPModel folder: relabel the pairs by it first (softmax gap > 0.1, else a tie), "
                         "as the official SDXL SPM data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the order, timesteps and noise (default 0)")
     p.add_argument("--out", required=True, help="where to write the SPM weights (.safetensors)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m spoxl.spo.spm_training", description=__doc__.splitlines()[0])
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
-        from spoxl.data.pairs import PreferencePairDataset
-        from spoxl.models.loading import load_sdxl
-        from spoxl.models.preference import build_preference_model
-
-        preset = PRESETS.get(args.preset, {})
-        steps = args.steps if args.steps is not None else preset.get("steps", 100)
-        lr = args.lr if args.lr is not None else preset.get("lr", 1e-5)
-        warmup = args.warmup if args.warmup is not None else preset.get("warmup", 0)
-        if steps < 1 or lr <= 0 or warmup < 0:
-            raise SpoxlError(f"--steps must be >= 1, --lr > 0 and --warmup >= 0 (got {steps}, {lr}, {warmup})")
-        dataset = PreferencePairDataset(args.pairs, args.resolution, drop_ties=False, seed=args.seed)
-        if args.relabel_with:
-            dataset = RelabelledPairs(dataset, build_preference_model("pickscore", path=args.relabel_with))
-        components = load_sdxl(args.model)
-        model = build_preference_model("clip", path=args.clip, allow_untrained=True)  # what training starts from
-        before = evaluate(model, components, dataset)
-        train_spm(model, components, dataset, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
-                  warmup_steps=warmup, decay=args.preset is not None,
-                  log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f} lr {h['lr']:.2e}")
-                  if (s + 1) % 10 == 0 else None)  # fmt: skip
-        after = evaluate(model, components, dataset)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        model.save(args.out)
+        return run(args)
     except SpoxlError as e:
         print(f"spoxl spm_training: error: {e}", file=sys.stderr)
         return 2
+
+
+def run(args) -> int:
+    """Train an SPM as the flags say; SpoxlError for bad input (the caller prints it)."""
+    from spoxl.data.pairs import PreferencePairDataset
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.preference import build_preference_model
+
+    preset = PRESETS.get(args.preset, {})
+    steps = args.steps if args.steps is not None else preset.get("steps", 100)
+    lr = args.lr if args.lr is not None else preset.get("lr", 1e-5)
+    warmup = args.warmup if args.warmup is not None else preset.get("warmup", 0)
+    if steps < 1 or lr <= 0 or warmup < 0:
+        raise SpoxlError(f"--steps must be >= 1, --lr > 0 and --warmup >= 0 (got {steps}, {lr}, {warmup})")
+    dataset = PreferencePairDataset(args.pairs, args.resolution, drop_ties=False, seed=args.seed)
+    if args.relabel_with:
+        dataset = RelabelledPairs(dataset, build_preference_model("pickscore", path=args.relabel_with))
+    components = load_sdxl(args.model)
+    model = build_preference_model("clip", path=args.clip, allow_untrained=True)  # what training starts from
+    before = evaluate(model, components, dataset)
+    train_spm(model, components, dataset, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
+              warmup_steps=warmup, decay=args.preset is not None,
+              log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f} lr {h['lr']:.2e}")
+              if (s + 1) % 10 == 0 else None)  # fmt: skip
+    after = evaluate(model, components, dataset)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.out)
     print("pairwise accuracy by timestep, before -> after: "
           + ", ".join(f"t={t}: {before[t]:.2f} -> {after[t]:.2f}" for t in before))  # fmt: skip
     print(f"wrote {args.out}")

@@ -141,3 +141,14 @@ def test_cli_with_the_official_preset(tmp_path, capsys):
     assert out.is_file() and "pairwise accuracy by timestep" in capsys.readouterr().out
     assert main(["--pairs", str(pairs), "--model", "tiny", "--lr", "0", "--out", str(out)]) == 2
     assert "--lr > 0" in capsys.readouterr().err
+
+
+def test_the_spoxl_command_runs_the_same_trainer(tmp_path):
+    from spoxl.cli import main as spoxl
+
+    pairs = write_pair_table(tmp_path / "pairs.jsonl", 8)
+    out = tmp_path / "spm.safetensors"
+    assert spoxl(["train-preference-model", "--pairs", str(pairs), "--resolution", "32", "--steps", "1",
+                  "--out", str(out)]) == 0  # fmt: skip
+    assert out.is_file()
+    assert spoxl(["train-preference-model", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2

@@ -138,11 +138,16 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:
-        from spoxl.cluster.watchdog import is_communication_error
+        from spoxl.cluster.watchdog import is_communication_error, reported_failure
 
         if is_communication_error(e):
-            # A peer went away: the watchdog has printed the line that names it (or, if no cause
-            # came in time, this error in one line); a traceback of the collective adds nothing.
+            # A peer went away: when the watchdog printed the line that names it (or this error),
+            # a traceback of the collective adds nothing. Without a watchdog line (one rank, the
+            # watchdog off, or a rendezvous that never formed) say it in one line here.
+            if not reported_failure():
+                rank = os.environ.get("RANK", "0")
+                print(f"spoxl train: error{'' if rank == '0' else f' (rank {rank})'}: communication failed: "
+                      f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr, flush=True)  # fmt: skip
             return 1
         raise  # anything else is a bug in spoxl or a library: keep its traceback
     _shutdown()
@@ -159,50 +164,79 @@ def _run_reporting_errors(args) -> int:
 
         rank = os.environ.get("RANK", "0")
         note_error(str(e))  # the watchdog's job-wide failure line carries it, whichever rank failed first
-        _join_group_to_report()
+        line = f"spoxl train: error{'' if rank == '0' else f' (rank {rank})'}: {e}"
+        joined = _join_group_to_report(line)
         # Usually every rank hits the same config/data error: rank 0 prints it; another rank prints
-        # its own only when rank 0 has not failed (yet): an error found on rank 1 alone is never lost.
-        # An error every rank raised together (SharedError) is rank 0's to print, always.
-        if rank == "0" or (not isinstance(e, SharedError) and not _rank0_failed()):
-            print(f"spoxl train: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
+        # its own only when rank 0 has not failed (a rank that joined only to report gives rank 0 a
+        # few seconds to say so): an error found on rank 1 alone is never lost. An error every rank
+        # raised together (SharedError) is rank 0's to print, always.
+        if rank == "0" or (not isinstance(e, SharedError) and not _rank0_failed(wait_s=5.0 if joined else 0.0)):
+            print(line, file=sys.stderr, flush=True)
         # No destroy_process_group here: with a peer already gone it can block; exiting is enough.
         return 2
 
 
-def _join_group_to_report() -> None:
+def _join_group_to_report(line: str) -> bool:
     """A rank that fails a check before the process group exists (its node's copy of a file is
     missing or different, on a cluster without a shared filesystem) joins the group anyway, only
     to put its error in the job's failure record on its way out: otherwise its peers, already
     waiting in the rendezvous or in a first collective, would wait out the whole process-group
     timeout and never learn why. The single-node `spoxl train` runs these checks before launching,
     so this matters for jobs started by the launcher itself (launch/per_node.sh, SLURM). Joining
-    is bounded by the watchdog's timeout: a peer that never comes does not hold this rank."""
+    is bounded by the watchdog's timeout, and by a hard deadline after it (a NCCL communicator
+    set up eagerly can block past any store timeout): then `line` is printed and the rank exits 2,
+    so the message is never lost. True when this call joined the group (the error came before it)."""
+    import threading
+
     import torch.distributed as dist
 
     from spoxl.cluster.watchdog import settings_from_env, start_now
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_ADDR" not in os.environ:
-        return
+        return False
     enabled, timeout_s, _ = settings_from_env()
     if not enabled:
-        return
+        return False
+    joined = False
     if not dist.is_initialized():
         from datetime import timedelta
 
         from spoxl.engine.setup import init_distributed
 
+        guard = threading.Timer(timeout_s + 15.0, _give_up, args=(line,))
+        guard.daemon = True
+        guard.start()
         try:
             init_distributed(timeout=timedelta(seconds=timeout_s))
+            joined = True
         except Exception:  # no peer came, or the network is the problem: exit with the error as it is
-            return
+            return False
+        finally:
+            guard.cancel()
     start_now()
+    return joined
 
 
-def _rank0_failed() -> bool:
-    """Whether rank 0 already recorded a failure in the job's watchdog store (False when unknown)."""
+def _give_up(line: str) -> None:
+    """The report could not be delivered in time: say it here and end the rank."""
+    print(line, file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _rank0_failed(wait_s: float = 0.0) -> bool:
+    """Whether rank 0 recorded a failure in the job's watchdog store (False when unknown), waiting
+    up to wait_s for it to do so."""
+    import time
+
     from spoxl.cluster.watchdog import recorded_failure
 
-    return (recorded_failure() or "").startswith("rank 0 ")
+    deadline = time.monotonic() + wait_s
+    while True:
+        if (recorded_failure() or "").startswith("rank 0 "):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _shutdown() -> None:

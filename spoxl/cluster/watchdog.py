@@ -47,6 +47,7 @@ DEFAULT_INTERVAL_S = 5.0
 _PREFIX = "spoxl/watchdog"
 _FAILED = f"{_PREFIX}/failed"
 _DONE_COUNT = f"{_PREFIX}/done_count"
+_ACKS = f"{_PREFIX}/failure_acks"  # ranks that recorded or read the job's failure
 
 _COMM_ERROR_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "connection refused",
                      "broken pipe", "timed out", "timeout", "socket", "peer")
@@ -205,8 +206,28 @@ class Watchdog:
             return
         self._ended = True
         self._stop.set()
+        self._ack()
         self.log(f"spoxl watchdog: rank {self.rank} ends the job: {message}")
         self.exit_fn(FAILURE_EXIT_CODE)
+
+    def _ack(self) -> None:
+        try:
+            self.store.add(_ACKS, 1)
+        except Exception:
+            pass
+
+    def _linger_as_store_host(self) -> None:
+        """Rank 0 hosts the job's store: after recording a failure it stays (up to timeout_s) until
+        every other rank has recorded its own failure or read this one, so that none of them loses
+        the store, and with it the reason, before it has printed it."""
+        if self.rank != 0 or self.world_size < 2:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while self.store.add(_ACKS, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(min(0.2, self.interval_s))
+        except Exception:
+            pass
 
     # ---- exceptions in the main thread --------------------------------------------------------------
 
@@ -217,6 +238,7 @@ class Watchdog:
         me = f"rank {self.rank} ({self.describe(self.rank)})"
         reason = getattr(_last_error, "message", None)
         self._record(me, f"exited with status {code}" + (f": {reason}" if reason else ""))
+        self._linger_as_store_host()
 
     def _record(self, me: str, what: str) -> None:
         try:
@@ -224,6 +246,8 @@ class Watchdog:
         except Exception:
             failure = f"{me} {what}"
         self._ended = True
+        self._ack()
+        _REPORTED.set()
         self.log(f"spoxl watchdog: {me} {what}"
                  + ("" if failure.startswith(me) else f"; first failure in the job: {failure}"))
 
@@ -247,6 +271,8 @@ class Watchdog:
                     failure = self.lost_store_message(e)
                 if failure is not None:
                     self._ended = True
+                    self._ack()
+                    _REPORTED.set()
                     self.log(f"spoxl watchdog: {me} stops after a communication error; cause: {failure}")
                     return
                 time.sleep(min(self.interval_s, 1.0))
@@ -255,17 +281,40 @@ class Watchdog:
 
 def _default_group_watchdog(timeout_s: float, interval_s: float) -> Watchdog | None:
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d
 
     world = dist.get_world_size()
     if world < 2:
         return None
-    # The store torch.distributed rendezvoused through (private accessor, stable since torch 1.x);
-    # using it means no extra port to open between nodes.
-    store = distributed_c10d._get_default_store()
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    return Watchdog(store, dist.get_rank(), world, timeout_s=timeout_s, interval_s=interval_s,
+    return Watchdog(_job_store(), dist.get_rank(), world, timeout_s=timeout_s, interval_s=interval_s,
                     store_address=address)
+
+
+_STORE: dict = {}
+
+
+def _job_store():
+    """The watchdog's client of the job's rendezvous store (no extra port to open between nodes).
+
+    Its OWN connection when the store's address is known (env:// rendezvous: MASTER_ADDR and
+    MASTER_PORT): the process group's client is held for the whole of a blocking store wait (a
+    group being created, a barrier) while a peer is gone, and the watchdog must read and write
+    the failure record exactly then. Otherwise the default group's store (private accessor,
+    stable since torch 1.x). One per process, created on first use."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if "store" not in _STORE:
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if addr and port and port.isdigit():
+            from datetime import timedelta
+
+            client = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=30),
+                                   wait_for_workers=False)  # fmt: skip
+            _STORE["store"] = dist.PrefixStore("spoxl_watchdog", client)
+        else:
+            _STORE["store"] = distributed_c10d._get_default_store()
+    return _STORE["store"]
 
 
 class _Starter:
@@ -297,8 +346,13 @@ class _Starter:
             return False
         with self._lock:
             if not self._closed.is_set() and self.watchdog is None:
-                wd = _default_group_watchdog(self.timeout_s, self.interval_s)
-                self.watchdog = wd.start() if wd is not None else None
+                try:
+                    wd = _default_group_watchdog(self.timeout_s, self.interval_s)
+                    self.watchdog = wd.start() if wd is not None else None
+                except Exception as e:  # the store is already gone (its host, rank 0, exited)
+                    self._closed.set()
+                    print(f"spoxl watchdog: not started: the job's store is gone ({' '.join(str(e).split())[:160]})",
+                          file=sys.stderr, flush=True)  # fmt: skip
         return True
 
     def close(self) -> Watchdog | None:
@@ -309,17 +363,22 @@ class _Starter:
 
 _active = threading.local()
 _last_error = threading.local()
+_REPORTED = threading.Event()  # this process's watchdog printed the job's failure line
+
+
+def reported_failure() -> bool:
+    """Whether the watchdog printed a line naming this rank's failure or its cause."""
+    return _REPORTED.is_set()
 
 
 def recorded_failure() -> str | None:
     """The job's failure record, if the process group exists and one was written (else None)."""
     try:
         import torch.distributed as dist
-        from torch.distributed import distributed_c10d
 
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        store = distributed_c10d._get_default_store()
+        store = _job_store()
         return store.get(_FAILED).decode() if store.check([_FAILED]) else None
     except Exception:
         return None

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
                         "colour, brightness; or a model from a local path: clip (step-aware), pickscore, "
                         "laion_aesthetic (with --scorer-path and, where needed, --scorer-weights) (default fidelity)")
     p.add_argument("--scorer-scale", type=float, default=None,
-                   help="score = scale * similarity (programmatic scorers: default 100; laion_aesthetic: default 1)")
+                   help="score = scale * similarity (programmatic scorers only; default 100)")
     p.add_argument("--scorer-path", default=None, help="clip / pickscore / laion_aesthetic: a local CLIPModel folder "
                                                        "(clip: or tiny)")
     p.add_argument("--scorer-weights", default=None, help="clip: step-aware weights (spoxl's safetensors or the official "

@@ -26,9 +26,12 @@ def absolute_winner_rows(captions, ids_0, ids_1, labels, usable=None) -> list[in
     wins: dict = {}
     spoiled: set = set()
     for row, (caption, a, b, label) in enumerate(zip(captions, ids_0, ids_1, labels)):
-        if usable is not None and not usable[row]:
+        if (usable is not None and not usable[row]) or label is None:  # not a comparison
             continue
-        label = float(label)
+        try:
+            label = float(label)
+        except (TypeError, ValueError):
+            raise SpoxlError(f"row {row}: label {label!r} is not a number") from None
         if label == 1.0:
             winner, others = a, (b,)
         elif label == 0.0:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from spoxl.engine import checkpoint
 from spoxl.engine.logging import memory_stats
-from spoxl.engine.zero_utils import raise_on_every_rank
+from spoxl.engine.zero_utils import first_error_on_any_rank
 from spoxl.errors import SharedError, SpoxlError
 
 
@@ -44,17 +44,26 @@ def _any_rank(flag: bool) -> bool:
     return _all_ranks(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
 
+_DATA_ENDED = "\0spoxl: the objective's data ended"
+
+
 def _next_batch(batches):
     """The next micro-batch, failing on EVERY rank when any rank's data is bad (an unreadable
-    image on one rank would otherwise leave the others waiting in a collective until timeout)."""
+    image on one rank would otherwise leave the others waiting in a collective until timeout),
+    and None on every rank when any rank's data ended (SPO's method.epochs): decided together in
+    the one collective this already runs, so ranks never part ways."""
     error = None
     try:
         batch = next(batches)
-    except StopIteration:  # the objective's data ended (SPO's method.epochs): on every rank at once
-        batch = None
+    except StopIteration:
+        error, batch = _DATA_ENDED, None
     except SpoxlError as e:
         error, batch = str(e), None
-    raise_on_every_rank(error)
+    first = first_error_on_any_rank(error)
+    if first == _DATA_ENDED:
+        return None
+    if first is not None:
+        raise SharedError(first)
     return batch
 
 

@@ -13,6 +13,8 @@ the noise and timesteps of a denoising loss.
 
 from __future__ import annotations
 
+import weakref
+
 import hashlib
 import math
 
@@ -222,7 +224,9 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
     return (batch, noise, t, a, z) if posterior_noise else (batch, noise, t, a)
 
 
-_EMPTY_CAPTION: dict = {}
+# text encoder -> the empty caption's (embeds, pooled); weak keys: a model freed is forgotten, and
+# a new one (even at a recycled id) is encoded afresh
+_EMPTY_CAPTION = weakref.WeakKeyDictionary()
 
 
 def drop_captions(ctx: TrainContext, batch: dict, drop: torch.Tensor) -> dict:
@@ -230,11 +234,10 @@ def drop_captions(ctx: TrainContext, batch: dict, drop: torch.Tensor) -> dict:
     caption "" (encoded once per model, as the official scripts encode ""), everything else kept."""
     from spoxl.models.text import encode_prompts
 
-    key = id(ctx.components.text_encoder)
+    key = ctx.components.text_encoder
     if key not in _EMPTY_CAPTION:
         with torch.no_grad():
             empty = encode_prompts(ctx.components, [""])
-        _EMPTY_CAPTION.clear()  # one model per process
         _EMPTY_CAPTION[key] = (empty.embeds, empty.pooled)
     embeds, pooled = _EMPTY_CAPTION[key]
     out = dict(batch)

@@ -71,7 +71,9 @@ class SPOConfig:
     share_sources: bool = True
     max_empty_rounds: int = 50  # rounds in a row without a single kept pair before giving up
     # Run length in passes over the prompt set (the official 10): no round starts past it, the
-    # pairs left over are dropped and the run ends. None: train.max_steps alone (the cap either way).
+    # pairs left over are dropped and the run ends. The last round may sample up to
+    # prompts_per_rank x ranks - 1 prompts of the next pass (a round is never cut short).
+    # None: train.max_steps alone (the cap either way).
     epochs: Optional[int] = None
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 

@@ -320,7 +320,7 @@ class StepAwareCLIP(nn.Module):
 
 # Preference models that are networks loaded from a path: they take no `scale` from the recipe or
 # `spoxl eval --scorer-scale` (their own scale is part of the model).
-MODEL_KINDS = ("clip", "step_aware_clip", "pickscore")
+MODEL_KINDS = ("clip", "step_aware_clip", "pickscore", "laion_aesthetic")
 
 
 def _rewards():

@@ -56,7 +56,7 @@ def _recipe(tmp_path: Path, max_steps: int) -> Path:
     return path
 
 
-def _start_nodes(tmp_path: Path, recipe: Path, port: int, node1_args=()) -> list[tuple[subprocess.Popen, Path]]:
+def _start_nodes(tmp_path: Path, recipe: Path, port: int, node1_args=(), node0_args=()) -> list[tuple[subprocess.Popen, Path]]:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     nodes = []
@@ -78,7 +78,7 @@ def _start_nodes(tmp_path: Path, recipe: Path, port: int, node1_args=()) -> list
         log = tmp_path / f"node{node_rank}.log"
         proc = subprocess.Popen(
             ["bash", str(ROOT / "launch" / "per_node.sh"), "--set", f"checkpoint.dir={tmp_path / f'ckpt{node_rank}'}",
-             *(node1_args if node_rank == 1 else ())],
+             *(node1_args if node_rank == 1 else node0_args)],
             env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append((proc, log))
     return nodes
@@ -150,11 +150,14 @@ def test_sigkill_of_one_rank_ends_the_two_node_job(tmp_path, master_port):
     assert "rank 1 (" in log0 and "stopped responding" in log0, log0[-4000:]
 
 
-def test_error_on_one_node_alone_ends_both_nodes_with_its_reason(tmp_path, master_port):
-    """Node 1's rank fails a check before any process group exists (its data path is missing, as
-    on a cluster without a shared filesystem), while node 0's rank is fine and waits for it. Node 0
-    must not wait out the rendezvous timeout (10 minutes here) nor print a traceback: both nodes end
-    within the watchdog's time, and node 0's last spoxl line carries node 1's reason."""
+@pytest.mark.parametrize("bad_node", [1, 0])
+def test_error_on_one_node_alone_ends_both_nodes_with_its_reason(tmp_path, master_port, bad_node):
+    """One node's rank fails a check before any process group exists (its data path is missing,
+    as on a cluster without a shared filesystem), while the other node's rank is fine and waits
+    for it. The healthy node must not wait out the rendezvous timeout (10 minutes here) nor print a
+    traceback: both nodes end within the watchdog's time, and the healthy node's last spoxl line
+    carries the failing node's reason. When the failing rank is rank 0, the host of the job's store,
+    it stays until the other rank has read the reason."""
     images = tmp_path / "images"
     images.mkdir()
     from PIL import Image
@@ -162,12 +165,13 @@ def test_error_on_one_node_alone_ends_both_nodes_with_its_reason(tmp_path, maste
     for i in range(4):
         Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"image {i}")
-    missing = tmp_path / "node1_local" / "images"
+    missing = tmp_path / f"node{bad_node}_local" / "images"
     recipe = _recipe(tmp_path, 10_000)
     text = recipe.read_text().replace("synthetic_size: 4", f"path: {images}")
     recipe.write_text(text)
     started = time.monotonic()
-    nodes = _start_nodes(tmp_path, recipe, master_port, node1_args=("--set", f"data.path={missing}"))
+    bad = ("--set", f"data.path={missing}")
+    nodes = _start_nodes(tmp_path, recipe, master_port, **({"node1_args": bad} if bad_node == 1 else {"node0_args": bad}))
     try:
         codes = [proc.wait(timeout=240) for proc, _ in nodes]
     finally:
@@ -180,6 +184,7 @@ def test_error_on_one_node_alone_ends_both_nodes_with_its_reason(tmp_path, maste
         assert "Traceback" not in log, log[-4000:]
         spoxl_lines = [line for line in log.splitlines() if line.startswith(("spoxl", "[spoxl"))]
         assert spoxl_lines and reason in spoxl_lines[-1], "\n".join(spoxl_lines[-6:])
-    errors1 = [line for line in logs[1].splitlines() if "spoxl train: error" in line]
-    assert len(errors1) == 1 and "(rank 1)" in errors1[0], logs[1][-3000:]
+    errors = [line for line in logs[bad_node].splitlines() if "spoxl train: error" in line]
+    assert len(errors) == 1 and (("(rank 1)" in errors[0]) == (bad_node == 1)), logs[bad_node][-3000:]
+    assert not [line for line in logs[1 - bad_node].splitlines() if "spoxl train: error" in line]
     assert elapsed < 60 + WATCHDOG_TIMEOUT_S + 30, elapsed  # launches (~20 s each, side by side) + the watchdog

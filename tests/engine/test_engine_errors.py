@@ -95,3 +95,27 @@ def test_error_found_on_rank1_alone_is_the_jobs_last_word(tmp_path):
     assert spoxl_lines and MESSAGE in spoxl_lines[-1], "\n".join(spoxl_lines[-5:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert elapsed < 150, elapsed  # launch (~20 s) + the watchdog's 10 s, not the 30-minute gloo timeout
+
+
+def test_a_communication_error_without_a_watchdog_line_is_still_one_line(monkeypatch, capsys):
+    """With no watchdog to name the cause (one rank, the watchdog off, or a rendezvous that never
+    formed), a socket-level error ends the rank with status 1 and ONE line saying what failed,
+    neither silently nor with a traceback; any other exception keeps its traceback (a bug)."""
+    import threading
+
+    from spoxl import train
+    from spoxl.cluster import watchdog
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(watchdog, "_REPORTED", threading.Event())  # a fresh process: nothing reported yet
+
+    def refused(args):
+        raise RuntimeError("[c10d] The client socket has timed out after 60s while trying to connect to (10.0.0.1, 29500).")
+
+    monkeypatch.setattr(train, "run", refused)
+    assert train.main(["--config", "configs/tiny_sft.yaml"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spoxl train: error: communication failed: RuntimeError:"), err
+    monkeypatch.setattr(train, "run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(["--config", "configs/tiny_sft.yaml"])

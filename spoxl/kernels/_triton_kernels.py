@@ -475,10 +475,7 @@ def loss_head_kernel(
             d_logit = -_sigmoid_neg(logit) * inv_b
             d_w = d_logit * (-0.5 * beta)
             d_l = d_logit * (0.5 * beta)
-            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+            margin = logit
             tl.store(met_ptr + 4, _mean_b(ref_w, rmask, inv_b).to(tl.float32))
             tl.store(met_ptr + 5, _mean_b(ref_l, rmask, inv_b).to(tl.float32))
             tl.store(met_ptr + 6, _mean_b(mse_w - mse_l, rmask, inv_b).to(tl.float32))
@@ -491,10 +488,7 @@ def loss_head_kernel(
             d_logit = -beta * _sigmoid_neg(logit) * inv_b
             d_w = inv_b + d_logit * p2 * dg_w
             d_l = -d_logit * p2 * dg_l
-            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 1, _mean_b(g_w - g_l, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+            margin = g_w - g_l
         else:  # NCP dpo (3) / cpo (4) / sft (5): logit = beta (d_ref - d_theta), d_ref = 0 unless dpo
             d_ref = ref_w - ref_l
             if LOSS != 3:
@@ -510,12 +504,14 @@ def loss_head_kernel(
                 d_logit = -_sigmoid_neg(logit) * inv_b
                 d_w = -beta * d_logit
                 d_l = beta * d_logit
-            tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
+            margin = logit
             tl.store(met_ptr + 4, _mean_b(d_theta, rmask, inv_b).to(tl.float32))
             tl.store(met_ptr + 5, _mean_b(d_ref, rmask, inv_b).to(tl.float32))
+        # The metrics every MSE loss shares (METRIC_NAMES' first four); the rest were stored above.
+        tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 1, _mean_b(margin, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
+        tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
         coef_w = d_w * 2.0 * inv_n  # d mse / d pred = 2 (pred - target) / N
         coef_l = d_l * 2.0 * inv_n
     tl.store(coef_ptr + rows, coef_w.to(coef_ptr.dtype.element_ty), mask=rmask)

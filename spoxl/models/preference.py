@@ -77,9 +77,21 @@ def clip_pixel_values(images: torch.Tensor, size: int, dtype=torch.float32) -> t
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = (x[..., top : top + size, left : left + size] + 1) / 2
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _clip_norm(x.device)
     return ((x - mean) / std).to(dtype)
+
+
+_CLIP_NORM: dict = {}
+
+
+def _clip_norm(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as [1, 3, 1, 1] tensors on `device`, made once per device (the sampler
+    scores every segment: no host-to-device copy each time)."""
+    key = str(device)
+    if key not in _CLIP_NORM:
+        _CLIP_NORM[key] = (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+                           torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))  # fmt: skip
+    return _CLIP_NORM[key]
 
 
 # ---------------------------------------------------------------------------------------------

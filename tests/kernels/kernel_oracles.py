@@ -115,3 +115,19 @@ def ncp(feat_w, feat_l, ref_w, ref_l, target_w, target_l, beta, kind):
     else:
         logit = beta * ((mse(ref_w.detach(), target_w) - mse(ref_l.detach(), target_l)) - d_theta)
     return -F.logsigmoid(logit).mean(), logit
+
+
+def load_gpu_check(module_name: str = "gpu_check"):
+    """benchmarks/gpu_check.py as a module (it is a script, not a package member), registered in
+    sys.modules under module_name while a test uses it. A generator for a pytest fixture."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location(module_name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

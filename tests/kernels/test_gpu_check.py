@@ -3,27 +3,18 @@ checked against the fp64 oracle under the interpreter, the launch and sync count
 they claim, and a wrong kernel shows as FAIL."""
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from kernel_oracles import INTERPRETER
+from kernel_oracles import INTERPRETER, load_gpu_check
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="CPU mode runs the kernels under the interpreter")
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_gpu_check("gpu_check")
 
 
 def test_cpu_mode_runs_every_section_and_passes(gpu_check, tmp_path, capsys):

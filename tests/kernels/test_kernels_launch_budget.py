@@ -5,28 +5,19 @@ host-to-device copies). Counted with benchmarks/gpu_check.py's counter: a TorchD
 a wrapper around every launched kernel (here under the interpreter, whose own copies are not
 counted). The GPU run of gpu_check.py counts the same on CUDA and adds cuda sync debug mode."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from kernel_oracles import INTERPRETER
+from kernel_oracles import INTERPRETER, load_gpu_check
 
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="the Triton kernels run on CPU under the interpreter")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 BUDGET = 6
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_budget", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_gpu_check("gpu_check_budget")
 
 
 def _ops():

@@ -573,8 +573,9 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: they run interpreted
         print("gpu_check: CPU mode: tiny shapes, Triton under the interpreter; correctness and launch counts "
               "hold, timings say nothing about speed", flush=True)
-    from spoxl.kernels import _triton_ops as triton_ops
-    from spoxl.kernels import reference
+    from spoxl.kernels import backend_ops
+
+    triton_ops, reference = backend_ops("triton"), backend_ops("torch")
 
     device = torch.device("cuda" if on_gpu else "cpu")
     reps = args.reps or (20 if on_gpu else 2)

@@ -1,6 +1,6 @@
 """Microbenchmarks of spoxl.kernels: every op, forward / backward / full, per provider.
 
-Providers: eager torch (spoxl.kernels.reference), torch.compile of the same reference, and the
+Providers: eager torch (the torch references, spoxl.kernels.backend_ops('torch')), torch.compile of the same reference, and the
 Triton kernels (CUDA only). Shapes: SDXL training shapes (pairs = 8, latents 4x128x128, pools of
 k = 2 and 4; NCP on 1280x32x32 U-Net encoder features) and small ones. Reports the median time
 (p20/p80 too), peak memory, and the effective bandwidth of the ideal traffic (every input read
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spoxl.kernels import reference  # noqa: E402
+from spoxl.kernels import backend_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("forward", "backward", "full")
@@ -126,6 +126,7 @@ def cases(quick: bool):
 
 
 def provider_fns(device, providers):
+    reference = backend_ops("torch")
     fns = {}
     if "torch" in providers:
         fns["torch"] = lambda op: getattr(reference, op)
@@ -139,8 +140,7 @@ def provider_fns(device, providers):
 
         fns["torch.compile"] = compiled
     if "triton" in providers:
-        import spoxl.kernels._triton_ops as triton_ops
-
+        triton_ops = backend_ops("triton")
         fns["triton"] = lambda op: getattr(triton_ops, op)
     return fns
 

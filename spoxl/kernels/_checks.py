@@ -48,3 +48,14 @@ def pool_size(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SpoxlError(f"k (the pool size) must be a positive int, got {k!r}")
     return k
+
+
+def std(std, batch: int) -> None:
+    """std: a float > 0, or one value per sample (tensor values are not inspected: that would sync)."""
+    if isinstance(std, torch.Tensor):
+        if std.numel() not in (1, batch):
+            raise SpoxlError(
+                f"std must be a float or hold one value per sample ({batch}), got shape {tuple(std.shape)}"
+            )
+    elif not float(std) > 0:
+        raise SpoxlError(f"std must be > 0, got {std}")

@@ -353,67 +353,72 @@ def _candidate(samples_ptr, row_start, cols, N, mean, std, z, ACC: tl.constexpr)
     return d * d
 
 
-# Loss ids of loss_head_kernel (module constants so the wrappers and the kernel agree).
-SPO, DIFFUSION_DPO, MAPO, NCP_DPO, NCP_CPO, NCP_SFT = 0, 1, 2, 3, 4, 5
+# Helpers the loss modules' Triton heads call (spoxl/kernels/losses/*.py, triton_heads()).
 
 
 @triton.jit
-def _log_sigmoid(x):
+def log_sigmoid(x):
     # Stable for either sign without libdevice's log1p: min(x, 0) - log(1 + exp(-|x|)).
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
-def _sigmoid_neg(x):
+def sigmoid_neg(x):
     # sigmoid(-x) = d(-logsigmoid(x))/dx magnitude, without overflow for large |x|.
     z = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, z / (1.0 + z), 1.0 / (1.0 + z))
 
 
 @triton.jit
-def _mapo_g(m, snr):
-    # g(m) = s m / (exp(s m) - 1) and its derivative; the m = 0 limits are 1 and -s/2.
-    sm = snr * m
-    zero = sm == 0.0
-    safe = tl.where(zero, 1.0, sm)
-    e = tl.exp(safe)
-    g = tl.where(zero, 1.0, safe / (e - 1.0))
-    dg = tl.where(zero, -0.5 * snr, snr * ((e - 1.0) - safe * e) / ((e - 1.0) * (e - 1.0)))
-    return g, dg
-
-
-@triton.jit
-def _mean_b(v, rmask, inv_b):
+def mean_b(v, rmask, inv_b):
     return tl.sum(tl.where(rmask, v, 0.0), axis=0) * inv_b
 
 
 @triton.jit
-def _implicit_acc(logit, rmask, inv_b):
+def implicit_acc(logit, rmask, inv_b):
     # pairs whose logit favours the winner; ties count one half (diffusers' convention)
-    return _mean_b(tl.where(logit > 0, 1.0, tl.where(logit == 0, 0.5, 0.0)), rmask, inv_b)
+    return mean_b(tl.where(logit > 0, 1.0, tl.where(logit == 0, 0.5, 0.0)), rmask, inv_b)
+
+
+@triton.jit
+def mses(s0, s1, s2, s3, inv_n):
+    # per-sample MSEs of pred_w, pred_l, ref_w, ref_l from the squared-error sums
+    return s0 * inv_n, s1 * inv_n, s2 * inv_n, s3 * inv_n
+
+
+@triton.jit
+def mse_outputs(met_ptr, logit, margin, mse_w, mse_l, d_w, d_l, rmask, inv_b, inv_n):
+    """The metrics every MSE loss shares (slots 0-3: implicit_acc, margin, mse_w, mse_l), and the
+    input-gradient coefficients from dL/d mse: d mse / d pred = 2 (pred - target) / N."""
+    tl.store(met_ptr + 0, implicit_acc(logit, rmask, inv_b).to(tl.float32))
+    tl.store(met_ptr + 1, mean_b(margin, rmask, inv_b).to(tl.float32))
+    tl.store(met_ptr + 2, mean_b(mse_w, rmask, inv_b).to(tl.float32))
+    tl.store(met_ptr + 3, mean_b(mse_l, rmask, inv_b).to(tl.float32))
+    return d_w * 2.0 * inv_n, d_l * 2.0 * inv_n
 
 
 @triton.jit
 def loss_head_kernel(
     loss_ptr,  # [1] the loss (fp32, or fp64 under gradcheck)
-    met_ptr,  # [8] fp32 metrics, in the order of _triton_ops.METRIC_NAMES[LOSS]
+    met_ptr,  # [8] fp32 metrics, in the order of the loss module's METRICS
     coef_ptr,  # [2, B] ACC: per-sample input-gradient scales for the w and l tensors
     part_ptr,  # [B, NCHUNK, S] ACC partial sums from the reduction kernel
-    std_ptr,  # [B] (SPO only)
-    param_ptr,  # fp64 [5]: beta, clip (SPO) or snr (MaPO), T (MaPO), 1/B, 1/N
+    std_ptr,  # [B] (HAS_STD only: SPO)
+    param_ptr,  # fp64 [5]: beta, two loss parameters (SPO clip; MaPO snr, T), 1/B, 1/N
     B,
     NCHUNK,
-    LOSS: tl.constexpr,
+    HEAD: tl.constexpr,  # the loss's head: a @triton.jit function from its module's triton_heads()
+    HAS_STD: tl.constexpr,
     S: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Phase 2 of every loss, one program: sum the chunk partials, apply the loss head in fp64,
-    write the loss, the metrics (batch means, as spoxl.kernels._heads defines them) and the
-    dL/d(input) coefficients (gradient in forward).
+    """Phase 2 of every loss, one program: sum the chunk partials, run the loss's HEAD in fp64
+    (which writes the metrics) and write the loss and the dL/d(input) coefficients it returns
+    (gradient in forward). The backward is then one elementwise kernel: grad = g * coef[b] * (a - b).
 
-    The backward is then one elementwise kernel: grad = g * coef[b] * (a - b). SPO's clamp zeroes
-    coef where exp(log-ratio) is outside [1 - clip, 1 + clip] (inclusive bounds, as torch.clamp).
+    HEAD(s0, s1, s2, s3, std, beta, p1, p2, inv_b, inv_n, rmask, met_ptr) -> (per-sample loss,
+    coef_w, coef_l), all [BLOCK_B] fp64; s0..s3 are the per-sample sums (s2, s3 zero when S == 2).
     """
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -430,90 +435,18 @@ def loss_head_kernel(
         if S == 4:
             s2 += tl.sum(tl.load(part_ptr + base + 2, mask=m2, other=0.0).to(tl.float64), axis=1)
             s3 += tl.sum(tl.load(part_ptr + base + 3, mask=m2, other=0.0).to(tl.float64), axis=1)
+    if HAS_STD:
+        std = tl.load(std_ptr + rows, mask=rmask, other=1.0).to(tl.float64)
+    else:
+        std = tl.zeros([BLOCK_B], dtype=tl.float64) + 1.0
+    # Scalars come from an fp64 buffer: float kernel arguments would be fp32, and 1-valued ints
+    # are specialised to constants by Triton.
     beta = tl.load(param_ptr)
     p1 = tl.load(param_ptr + 1)
     p2 = tl.load(param_ptr + 2)
-    # Scalars come from an fp64 buffer: float kernel arguments would be fp32, and 1-valued ints
-    # are specialised to constants by Triton.
     inv_b = tl.load(param_ptr + 3)
     inv_n = tl.load(param_ptr + 4)
-    if LOSS == 0:  # SPO: s0, s1 = sums of (x - ref)^2 - (x - mean)^2
-        std = tl.load(std_ptr + rows, mask=rmask, other=1.0).to(tl.float64)
-        two_scale = inv_n / (std * std)  # d log-ratio / d mean = (x - mean) * two_scale
-        lr_w = 0.5 * s0 * two_scale
-        lr_l = 0.5 * s1 * two_scale
-        lo = 1.0 - p1
-        hi = 1.0 + p1
-        r_w = tl.exp(lr_w)
-        r_l = tl.exp(lr_l)
-        in_w = (r_w >= lo) & (r_w <= hi)
-        in_l = (r_l >= lo) & (r_l <= hi)
-        log_r_w = tl.log(tl.minimum(tl.maximum(r_w, lo), hi))
-        log_r_l = tl.log(tl.minimum(tl.maximum(r_l, lo), hi))
-        logit = beta * (log_r_w - log_r_l)
-        per_sample = -_log_sigmoid(logit)
-        d_logit = -_sigmoid_neg(logit) * inv_b
-        # grad mean = dL/dlr * (x - mean) * two_scale = coef * (mean - x), coef = -dL/dlr * two_scale
-        coef_w = -tl.where(in_w, d_logit * beta, 0.0) * two_scale
-        coef_l = tl.where(in_l, d_logit * beta, 0.0) * two_scale
-        tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 1, _mean_b(logit, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 2, _mean_b(lr_w, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 3, _mean_b(lr_l, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 4, _mean_b(tl.exp(log_r_w), rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 5, _mean_b(tl.exp(log_r_l), rmask, inv_b).to(tl.float32))
-        clamped = tl.where(in_w, 0.0, 1.0) + tl.where(in_l, 0.0, 1.0)
-        tl.store(met_ptr + 6, (0.5 * _mean_b(clamped, rmask, inv_b)).to(tl.float32))
-    else:  # MSE-based: s0..s3 = sums of squared errors of pred_w, pred_l, ref_w, ref_l
-        mse_w = s0 * inv_n
-        mse_l = s1 * inv_n
-        ref_w = s2 * inv_n
-        ref_l = s3 * inv_n
-        if LOSS == 1:  # Diffusion-DPO
-            logit = -0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))
-            per_sample = -_log_sigmoid(logit)
-            d_logit = -_sigmoid_neg(logit) * inv_b
-            d_w = d_logit * (-0.5 * beta)
-            d_l = d_logit * (0.5 * beta)
-            margin = logit
-            tl.store(met_ptr + 4, _mean_b(ref_w, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 5, _mean_b(ref_l, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 6, _mean_b(mse_w - mse_l, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 7, _mean_b(ref_w - ref_l, rmask, inv_b).to(tl.float32))
-        elif LOSS == 2:  # MaPO: p1 = snr, p2 = T
-            g_w, dg_w = _mapo_g(mse_w, p1)
-            g_l, dg_l = _mapo_g(mse_l, p1)
-            logit = p2 * (g_w - g_l)
-            per_sample = mse_w - beta * _log_sigmoid(logit)
-            d_logit = -beta * _sigmoid_neg(logit) * inv_b
-            d_w = inv_b + d_logit * p2 * dg_w
-            d_l = -d_logit * p2 * dg_l
-            margin = g_w - g_l
-        else:  # NCP dpo (3) / cpo (4) / sft (5): logit = beta (d_ref - d_theta), d_ref = 0 unless dpo
-            d_ref = ref_w - ref_l
-            if LOSS != 3:
-                d_ref = tl.zeros([BLOCK_B], dtype=tl.float64)
-            d_theta = mse_w - mse_l
-            logit = beta * (d_ref - d_theta)
-            if LOSS == 5:  # sft: mean(mse_w); the logit is reported, reference-free, as for cpo
-                per_sample = mse_w
-                d_w = tl.zeros([BLOCK_B], dtype=tl.float64) + inv_b
-                d_l = tl.zeros([BLOCK_B], dtype=tl.float64)
-            else:
-                per_sample = -_log_sigmoid(logit)
-                d_logit = -_sigmoid_neg(logit) * inv_b
-                d_w = -beta * d_logit
-                d_l = beta * d_logit
-            margin = logit
-            tl.store(met_ptr + 4, _mean_b(d_theta, rmask, inv_b).to(tl.float32))
-            tl.store(met_ptr + 5, _mean_b(d_ref, rmask, inv_b).to(tl.float32))
-        # The metrics every MSE loss shares (METRIC_NAMES' first four); the rest were stored above.
-        tl.store(met_ptr + 0, _implicit_acc(logit, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 1, _mean_b(margin, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 2, _mean_b(mse_w, rmask, inv_b).to(tl.float32))
-        tl.store(met_ptr + 3, _mean_b(mse_l, rmask, inv_b).to(tl.float32))
-        coef_w = d_w * 2.0 * inv_n  # d mse / d pred = 2 (pred - target) / N
-        coef_l = d_l * 2.0 * inv_n
+    per_sample, coef_w, coef_l = HEAD(s0, s1, s2, s3, std, beta, p1, p2, inv_b, inv_n, rmask, met_ptr)
     tl.store(coef_ptr + rows, coef_w.to(coef_ptr.dtype.element_ty), mask=rmask)
     tl.store(coef_ptr + B + rows, coef_l.to(coef_ptr.dtype.element_ty), mask=rmask)
     loss = tl.sum(tl.where(rmask, per_sample, 0.0), axis=0) * inv_b

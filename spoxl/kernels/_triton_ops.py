@@ -1,15 +1,16 @@
-"""The Triton backend: autograd.Functions around the kernels and the ops built from them.
+"""The Triton backend: the sampling ops and the shared launchers and autograd.Functions of
+every fused loss (each loss's own math lives in its module, spoxl/kernels/losses/).
 
-Imported lazily by spoxl.kernels.dispatch, only when the triton backend is chosen; with
-TRITON_INTERPRET=1 in the environment before this import, the same kernels run on CPU tensors.
+Imported lazily (by spoxl.kernels.dispatch and the loss modules), only when the triton backend is
+chosen; with TRITON_INTERPRET=1 in the environment before this import, the same kernels run on
+CPU tensors.
 
-Losses run as three launches: a reduction kernel that reads every input once and writes
-per-chunk partial sums, a one-program head kernel that finishes the sums and applies the loss in
-fp64, writing the loss and each sample's gradient coefficient (gradient in forward, as Liger),
-and in backward one elementwise kernel grad = g * coef[b] * (a - b) that writes the gradients
-directly. The head also writes the metrics (batch means as _heads defines them, in fp64, stored
-fp32) into one small tensor, so asking for them adds no launch and no host sync. The log-prob ops return [B] or [B, k]
-values, so their (tiny) head stays in torch.
+Losses run as three launches: a shared reduction kernel that reads every input once and writes
+per-chunk partial sums, the one-program head kernel that finishes the sums and runs the loss's
+head (a @triton.jit function from its module) in fp64, writing the loss, the metrics (one small
+tensor: asking for them adds no launch and no host sync) and each sample's gradient coefficient
+(gradient in forward, as Liger); in backward one elementwise kernel grad = g * coef[b] * (a - b)
+writes the gradients directly. The log-prob ops likewise run a reduction and a head kernel.
 """
 
 from __future__ import annotations
@@ -112,19 +113,9 @@ def _head_params(params, batch: int, n: int, device) -> torch.Tensor:
     return cached
 
 
-# The metrics each loss head writes, in order (batch means; spoxl.kernels._heads defines each).
-METRIC_NAMES = {
-    K.SPO: ("implicit_acc", "margin", "log_ratio_w", "log_ratio_l", "ratio_w", "ratio_l", "clamp_frac"),
-    K.DIFFUSION_DPO: ("implicit_acc", "margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "model_diff", "ref_diff"),
-    K.MAPO: ("implicit_acc", "margin", "mse_w", "mse_l"),
-    K.NCP_DPO: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta", "d_ref"),
-    K.NCP_CPO: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta"),
-    K.NCP_SFT: ("implicit_acc", "margin", "mse_w", "mse_l", "d_theta"),
-}
-
-
-def _loss_head(loss_id, partials, params, n, std=None):
-    """Phase 2 (one program): (loss 0-d, metrics [8] fp32, coef [2, B]) from the chunk partials."""
+def _loss_head(head, partials, params, n, std=None):
+    """Phase 2 (one program): (loss 0-d, metrics [8] fp32, coef [2, B]) from the chunk partials,
+    the loss's math being `head`, a @triton.jit function from its module's triton_heads()."""
     batch, nchunk, width = partials.shape
     device = partials.device
     loss = torch.empty((), dtype=partials.dtype, device=device)
@@ -135,33 +126,26 @@ def _loss_head(loss_id, partials, params, n, std=None):
     block_c = max(1, min(triton.next_power_of_2(nchunk), max(1, 4096 // block_b)))
     K.loss_head_kernel[(1,)](
         loss, metrics, coef, partials, std if std is not None else param, param, batch, nchunk,
-        LOSS=loss_id, S=width, BLOCK_B=block_b, BLOCK_C=block_c,
+        HEAD=head, HAS_STD=std is not None, S=width, BLOCK_B=block_b, BLOCK_C=block_c,
     )  # fmt: skip
     return loss, metrics, coef
-
-
-def _metrics_dict(loss_id, metrics: torch.Tensor) -> dict:
-    """The head's metric vector as {name: 0-d view}: no copy, no launch, no host sync."""
-    return {name: metrics[i] for i, name in enumerate(METRIC_NAMES[loss_id])}
 
 
 # ---------------------------------------------------------------------------------------------
 # Fused losses: reduction kernel + head kernel forward (gradient coefficients computed there),
 # one elementwise kernel backward.
 
-NCP_LOSS_IDS = {"dpo": K.NCP_DPO, "cpo": K.NCP_CPO, "sft": K.NCP_SFT}
-
-
 class FusedPairLoss(torch.autograd.Function):
-    """Diffusion-DPO / MaPO / NCP: (loss, metrics [8], see METRIC_NAMES).
+    """Every MSE-based loss (Diffusion-DPO, MaPO, NCP): (loss, metrics [8], in the order of the
+    loss module's METRICS), the loss's math being `head` (its module's triton_heads()).
 
     Gradients flow into pred_w and pred_l; ref_w/ref_l may be None (MaPO, NCP cpo/sft).
     """
 
     @staticmethod
-    def forward(ctx, loss_id, params, pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+    def forward(ctx, head, params, pred_w, pred_l, target_w, target_l, ref_w, ref_l):
         partials, saved = _sqerr_partials(pred_w, target_w, pred_l, target_l, ref_w, ref_l)
-        loss, metrics, coef = _loss_head(loss_id, partials, params, pred_w[0].numel())
+        loss, metrics, coef = _loss_head(head, partials, params, pred_w[0].numel())
         ctx.save_for_backward(*saved, coef)
         ctx.meta = (pred_w.shape, pred_w.dtype, pred_l.dtype)
         ctx.mark_non_differentiable(metrics)
@@ -178,14 +162,15 @@ class FusedPairLoss(torch.autograd.Function):
 
 
 class FusedSpoLoss(torch.autograd.Function):
-    """SPO: (loss, metrics [8], see METRIC_NAMES); gradients into mean_w and mean_l.
+    """Log-ratio losses (SPO): (loss, metrics [8], in the order of the loss module's METRICS), the
+    loss's math being `head`; gradients into mean_w and mean_l.
 
     The reduction forms (x - ref)^2 - (x - mean)^2 per element, so the log(std) and
     log(sqrt(2 pi)) terms cancel exactly instead of between two rounded sums.
     """
 
     @staticmethod
-    def forward(ctx, params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std):
+    def forward(ctx, head, params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std):
         batch, n = x_w.shape[0], x_w[0].numel()
         acc = _acc_dtype(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l)
         x_w, x_l, m_w, m_l, r_w, r_l = map(_flat, (x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l))
@@ -194,7 +179,7 @@ class FusedSpoLoss(torch.autograd.Function):
         K.logratio_partials_kernel[grid](
             partials, x_w, m_w, r_w, x_l, m_l, r_l, n, grid[1], ACC=_tl(acc), **_launch_config(n)
         )
-        loss, metrics, coef = _loss_head(K.SPO, partials, params, n, std=std.to(acc).contiguous())
+        loss, metrics, coef = _loss_head(head, partials, params, n, std=std.to(acc).contiguous())
         ctx.save_for_backward(x_w, x_l, m_w, m_l, coef)
         ctx.meta = (mean_w.shape, mean_w.dtype, mean_l.dtype)
         ctx.mark_non_differentiable(metrics)
@@ -207,7 +192,7 @@ class FusedSpoLoss(torch.autograd.Function):
         grad_w, grad_l = _scaled_diffs(
             shape, m_w, x_w, coef[0], dtype_w, m_l, x_l, coef[1], dtype_l, g=g_loss.reshape(1).contiguous()
         )
-        return None, None, None, grad_w, grad_l, None, None, None
+        return None, None, None, None, grad_w, grad_l, None, None, None
 
 
 def _logprobs_forward(samples, mean, ref_mean, std):
@@ -290,7 +275,7 @@ class PoolLogprobs(torch.autograd.Function):
         return None, grad_m, grad_r, None
 
 
-def _std(std, like: torch.Tensor) -> torch.Tensor:
+def per_sample_std(std, like: torch.Tensor) -> torch.Tensor:
     return per_sample("std", std, like.shape[0], like.device, _acc_dtype(like))
 
 
@@ -386,56 +371,15 @@ def pool_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, k, *, noise=None, seed
 
 
 def transition_logprob(x_prev, mean, std):
-    return TransitionLogprob.apply(x_prev, mean, _std(std, mean))
+    return TransitionLogprob.apply(x_prev, mean, per_sample_std(std, mean))
 
 
 def pool_logprobs(samples, mean, ref_mean, std):
-    return PoolLogprobs.apply(samples, mean, ref_mean, _std(std, mean))
+    return PoolLogprobs.apply(samples, mean, ref_mean, per_sample_std(std, mean))
 
 
-def _with_metrics(loss_id, loss, metrics, return_metrics: bool):
-    """The fused head wrote the metrics in the same launch as the loss: handing them out costs
-    nothing, and they are only read (a host sync) where the logger reads them."""
-    return (loss, _metrics_dict(loss_id, metrics)) if return_metrics else loss
-
-
-def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, return_metrics=False):
-    params = (float(beta), float(clip), 0.0)
-    loss, metrics = FusedSpoLoss.apply(params, x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, _std(std, mean_w))
-    return _with_metrics(K.SPO, loss, metrics, return_metrics)
-
-
-def diffusion_dpo_loss(
-    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, *, beta, return_metrics=False
-):
-    params = (float(beta), 0.0, 0.0)
-    loss, metrics = FusedPairLoss.apply(
-        K.DIFFUSION_DPO, params, pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l
-    )
-    return _with_metrics(K.DIFFUSION_DPO, loss, metrics, return_metrics)
-
-
-def mapo_loss(
-    pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps, return_metrics=False
-):
-    params = (float(beta), float(snr), float(num_train_timesteps))
-    loss, metrics = FusedPairLoss.apply(K.MAPO, params, pred_w, pred_l, target_w, target_l, None, None)
-    return _with_metrics(K.MAPO, loss, metrics, return_metrics)
-
-
-def ncp_loss(
-    feat_w,
-    feat_l,
-    ref_feat_w,
-    ref_feat_l,
-    target_feat_w,
-    target_feat_l,
-    *,
-    beta,
-    kind,
-    return_metrics=False,
-):
-    refs = (ref_feat_w, ref_feat_l) if kind == "dpo" else (None, None)
-    params = (float(beta), 0.0, 0.0)
-    loss, metrics = FusedPairLoss.apply(NCP_LOSS_IDS[kind], params, feat_w, feat_l, target_feat_w, target_feat_l, *refs)
-    return _with_metrics(NCP_LOSS_IDS[kind], loss, metrics, return_metrics)
+def with_metrics(names, loss, metrics, return_metrics: bool):
+    """(loss, {name: 0-d view}) when asked for, else the loss. The fused head wrote the metrics in
+    the same launch as the loss: handing them out costs nothing (no copy, no launch), and they are
+    only read (a host sync) where the logger reads them."""
+    return (loss, {name: metrics[i] for i, name in enumerate(names)}) if return_metrics else loss

@@ -4,7 +4,7 @@ SPOXL_KERNELS (read at every call, so tests and scripts can switch it):
   auto    (default) Triton when the inputs are on CUDA and triton imports, else torch; silent,
           except on CUDA inputs with TRITON_INTERPRET=1 set: torch, and a warning once (the
           interpreter would copy every launch through the host).
-  torch   the pure-torch reference (spoxl.kernels.reference), any device.
+  torch   the pure-torch references (spoxl.kernels.reference, each loss module's `reference`), any device.
   triton  the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1 (the interpreter).
           Unavailable -> SpoxlError naming why (a forced backend never falls back silently).
 `use_backend(name)` overrides the variable inside a `with` block.
@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -112,3 +113,19 @@ def backend_module(device: torch.device):
     from spoxl.kernels import reference
 
     return reference
+
+
+SAMPLING_OPS = ("pool_step", "transition_logprob", "pool_logprobs")
+
+
+def backend_ops(backend: str) -> SimpleNamespace:
+    """Every op's implementation on one backend ('torch' or 'triton'), by its public name, with no
+    validation or dispatch in front: for benchmarks and the tests that compare backends."""
+    if backend not in ("torch", "triton"):
+        raise SpoxlError(f"backend must be torch or triton, got {backend!r}")
+    from spoxl.kernels import losses, reference
+
+    sampling = reference if backend == "torch" else importlib.import_module(_TRITON_MODULE)
+    ops = {name: getattr(sampling, name) for name in SAMPLING_OPS}
+    ops.update({name: module.reference if backend == "torch" else module.fused for name, module in losses.LOSSES.items()})
+    return SimpleNamespace(**ops)

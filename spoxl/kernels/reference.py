@@ -1,11 +1,11 @@
-"""Pure-torch implementations of every spoxl.kernels op: the CPU backend and the oracle.
+"""Pure-torch implementations of the sampling ops: their CPU backend and the tests' oracle
+(each loss's torch reference lives in its own module, spoxl/kernels/losses/).
 
 Plain autograd, no custom Functions. The diffusion math is spoxl.sampling's (DDIM mean/std,
-transition_logprob), the scalar loss math is _heads' -- nothing is re-derived here. Inputs are
-validated by the public functions in spoxl.kernels.ops before they reach this module.
+transition_logprob) -- nothing is re-derived here. Inputs are validated by the public functions
+in spoxl.kernels.ops before they reach this module.
 
-Gradient contract (same as the Triton backend): policy inputs (mean_*, pred_*, feat_*) get
-gradients; samples, targets and reference inputs are treated as constants (detached).
+Gradient contract (same as the Triton backend): the means get gradients; samples are constants.
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ from __future__ import annotations
 import torch
 
 from spoxl import sampling
-from spoxl.kernels import _heads
 from spoxl.kernels._checks import per_sample
-
-
-def _maybe_metrics(loss_and_metrics, return_metrics: bool):
-    """(loss, metrics) when asked for, else the loss (the head then computed no metrics at all)."""
-    return loss_and_metrics if return_metrics else loss_and_metrics[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,69 +56,3 @@ def pool_logprobs(samples, mean, ref_mean, std):
     logp = torch.stack([sampling.transition_logprob(samples[:, j], mean, std) for j in range(k)], 1)
     ref_logp = torch.stack([sampling.transition_logprob(samples[:, j], ref_mean, std) for j in range(k)], 1)
     return logp, ref_logp
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-
-
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] mean over non-batch dims of (pred - target)^2 in fp32; the target is a constant."""
-    return ((pred.float() - target.detach().float()) ** 2).flatten(1).mean(1)
-
-
-def spo_loss(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, return_metrics=False):
-    def log_ratio(x, mean, ref_mean):
-        return sampling.transition_logprob(x, mean, std) - sampling.transition_logprob(x, ref_mean.detach(), std)
-
-    head = _heads.spo_head(
-        log_ratio(x_w, mean_w, ref_mean_w), log_ratio(x_l, mean_l, ref_mean_l), beta, clip, return_metrics
-    )
-    return _maybe_metrics(head, return_metrics)
-
-
-def diffusion_dpo_loss(
-    pred_w, pred_l, ref_pred_w, ref_pred_l, target_w, target_l, *, beta, return_metrics=False
-):
-    head = _heads.diffusion_dpo_head(
-        per_sample_mse(pred_w, target_w),
-        per_sample_mse(pred_l, target_l),
-        per_sample_mse(ref_pred_w.detach(), target_w),
-        per_sample_mse(ref_pred_l.detach(), target_l),
-        beta,
-        return_metrics,
-    )
-    return _maybe_metrics(head, return_metrics)
-
-
-def mapo_loss(
-    pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps, return_metrics=False
-):
-    head = _heads.mapo_head(
-        per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l), beta, snr, num_train_timesteps,
-        return_metrics,
-    )
-    return _maybe_metrics(head, return_metrics)
-
-
-def ncp_loss(
-    feat_w,
-    feat_l,
-    ref_feat_w,
-    ref_feat_l,
-    target_feat_w,
-    target_feat_l,
-    *,
-    beta,
-    kind,
-    return_metrics=False,
-):
-    ref_w = ref_l = None
-    if kind == "dpo":
-        ref_w = per_sample_mse(ref_feat_w.detach(), target_feat_w)
-        ref_l = per_sample_mse(ref_feat_l.detach(), target_feat_l)
-    head = _heads.ncp_head(
-        per_sample_mse(feat_w, target_feat_w), per_sample_mse(feat_l, target_feat_l), ref_w, ref_l, beta, kind,
-        return_metrics,
-    )
-    return _maybe_metrics(head, return_metrics)

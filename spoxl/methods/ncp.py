@@ -28,7 +28,7 @@ import torch
 
 from spoxl import kernels
 from spoxl.errors import SpoxlError
-from spoxl.kernels._heads import NCP_KINDS
+from spoxl.kernels.losses.ncp import NCP_KINDS
 from spoxl.methods._offline import OfflineObjective, encode_and_noise, finite_number, pair_dataset
 from spoxl.methods.base import TrainContext
 from spoxl.sampling import add_noise, alpha_bar, bcast, ddpm_posterior, split_prediction

@@ -164,7 +164,7 @@ def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip:
     """(loss, metrics) of SPO on a micro-batch: policy means with grad, reference means without.
 
     `reference_ctx` is a context manager yielding the reference model (TrainContext.reference).
-    fused=False uses the unfused torch loss (spoxl.kernels.reference) for the benchmark baseline.
+    fused=False uses the unfused torch loss (spoxl.kernels.losses.spo.reference) for the benchmark baseline.
     """
     sources = pair_sources(pairs, scheduler=kw.pop("scheduler"), share_sources=kw.pop("share_sources", True),
                            device=kw.pop("device", None))  # once for both models  # fmt: skip
@@ -176,9 +176,9 @@ def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip:
             pairs.std.to(device).float())  # fmt: skip
     if fused:
         return kernels.spo_loss(*args, beta=beta, clip=clip, return_metrics=True)
-    from spoxl.kernels import reference
+    from spoxl.kernels.losses import spo as spo_losses
 
-    return reference.spo_loss(*args, beta=beta, clip=clip, return_metrics=True)
+    return spo_losses.reference(*args, beta=beta, clip=clip, return_metrics=True)
 
 
 # ---------------------------------------------------------------------------------------------

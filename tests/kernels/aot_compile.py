@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from spoxl.kernels import _triton_kernels as kernels  # noqa: E402
+from spoxl.kernels.losses import LOSSES  # noqa: E402
 
 # Pointers that always hold the accumulation dtype (partials, per-sample coefficients, the mean).
 ACC_POINTERS = {
@@ -81,9 +82,11 @@ def signature(fn, data: str, acc) -> dict:
 
 
 def variants(name):
-    if name == "loss_head_kernel":  # every loss head; SPO reduces 2 values per sample, the rest 4
-        for loss in range(6):
-            yield {"LOSS": loss, "S": 2 if loss == kernels.SPO else 4, "BLOCK_B": 8, "BLOCK_C": 64}
+    if name == "loss_head_kernel":  # every registered loss's every head; log-ratio losses reduce 2 values, MSEs 4
+        for module in LOSSES.values():
+            logratio = module.REDUCTION == "logratio"
+            for head in module.triton_heads().values():
+                yield {"HEAD": head, "HAS_STD": logratio, "S": 2 if logratio else 4, "BLOCK_B": 8, "BLOCK_C": 64}
         return
     flags = FLAGS.get(name, ())
     for values in itertools.product((False, True), repeat=len(flags)):
@@ -113,7 +116,8 @@ def main(argv=None) -> int:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             assert compiled.asm.get("cubin"), f"{name}: no cubin"
             count += 1
-            print(f"ok sm_{arch} {name} {data} {flags}", flush=True)
+            shown = {k: getattr(v, "__name__", v) for k, v in flags.items()}
+            print(f"ok sm_{arch} {name} {data} {shown}", flush=True)
     print(f"compiled {count} kernel variants in {time.time() - start:.1f} s")
     return 0
 

@@ -35,8 +35,9 @@ def test_cpu_mode_runs_every_section_and_passes(gpu_check, tmp_path, capsys):
 
 
 def test_counters_see_launches_and_host_syncs(gpu_check):
-    from spoxl.kernels import _triton_ops as T
+    from spoxl.kernels import backend_ops
 
+    T = backend_ops("triton")
     x = torch.randn(2, 3, 4, 4)
     args, kwargs, grad_idx = gpu_check.make_inputs("diffusion_dpo_loss", (2, 3, 4, 4), "fp32", torch.device("cpu"))
     call = gpu_check.prepare(T.diffusion_dpo_loss, "diffusion_dpo_loss", args, kwargs, grad_idx)
@@ -50,8 +51,9 @@ def test_counters_see_launches_and_host_syncs(gpu_check):
 
 
 def test_a_wrong_kernel_fails_the_correctness_check(gpu_check, monkeypatch):
-    from spoxl.kernels import _triton_ops as T
-    from spoxl.kernels import reference
+    from spoxl.kernels import backend_ops
+
+    T, reference = backend_ops("triton"), backend_ops("torch")
 
     real = T.mapo_loss
 

@@ -155,18 +155,16 @@ def test_loss_settings_have_no_defaults_in_the_kernels():
     that drops one fails instead of silently using a second copy of a default."""
     import inspect
 
-    from spoxl.kernels import reference
+    from spoxl.kernels import backend_ops
 
     required = {"spo_loss": ("beta", "clip"), "diffusion_dpo_loss": ("beta",),
                 "mapo_loss": ("beta", "snr", "num_train_timesteps"), "ncp_loss": ("beta", "kind")}  # fmt: skip
-    modules = [K, reference]
-    if INTERPRETER:
-        from spoxl.kernels import _triton_ops
-
-        modules.append(_triton_ops)
-    for module in modules:
+    backends = {"public": K, "torch": backend_ops("torch")}
+    if INTERPRETER:  # importing the kernels without the interpreter would fix them as compiled
+        backends["triton"] = backend_ops("triton")
+    for backend, ops in backends.items():
         for op, names in required.items():
-            params = inspect.signature(getattr(module, op)).parameters
+            params = inspect.signature(getattr(ops, op)).parameters
             for name in names:
-                assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (module.__name__, op, name)
-                assert params[name].default is inspect.Parameter.empty, (module.__name__, op, name)
+                assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (backend, op, name)
+                assert params[name].default is inspect.Parameter.empty, (backend, op, name)

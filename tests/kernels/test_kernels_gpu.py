@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kernel_oracles import INTERPRETER, assert_close, assert_loss_close
-from spoxl.kernels import _triton_ops as T
-from spoxl.kernels import reference as R
+from spoxl.kernels import backend_ops
+
+R, T = backend_ops("torch"), backend_ops("triton")
 
 pytestmark = pytest.mark.skipif(
     INTERPRETER or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-import spoxl.kernels._triton_kernels as K
 import spoxl.kernels._triton_ops as T
+from spoxl.kernels.losses import dpo, mapo, ncp, spo
 from kernel_oracles import INTERPRETER
 
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="runs the kernels on CPU tensors: needs TRITON_INTERPRET=1")
@@ -36,26 +36,26 @@ def _near(base, scale):
     return (base + scale * torch.randn_like(base)).detach()
 
 
-# (loss id, params (beta, clip|snr, T), with reference): betas small enough for O(1) logits.
+# (Triton head, params (beta, clip|snr, T), with reference): betas small enough for O(1) logits.
 PAIR_LOSSES = {
-    "diffusion_dpo": (K.DIFFUSION_DPO, (50.0, 0.0, 0.0), True),
-    "mapo": (K.MAPO, (0.1, 0.5, 10.0), False),
-    "ncp_dpo": (K.NCP_DPO, (20.0, 0.0, 0.0), True),
-    "ncp_cpo": (K.NCP_CPO, (20.0, 0.0, 0.0), False),
-    "ncp_sft": (K.NCP_SFT, (20.0, 0.0, 0.0), False),
+    "diffusion_dpo": (lambda: dpo.triton_heads()["diffusion_dpo"], (50.0, 0.0, 0.0), True),
+    "mapo": (lambda: mapo.triton_heads()["mapo"], (0.1, 0.5, 10.0), False),
+    "ncp_dpo": (lambda: ncp.triton_heads()["dpo"], (20.0, 0.0, 0.0), True),
+    "ncp_cpo": (lambda: ncp.triton_heads()["cpo"], (20.0, 0.0, 0.0), False),
+    "ncp_sft": (lambda: ncp.triton_heads()["sft"], (20.0, 0.0, 0.0), False),
 }
 
 
 @pytest.mark.parametrize("loss", list(PAIR_LOSSES))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_pair_loss(shape, loss, check):
-    loss_id, params, has_ref = PAIR_LOSSES[loss]
+    head, params, has_ref = PAIR_LOSSES[loss]
     t_w, t_l = _r(shape), _r(shape)
     preds = (_near(t_w, 0.3).requires_grad_(True), _near(t_l, 0.3).requires_grad_(True))
     refs = (_near(t_w, 0.3), _near(t_l, 0.3)) if has_ref else (None, None)
 
     def fn(p_w, p_l):
-        return T.FusedPairLoss.apply(loss_id, params, p_w, p_l, t_w, t_l, *refs)[0]
+        return T.FusedPairLoss.apply(head(), params, p_w, p_l, t_w, t_l, *refs)[0]
 
     assert check(fn, preds)
 
@@ -68,7 +68,7 @@ def test_fused_spo_loss(shape, check):
     refs = (_near(means[0], 0.02), _near(means[1], 0.02))
 
     def fn(m_w, m_l):
-        return T.FusedSpoLoss.apply((10.0, 0.1, 0.0), x_w, x_l, m_w, m_l, *refs, std)[0]
+        return T.FusedSpoLoss.apply(spo.triton_heads()["spo"], (10.0, 0.1, 0.0), x_w, x_l, m_w, m_l, *refs, std)[0]
 
     assert check(fn, means)
 
@@ -94,12 +94,12 @@ def test_public_losses_in_fp64():
     x = [_r(shape) for _ in range(2)]
     means = [_near(x[i], 0.3).requires_grad_(True) for i in range(2)]
     refs = [_near(m, 0.02) for m in means]
-    assert gradcheck(lambda mw, ml: T.spo_loss(x[0], x[1], mw, ml, *refs, std, beta=10.0, clip=0.1), means, fast_mode=True)
+    assert gradcheck(lambda mw, ml: spo.fused(x[0], x[1], mw, ml, *refs, std, beta=10.0, clip=0.1), means, fast_mode=True)
     t = [_r(shape) for _ in range(2)]
     preds = [_near(t[i], 0.05).requires_grad_(True) for i in range(2)]
     ref_preds = [_near(t[i], 0.05) for i in range(2)]
-    assert gradcheck(lambda pw, pl: T.diffusion_dpo_loss(pw, pl, *ref_preds, *t, beta=50.0), preds, fast_mode=True)
+    assert gradcheck(lambda pw, pl: dpo.fused(pw, pl, *ref_preds, *t, beta=50.0), preds, fast_mode=True)
     assert gradcheck(
-        lambda pw, pl: T.mapo_loss(pw, pl, *t, beta=0.1, snr=0.5, num_train_timesteps=10, return_metrics=True)[0], preds, fast_mode=True
+        lambda pw, pl: mapo.fused(pw, pl, *t, beta=0.1, snr=0.5, num_train_timesteps=10, return_metrics=True)[0], preds, fast_mode=True
     )
-    assert gradcheck(lambda pw, pl: T.ncp_loss(pw, pl, *ref_preds, *t, beta=20.0, kind="dpo"), preds, fast_mode=True)
+    assert gradcheck(lambda pw, pl: ncp.fused(pw, pl, *ref_preds, *t, beta=20.0, kind="dpo"), preds, fast_mode=True)

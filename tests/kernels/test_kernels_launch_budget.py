@@ -28,8 +28,9 @@ def _ops():
 @pytest.mark.parametrize("op", _ops())
 @pytest.mark.parametrize("dtype", ["fp32", "mixed_bf16"])
 def test_op_stays_within_the_launch_budget_without_host_syncs(gpu_check, op, dtype):
-    from spoxl.kernels import _triton_ops as T
+    from spoxl.kernels import backend_ops
 
+    T = backend_ops("triton")
     assert set(_ops()) == set(gpu_check.ALL_OPS)  # every public op is covered
     args, kwargs, grad_idx = gpu_check.make_inputs(op, (2, 4, 8, 8), dtype, torch.device("cpu"), k=4)
     call = gpu_check.prepare(gpu_check.op_function(T, op), op, args, kwargs, grad_idx, metrics=True)
@@ -55,9 +56,9 @@ def test_sampler_step_with_logprobs_is_two_launches_from_host_alphas(gpu_check):
 
 def test_the_counter_fails_a_planted_extra_launch(gpu_check, monkeypatch):
     """The budget test can fail: an op that adds torch work (as the old metrics path did) is over."""
-    from spoxl.kernels import _triton_ops as T
+    from spoxl.kernels import backend_ops
 
-    real = T.diffusion_dpo_loss
+    real = backend_ops("triton").diffusion_dpo_loss
 
     def with_torch_metrics(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)

@@ -186,9 +186,17 @@ def unet_eps(
         x_t,
         t,
         encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        added_cond_kwargs=added_conditioning(pooled, time_ids),
         return_dict=False,
     )[0]
+
+
+def added_conditioning(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict | None:
+    """SDXL's text_time conditioning; None for SD1.5, whose prompt encoding leaves pooled empty
+    (spoxl.models.text): its UNet takes no added conditioning."""
+    if pooled.shape[-1] == 0:
+        return None
+    return {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def guided_output(unet, x_t, t, cond, uncond, time_ids, cfg_scale: float) -> torch.Tensor:

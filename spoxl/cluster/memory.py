@@ -101,8 +101,8 @@ def meta_unet(unet_config: dict, lora=None):
 
 
 def frozen_component_params(model_dir: str | Path | None) -> int:
-    """VAE + both text encoders' parameter count, from the model folder's configs when present,
-    else from the bundled SDXL configs."""
+    """VAE + the text encoders' parameter count (one for an SD1.5 folder), from the model folder's
+    configs when present, else from the bundled SDXL configs."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -112,13 +112,17 @@ def frozen_component_params(model_dir: str | Path | None) -> int:
             return read_json_config(Path(model_dir) / component / filename)
         return bundled_config(component)
 
+    from spoxl.models.loading import folder_architecture
+
+    sd15 = model_dir is not None and Path(model_dir).is_dir() and folder_architecture(Path(model_dir)) == "sd15"
     with torch.device("meta"):
         vae_cfg = {k: v for k, v in config_of("vae", "config.json").items() if not k.startswith("_")}
         models = [
             AutoencoderKL.from_config(vae_cfg),
             CLIPTextModel(CLIPTextConfig(**config_of("text_encoder", "config.json"))),
-            CLIPTextModelWithProjection(CLIPTextConfig(**config_of("text_encoder_2", "config.json"))),
         ]
+        if not sd15:  # SD1.5 has one text encoder
+            models.append(CLIPTextModelWithProjection(CLIPTextConfig(**config_of("text_encoder_2", "config.json"))))
     return sum(sum(p.numel() for p in m.parameters()) for m in models)
 
 

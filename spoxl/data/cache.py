@@ -85,7 +85,7 @@ def maybe_encode(components, batch: dict, generator=None) -> dict:
 def model_fingerprint(components) -> str:
     """Identity of the encoders: configs plus a cheap digest of every weight (sum, first values)."""
     h = hashlib.sha256()
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    for name in components.frozen_part_names():
         part = getattr(components, name)
         config = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
         h.update(json.dumps(config, sort_keys=True, default=str).encode())

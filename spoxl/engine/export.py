@@ -7,7 +7,7 @@ same one-line SpoxlError on every rank, so no rank is left waiting)
       diffusers: OUT/pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.save_lora_weights,
                  peft keys `unet.<module>.lora_A.weight`, LoraConfig in the metadata; loads with
                  pipeline.load_lora_weights and spoxl.models.lora.load_lora_into_unet)
-      kohya:     OUT/pytorch_lora_weights_kohya.safetensors (sd-scripts' SDXL names, lora_unet_input_blocks_*,
+      kohya:     OUT/pytorch_lora_weights_kohya.safetensors (sd-scripts' names: SDXL lora_unet_input_blocks_*, SD1.5 lora_unet_down_blocks_*,
                  + .alpha and ss_* metadata: sd-scripts, A1111/Forge, ComfyUI; spoxl.engine.kohya)
   export_unet(model, out_dir, merge_lora=True, overrides=None) -> Path of OUT/unet
       a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) loadable with
@@ -194,7 +194,7 @@ def _write_lora_files(unet, peft_state, out_dir: Path, formats) -> None:
         from spoxl.engine.kohya import kohya_metadata, kohya_state_dict
 
         kohya = kohya_state_dict(peft_state, unet.config, dtype=next(iter(peft_state.values())).dtype)
-        save_file(kohya, str(out_dir / KOHYA_FILE), metadata=kohya_metadata(peft_state))
+        save_file(kohya, str(out_dir / KOHYA_FILE), metadata=kohya_metadata(peft_state, unet.config))
 
 
 # ---- full / merged UNet ------------------------------------------------------------------------

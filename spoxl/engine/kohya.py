@@ -1,4 +1,9 @@
-"""LoRA files in kohya sd-scripts' SDXL naming, the one every UI loads.
+"""LoRA files in kohya sd-scripts' naming, the one every UI loads.
+
+SD1.5 (a UNet without SDXL's text_time conditioning): sd-scripts trains SD1.x on a diffusers-layout
+UNet, so its names are `lora_unet_` + the diffusers module path with dots as underscores
+(`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`), metadata sd_v1.
+SDXL, below:
 
 sd-scripts trains SDXL on the original (SGM / "ldm") UNet layout and names a LoRA module
 `lora_unet_` + its SGM module path with dots as underscores, e.g. diffusers'
@@ -35,6 +40,7 @@ TOP_LEVEL = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_emb
              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
              "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
+SD15_BASE_VERSION = "sd_v1"
 
 
 def _resnet_part(rest: list[str], module: str) -> str:
@@ -79,8 +85,13 @@ def sgm_module_name(module: str, unet_config) -> str:
     raise SpoxlError(f"no kohya SDXL name for UNet module {module}")
 
 
+def is_sdxl_unet(unet_config) -> bool:
+    return getattr(unet_config, "addition_embed_type", None) == "text_time"
+
+
 def kohya_name(module: str, unet_config) -> str:
-    return "lora_unet_" + sgm_module_name(module, unet_config).replace(".", "_")
+    path = sgm_module_name(module, unet_config) if is_sdxl_unet(unet_config) else module
+    return "lora_unet_" + path.replace(".", "_")
 
 
 def kohya_state_dict(peft_state: dict[str, torch.Tensor], unet_config, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -100,19 +111,21 @@ def kohya_state_dict(peft_state: dict[str, torch.Tensor], unet_config, dtype=tor
     return out
 
 
-def kohya_metadata(peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The safetensors metadata A1111/Forge and sd-scripts read (strings only)."""
+def kohya_metadata(peft_state: dict[str, torch.Tensor], unet_config=None) -> dict[str, str]:
+    """The safetensors metadata A1111/Forge and sd-scripts read (strings only); SDXL unless
+    `unet_config` is an SD1.x UNet's."""
     from spoxl import __version__
 
     ranks = sorted({int(v.shape[0]) for k, v in peft_state.items() if k.endswith(".lora_A.weight")})
     rank = ranks[-1] if ranks else 0
+    sdxl = unet_config is None or is_sdxl_unet(unet_config)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
-        "ss_base_model_version": SDXL_BASE_VERSION,
+        "ss_base_model_version": SDXL_BASE_VERSION if sdxl else SD15_BASE_VERSION,
         "ss_v2": "False",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
         "modelspec.sai_model_spec": "1.0.0",
         "spoxl_version": __version__,
     }

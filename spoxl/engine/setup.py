@@ -202,7 +202,7 @@ def build_training(cfg, objective, *, components=None):
                                variant=cfg.model.variant, vae_path=cfg.model.vae_path)
     # Frozen parts: compute dtype (the VAE fp32 unless model.vae_dtype says compute), on the
     # device, never seen by DeepSpeed (so never partitioned).
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    for name in components.frozen_part_names():
         part = getattr(components, name)
         part_dtype = torch.float32 if name == "vae" and cfg.model.vae_dtype == "fp32" else dtype
         # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.

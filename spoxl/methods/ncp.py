@@ -31,7 +31,7 @@ from spoxl.errors import SpoxlError
 from spoxl.kernels.losses.ncp import NCP_KINDS
 from spoxl.methods._offline import OfflineObjective, encode_and_noise, finite_number, pair_dataset
 from spoxl.methods.base import TrainContext
-from spoxl.sampling import add_noise, alpha_bar, bcast, ddpm_posterior, split_prediction
+from spoxl.sampling import add_noise, added_conditioning, alpha_bar, bcast, ddpm_posterior, split_prediction
 
 # The UNet parts the encoder needs (those that exist on the model are copied).
 ENCODER_PARTS = ("time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding",
@@ -93,7 +93,7 @@ class FrozenUNetEncoder(torch.nn.Module):
         from diffusers import UNet2DConditionModel as U
 
         # The embedding part of UNet2DConditionModel.forward, with diffusers' own methods.
-        added = {"text_embeds": pooled, "time_ids": time_ids}
+        added = added_conditioning(pooled, time_ids) or {}  # {} for SD1.5: no added conditioning
         emb = self.time_embedding(U.get_time_embed(self, sample=sample, timestep=timestep), None)
         aug = U.get_aug_embed(self, emb=emb, encoder_hidden_states=embeds, added_cond_kwargs=added)
         if aug is not None:

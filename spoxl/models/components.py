@@ -1,4 +1,9 @@
-"""The bundle of SDXL parts every spoxl job works with."""
+"""The bundle of model parts every spoxl job works with: SDXL, or SD1.5 (one text encoder).
+
+SD1.5 is the same bundle with text_encoder_2 and tokenizer_2 set to None; the rest of spoxl tells
+the two apart by `architecture` (and, downstream of prompt encoding, by the pooled embedding being
+empty: SD1.5's UNet takes no added conditioning).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ class SDXLComponents:
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
     text_encoder: Any  # transformers CLIPTextModel
-    text_encoder_2: Any  # transformers CLIPTextModelWithProjection
+    text_encoder_2: Any  # transformers CLIPTextModelWithProjection; None for SD1.5
     tokenizer: Any
-    tokenizer_2: Any
+    tokenizer_2: Any  # None for SD1.5
     scheduler: Any  # diffusers DDIMScheduler (its config holds alphas_cumprod's definition)
     # The CFG negative of an empty prompt: zeros (SDXL base's model_index.json, and diffusers'
     # StableDiffusionXLPipeline default) or the encoded "" (a model trained with "" as its
@@ -25,8 +30,17 @@ class SDXLComponents:
 
     MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
+    @property
+    def architecture(self) -> str:
+        """"sdxl" (two text encoders, text_time added conditioning) or "sd15" (one, none)."""
+        return "sd15" if self.text_encoder_2 is None else "sdxl"
+
+    def frozen_part_names(self) -> tuple[str, ...]:
+        """The parts spoxl never trains (VAE and the text encoders this architecture has)."""
+        return ("vae", "text_encoder") + (("text_encoder_2",) if self.text_encoder_2 is not None else ())
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SDXLComponents":
-        for name in self.MODEL_PARTS:
+        for name in ("unet", *self.frozen_part_names()):
             part = getattr(self, name)
             # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.
             if dtype is not None and next(part.parameters()).dtype != dtype:
@@ -37,21 +51,26 @@ class SDXLComponents:
 
     def freeze_frozen_parts(self) -> "SDXLComponents":
         """VAE and text encoders are never trained by spoxl: no grads, eval mode."""
-        for name in ("vae", "text_encoder", "text_encoder_2"):
+        for name in self.frozen_part_names():
             part = getattr(self, name)
             part.requires_grad_(False)
             part.eval()
         return self
 
     def save_pretrained(self, path) -> None:
-        """Write a diffusers-format SDXL folder (the layout StableDiffusionXLPipeline loads)."""
+        """Write a diffusers-format folder (the layout StableDiffusionXLPipeline, or for SD1.5
+        StableDiffusionPipeline, loads)."""
         from pathlib import Path
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for f in fields(self):
-            if f.name != "force_zeros_for_empty_prompt":
-                getattr(self, f.name).save_pretrained(path / f.name)
+            part = getattr(self, f.name)
+            if f.name != "force_zeros_for_empty_prompt" and part is not None:
+                part.save_pretrained(path / f.name)
+        if self.architecture == "sd15":
+            (path / "model_index.json").write_text(_SD15_MODEL_INDEX)
+            return
         (path / "model_index.json").write_text(
             _MODEL_INDEX.replace("FORCE_ZEROS", "true" if self.force_zeros_for_empty_prompt else "false"))
 
@@ -65,6 +84,21 @@ _MODEL_INDEX = """{
   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
   "tokenizer": ["transformers", "CLIPTokenizer"],
   "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"""
+
+# SD1.5's layout (runwayml/stable-diffusion-v1-5 without its safety checker).
+_SD15_MODEL_INDEX = """{
+  "_class_name": "StableDiffusionPipeline",
+  "_diffusers_version": "0.42.1",
+  "feature_extractor": [null, null],
+  "requires_safety_checker": false,
+  "safety_checker": [null, null],
+  "scheduler": ["diffusers", "DDIMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
   "unet": ["diffusers", "UNet2DConditionModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }

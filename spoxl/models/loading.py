@@ -1,12 +1,14 @@
-"""Load SDXL components from local paths only; never download.
+"""Load SDXL (or SD1.5) components from local paths only; never download.
 
 Accepted sources:
   * "tiny" (optionally "tiny:SEED"): the toy SDXL architecture built in code (spoxl.models.tiny);
+    "tiny-sd15[:SEED]" the same for the SD1.5 architecture (one text encoder, no added conditioning);
   * "toy": the pretrained toy-world model shipped in the package (spoxl/toy/weights/), loaded as
     the diffusers folder it is, by the same code as a real checkpoint;
   * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
     tokenizer/, tokenizer_2/, scheduler/), e.g. a local copy of stable-diffusion-xl-base-1.0 or
-    the output of `spoxl make-tiny`;
+    the output of `spoxl make-tiny`; or an SD1.5 folder (StableDiffusionPipeline in
+    model_index.json, no text_encoder_2/ or tokenizer_2/), e.g. stable-diffusion-v1-5;
   * single-file .safetensors checkpoints for the UNet and/or the VAE (original SDXL/LDM keys or
     diffusers keys), whose architecture configs come from a diffusers folder.
 """
@@ -77,13 +79,35 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+SD15_PIPELINE = "StableDiffusionPipeline"
+
+
+def folder_architecture(path: Path) -> str:
+    """"sd15" when model_index.json names StableDiffusionPipeline (or, without an index, the folder
+    has no text_encoder_2/), else "sdxl"."""
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError) as e:
+            raise SpoxlError(f"{index} is not valid JSON: {e}") from None
+        if name == SD15_PIPELINE:
+            return "sd15"
+        if name is not None:
+            return "sdxl"
+    return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
+
+
 def check_sdxl_folder(path: Path) -> None:
-    """Raise a one-line SpoxlError naming the first thing missing from a diffusers SDXL folder."""
+    """Raise a one-line SpoxlError naming the first thing missing from a diffusers SDXL (or SD1.5) folder."""
     if not path.exists():
         raise SpoxlError(f"model path {path} does not exist")
     if not path.is_dir():
         raise SpoxlError(f"model path {path} is not a folder (use --unet-file for a single .safetensors)")
+    sd15 = folder_architecture(path) == "sd15"
     for sub, files in _REQUIRED_FILES.items():
+        if sd15 and sub.endswith("_2"):
+            continue
         folder = path / sub
         if not folder.is_dir():
             raise SpoxlError(f"model folder {path} has no {sub}/ subfolder")
@@ -138,11 +162,15 @@ def load_sdxl(
     """
     _offline()
     model = str(model)
-    if model == "tiny" or model.startswith("tiny:"):
-        from spoxl.models.tiny import build_tiny_sdxl
+    if model.split(":", 1)[0] in ("tiny", "tiny-sd15"):
+        from spoxl.models.tiny import build_tiny_sd15, build_tiny_sdxl
 
-        seed = int(model.split(":", 1)[1]) if ":" in model else 0
-        parts = build_tiny_sdxl(seed)
+        name, _, seed = model.partition(":")
+        try:
+            seed = int(seed or 0)
+        except ValueError:
+            raise SpoxlError(f"model {model!r}: the seed after ':' must be an integer") from None
+        parts = (build_tiny_sd15 if name == "tiny-sd15" else build_tiny_sdxl)(seed)
         config_dir = None
     else:
         config_dir = Path(resolve_model_path(model)).expanduser()
@@ -187,9 +215,10 @@ def _load_vae_folder(path: Path):
 
 def _force_zeros(folder: Path) -> bool:
     """model_index.json's force_zeros_for_empty_prompt; absent means true, as diffusers'
-    StableDiffusionXLPipeline (SDXL base sets it true: its CFG negative is all zeros)."""
-    import json
-
+    StableDiffusionXLPipeline (SDXL base sets it true: its CFG negative is all zeros). SD1.5 has no
+    such flag: StableDiffusionPipeline's negative is the encoded empty prompt."""
+    if folder_architecture(folder) == "sd15":
+        return False
     index = folder / "model_index.json"
     try:
         value = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
@@ -203,21 +232,24 @@ def _load_folder(path: Path, variant: str | None = None) -> SDXLComponents:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     kw = dict(local_files_only=True)
-    v = {part: choose_variant(path / part, variant) for part in WEIGHT_PARTS}
+    sdxl = folder_architecture(path) == "sdxl"
+    parts = WEIGHT_PARTS if sdxl else tuple(p for p in WEIGHT_PARTS if p != "text_encoder_2")
+    v = {part: choose_variant(path / part, variant) for part in parts}
     try:
         return SDXLComponents(
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=v["unet"], **kw),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=v["vae"], **kw),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", variant=v["text_encoder"], **kw),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",
-                                                                       variant=v["text_encoder_2"], **kw),
+                                                                       variant=v["text_encoder_2"], **kw)
+            if sdxl else None,
             tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer", **kw),
-            tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2", **kw),
+            tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2", **kw) if sdxl else None,
             # Whatever scheduler the folder names, spoxl samples with DDIM on the same schedule.
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SpoxlError(f"could not load SDXL folder {path}: {str(e).splitlines()[0]}") from None
+        raise SpoxlError(f"could not load {'SDXL' if sdxl else 'SD1.5'} folder {path}: {str(e).splitlines()[0]}") from None
 
 
 def _load_single_file(part: str, file: Path, config_dir: Path):

@@ -1,9 +1,16 @@
-"""SDXL prompt encoding and micro-conditioning, exactly as StableDiffusionXLPipeline feeds the UNet.
+"""Prompt encoding and micro-conditioning, exactly as StableDiffusionXLPipeline (SDXL) or
+StableDiffusionPipeline (SD1.5) feeds the UNet.
 
+SDXL:
   * prompt_embeds: penultimate hidden states of text_encoder and text_encoder_2, concatenated on
     the feature axis -> [B, 77, 768 + 1280] for real SDXL;
   * pooled: the projected pooled output (text_embeds) of text_encoder_2 -> [B, 1280];
   * time_ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample.
+SD1.5:
+  * prompt_embeds: the last hidden state of its one text encoder -> [B, 77, 768];
+  * pooled: EMPTY, [B, 0]: SD1.5's UNet takes no added conditioning, and an empty pooled tensor
+    travels through caches, pairs and batches like SDXL's while telling the UNet call
+    (spoxl.sampling.unet_eps) to pass none; time_ids are made as for SDXL and ignored.
 
 The CFG negative is the encoded empty prompt (the SPO and Diffusion-DPO recipes), not the zero
 tensor that the pipeline substitutes when no negative prompt is given at all.
@@ -51,11 +58,14 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(components, prompts: list[str]) -> PromptEmbeds:
-    """Encode prompts with both SDXL text encoders (no grad; the encoders are frozen)."""
+    """Encode prompts with the model's text encoders (no grad; the encoders are frozen)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     te1, te2 = components.text_encoder, components.text_encoder_2
     device = te1.device
+    if te2 is None:  # SD1.5: the final layer (clip_skip None in StableDiffusionPipeline), no pooled input
+        embeds = te1(_tokenize(components.tokenizer, prompts, device))[0]
+        return PromptEmbeds(embeds=embeds, pooled=embeds.new_zeros(len(prompts), 0))
     out1 = te1(_tokenize(components.tokenizer, prompts, device), output_hidden_states=True)
     out2 = te2(_tokenize(components.tokenizer_2, prompts, device), output_hidden_states=True)
     # SDXL uses the penultimate layer of both encoders (clip_skip = None in the pipeline).

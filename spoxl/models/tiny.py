@@ -151,6 +151,38 @@ def sdxl_scheduler():
     )
 
 
+def tiny_sd15_unet_config() -> dict:
+    """The tiny UNet in SD1.5's form: no added conditioning, cross-attention on one encoder."""
+    config = tiny_unet_config()
+    for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        config.pop(key)
+    config["cross_attention_dim"] = TINY_TEXT_HIDDEN
+    return config
+
+
+def build_tiny_sd15(seed: int = 0) -> SDXLComponents:
+    """Random tiny SD1.5-architecture components (one CLIPTextModel, no text_encoder_2, a UNet
+    without added conditioning, SD1.5's VAE scaling factor); same seed, same weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_clip_tokenizer()
+        unet = UNet2DConditionModel(**tiny_sd15_unet_config())
+        vae = AutoencoderKL(**{**tiny_vae_config(), "scaling_factor": 0.18215})  # SD1.5's
+        text_encoder = CLIPTextModel(text_config(len(tokenizer.get_vocab()), projection=False))
+    return SDXLComponents(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=None,
+        tokenizer=tokenizer,
+        tokenizer_2=None,
+        scheduler=sdxl_scheduler(),  # SD1.5's DDIM schedule is the same (scaled_linear 0.00085..0.012)
+    )
+
+
 def build_tiny_sdxl(seed: int = 0) -> SDXLComponents:
     """Random tiny SDXL components; the same seed gives bit-identical weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -1,5 +1,6 @@
 """Tiny SDXL components: folder round-trip, single-file loading, prompt encoding as the pipeline does it."""
 
+import copy
 import json
 
 import pytest
@@ -139,8 +140,9 @@ def _variant_folder(tiny_components, path, variant, shard):
             if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
                 f.unlink()
         kw = {"max_shard_size": shard} if shard else {}
-        getattr(tiny_components, part).to(torch.float16).save_pretrained(path / part, variant=variant, **kw)
-        getattr(tiny_components, part).to(torch.float32)
+        # A half copy: casting the shared session fixture there and back would round its weights
+        # to fp16 for every later test.
+        copy.deepcopy(getattr(tiny_components, part)).to(torch.float16).save_pretrained(path / part, variant=variant, **kw)
     return path
 
 

@@ -3,6 +3,7 @@
 rises; ZeRO-3 runs the same training (same per-step losses, same exported LoRA, hence the same
 rise)."""
 
+import math
 import os
 import re
 import subprocess
@@ -71,3 +72,40 @@ def test_spo_zero2_improves_preference_and_zero3_trains_the_same(tmp_path):
         assert (lora3[key] - lora2[key]).norm() <= 2e-3 * lora2[key].norm() + 1e-6, key
     report3 = build_report(z3, seeds=8)
     assert report3["diff_mean"] > 0.5 and report3["diff_mean"] > 2 * report3["diff_stderr"], report3
+
+
+def test_the_sd15_recipe_runs_on_an_sd15_folder_through_the_launcher(tmp_path):
+    """configs/spo_sd15.yaml as published (bf16, ZeRO-2, k = 4 per-step branching, LoRA rank 4) on a
+    diffusers SD1.5 folder, 2 CPU ranks; only the model, the prompts and the preference model
+    (a programmatic scorer in place of the SD1.5 SPM file) are swapped for tiny ones."""
+    from spoxl.config import load_config
+    from spoxl.models.tiny import build_tiny_sd15
+
+    model = tmp_path / "sd15"
+    build_tiny_sd15(0).save_pretrained(model)
+    out = tmp_path / "run"
+    recipe = load_config(REPO / "configs" / "spo_sd15.yaml", [])
+    assert (recipe.method.params.pool_size, recipe.method.params.num_inner_step, recipe.lora.rank) == (4, 0, 4)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".venv" / "torch_extensions"))  # fmt: skip
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "spoxl.train", "--config", "configs/spo_sd15.yaml",
+           "--set", f"run.output_dir={out}", "--set", f"model.path={model}", "--set", "method.resolution=null",
+           "--set", 'method.prompts=["a red circle","a green square","a blue cat","a yellow dog"]',
+           "--set", "method.prompts_per_rank=2", "--set", "method.steps=10", "--set", "method.epochs=null",
+           "--set", "method.preference.kind=colour", "--set", "method.preference.scale=3000",
+           "--set", "method.preference.path=null", "--set", "method.preference.weights=null",
+           "--set", "train.micro_batch_size=4", "--set", "train.max_steps=3", "--set", "logging.sample_every=0",
+           "--set", "logging.every=1", "--set", "checkpoint.every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = finish(proc, out)
+    assert "step 3/3" in log and "(bf16)" in log
+    assert len(losses(log)) == 3 and all(math.isfinite(x) for x in losses(log))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "export" / "pytorch_lora_weights_kohya.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1" and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_") for k in keys)
+    assert max(int(v.shape[0]) for k, v in load_file(out / "export" / "pytorch_lora_weights.safetensors").items()
+               if "lora_A" in k) == 4  # the recipe's rank  # fmt: skip

@@ -34,13 +34,16 @@ def add_arguments(p) -> None:
     p.add_argument("--scorer", default="fidelity",
                    help="preference model: fidelity, aesthetic, toy_colour/shape/position/size/background, "
                         "colour, brightness; or a model from a local path: clip (step-aware), pickscore, "
-                        "laion_aesthetic (with --scorer-path and, where needed, --scorer-weights) (default fidelity)")
+                        "laion_aesthetic, hpsv2, hpsv2.1, imagereward (with --scorer-path and, where needed, "
+                        "--scorer-weights) (default fidelity)")
     p.add_argument("--scorer-scale", type=float, default=None,
                    help="score = scale * similarity (programmatic scorers only; default 100)")
     p.add_argument("--scorer-path", default=None, help="clip / pickscore / laion_aesthetic: a local CLIPModel folder "
-                                                       "(clip: or tiny)")
+                                                       "(clip: or tiny); hpsv2: a CLIP tokenizer folder; imagereward: "
+                                                       "a bert-base-uncased tokenizer folder")
     p.add_argument("--scorer-weights", default=None, help="clip: step-aware weights (spoxl's safetensors or the official "
-                                                          ".bin); laion_aesthetic: the predictor's MLP .pth")
+                                                          ".bin); laion_aesthetic: the predictor's MLP .pth; hpsv2: "
+                                                          "HPS_v2(.1)_compressed.pt; imagereward: ImageReward.pt")
     p.add_argument("--allow-untrained-scorer", action="store_true",
                    help="clip: score with an untrained step-aware CLIP (it ignores the timestep; for experiments)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")

@@ -332,7 +332,8 @@ class StepAwareCLIP(nn.Module):
 
 # Preference models that are networks loaded from a path: they take no `scale` from the recipe or
 # `spoxl eval --scorer-scale` (their own scale is part of the model).
-MODEL_KINDS = ("clip", "step_aware_clip", "pickscore", "laion_aesthetic")
+MODEL_KINDS = ("clip", "step_aware_clip", *("pickscore", "laion_aesthetic", "hpsv2", "hpsv2.1", "imagereward"))
+REWARD_KINDS = MODEL_KINDS[2:]  # spoxl.models.rewards.build_reward_model
 
 
 def _rewards():
@@ -397,17 +398,9 @@ def build_preference_model(kind: str, *, path: str | None = None, weights: str |
                 model.load(weights)
             return model
         return StepAwareCLIP.from_pretrained(path, weights)
-    if kind in ("pickscore", "laion_aesthetic") or kind in _rewards().UNSUPPORTED:
-        rewards = _rewards()
-        if kind in rewards.UNSUPPORTED:
-            raise SpoxlError(f"preference model {kind!r} is not supported yet: {rewards.UNSUPPORTED[kind]} "
-                             "(supported reward models: pickscore, laion_aesthetic)")
-        if not path:
-            raise SpoxlError(f"preference model {kind!r} needs a path: a local CLIP folder")
-        if kind == "pickscore":
-            return rewards.PickScore(path)
-        return rewards.LaionAesthetic(path, weights, **kwargs)
+    if kind in REWARD_KINDS:
+        return _rewards().build_reward_model(kind, path=path, weights=weights)
     if kind in scorers.SCORERS:
         return scorers.SCORERS[kind](**kwargs)
-    known = ", ".join(["clip", "pickscore", "laion_aesthetic", *sorted(scorers.SCORERS)])
+    known = ", ".join(["clip", *REWARD_KINDS, *sorted(scorers.SCORERS)])
     raise SpoxlError(f"unknown preference model {kind!r} (known: {known})")

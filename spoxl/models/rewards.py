@@ -11,8 +11,13 @@ judge the predicted x0 as it is; a trained step-aware model is the paper's choic
                    between): score = MLP(L2-normalised image embedding), the 1-10 rating scale,
                    times `scale` (default 1). The prompt is not used.
 
-HPSv2 (open_clip ViT-H-14) and ImageReward (its own BLIP) are not supported yet: naming them is a
-one-line error that says so.
+  hpsv2, hpsv2.1   the released HPSv2 checkpoint (open_clip ViT-H-14) in transformers' CLIPModel, with a
+                   CLIP tokenizer folder: 100 x cos(image, text) (spoxl.models.hpsv2).
+  imagereward      the released ImageReward.pt (BLIP ViT-L + cross-attending BERT + MLP) in transformers'
+                   BLIP parts, with a bert-base-uncased tokenizer folder: the standardised reward
+                   (spoxl.models.imagereward).
+
+None needs a package beyond spoxl's own requirements: each is a key map onto transformers' classes.
 """
 
 from __future__ import annotations
@@ -25,13 +30,6 @@ from torch import nn
 
 from spoxl.errors import SpoxlError
 from spoxl.models.preference import StepAwareCLIP, check_inputs, clip_pixel_values
-
-UNSUPPORTED = {
-    "hpsv2": "HPSv2 needs open_clip's ViT-H-14, which spoxl does not load yet",
-    "hpsv2.1": "HPSv2.1 needs open_clip's ViT-H-14, which spoxl does not load yet",
-    "imagereward": "ImageReward needs its own BLIP implementation, which spoxl does not load yet",
-}
-
 
 class PickScore:
     """PickScore (or any CLIP) as a reward: the step-aware CLIP's untimed score, i.e. the plain CLIP."""
@@ -104,3 +102,29 @@ class LaionAesthetic:
         emb = out.pooler_output if hasattr(out, "pooler_output") else out
         emb = F.normalize(emb.float(), dim=-1).to(next(self.mlp.parameters()).dtype)
         return self.scale * self.mlp(emb).squeeze(-1).float()
+
+
+# What each reward model's `path` holds, for the one-line error when it is missing.
+_PATH_HOLDS = {"pickscore": "a CLIPModel folder (PickScore_v1)", "laion_aesthetic": "a CLIP ViT-L/14 CLIPModel folder",
+               "hpsv2": "a CLIP tokenizer folder (OpenAI CLIP BPE)", "hpsv2.1": "a CLIP tokenizer folder (OpenAI CLIP BPE)",
+               "imagereward": "a bert-base-uncased tokenizer folder"}  # fmt: skip
+
+
+def build_reward_model(kind: str, *, path=None, weights=None):
+    """A reward model by name, from local paths only (`path` and `weights` as _PATH_HOLDS and each
+    class's docstring say); each keeps its own scale."""
+    if not path:
+        raise SpoxlError(f"preference model {kind!r} needs a path: {_PATH_HOLDS[kind]}")
+    if kind == "pickscore":
+        return PickScore(path)
+    if kind == "laion_aesthetic":
+        return LaionAesthetic(path, weights)
+    if kind in ("hpsv2", "hpsv2.1"):
+        from spoxl.models.hpsv2 import HPSv2
+
+        return HPSv2(path, weights)
+    if kind == "imagereward":
+        from spoxl.models.imagereward import ImageReward
+
+        return ImageReward(path, weights)
+    raise SpoxlError(f"unknown reward model {kind!r}")

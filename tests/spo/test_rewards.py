@@ -1,7 +1,11 @@
 """Real reward models from local paths (spoxl.models.rewards), on tiny randomly initialised models
-of the same architectures saved in the same file formats: PickScore (a CLIPModel folder) and the
-LAION aesthetic predictor (a CLIP folder + the predictor's MLP .pth). The expected scores are
-computed here with transformers and torch directly, from the published definitions."""
+of the same architectures saved in the same file formats: PickScore (a CLIPModel folder), the
+LAION aesthetic predictor (a CLIP folder + the predictor's MLP .pth), HPSv2 (an open_clip ViT
+CLIP in the released {"state_dict": ...} file) and ImageReward (BLIP's ViT + cross-attending BERT
++ MLP, in ImageReward.pt's keys). The expected scores are computed here with transformers and
+torch directly, from the published definitions; HPSv2's and ImageReward's with plain-torch
+forwards of the original architectures written from their official code (open_clip's CLIP,
+BLIP's vit.py and med.py), not through the transformers classes spoxl maps them onto."""
 
 import pytest
 import torch
@@ -79,13 +83,12 @@ def test_laion_aesthetic_is_the_mlp_on_the_normalised_embedding(clip_folder, tmp
         build_preference_model("laion_aesthetic", path=str(clip_folder), weights=str(tmp_path / "none.pth"))
 
 
-def test_unsupported_and_pathless_reward_models_are_one_line_errors():
-    with pytest.raises(SpoxlError, match="'hpsv2' is not supported yet: HPSv2 needs open_clip"):
-        build_preference_model("hpsv2", path="/x")
-    with pytest.raises(SpoxlError, match="'imagereward' is not supported yet"):
-        build_preference_model("imagereward")
-    with pytest.raises(SpoxlError, match="'pickscore' needs a path"):
-        build_preference_model("pickscore")
+def test_pathless_and_unknown_reward_models_are_one_line_errors():
+    for kind in ("pickscore", "hpsv2", "hpsv2.1", "imagereward"):
+        with pytest.raises(SpoxlError, match=f"'{kind}' needs a path"):
+            build_preference_model(kind)
+    with pytest.raises(SpoxlError, match="unknown preference model 'hps3'"):
+        build_preference_model("hps3", path="/x")
 
 
 def test_eval_scores_with_pickscore(clip_folder, tmp_path):

@@ -67,8 +67,11 @@ def check_inputs(x: torch.Tensor, prompts: list[str]) -> None:
 
 
 def clip_pixel_values(images: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
-    """[-1, 1] images -> CLIP pixel values: bicubic resize (shortest side), centre crop, [0, 1],
-    CLIP mean/std (every CLIP-based scorer in spoxl: the SPM, PickScore, the LAION predictor)."""
+    """[-1, 1] images -> CLIP pixel values: bicubic resize (shortest side), centre crop, [0, 1]
+    clamped, CLIP mean/std (every CLIP-based scorer in spoxl: the SPM, PickScore, the LAION
+    predictor, HPSv2, ImageReward). The clamp is the official SPM's (it resizes, then clamps to
+    [0, 1]); the PIL pipelines of the other scorers resize 8-bit images, which clamps the same
+    bicubic overshoot."""
     h, w = images.shape[-2:]
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
@@ -76,7 +79,7 @@ def clip_pixel_values(images: torch.Tensor, size: int, dtype=torch.float32) -> t
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = (x[..., top : top + size, left : left + size] + 1) / 2
+    x = ((x[..., top : top + size, left : left + size] + 1) / 2).clamp(0, 1)
     mean, std = _clip_norm(x.device)
     return ((x - mean) / std).to(dtype)
 

@@ -25,7 +25,7 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 def _pixels(images, size):
     x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)  # square inputs here
-    return ((x + 1) / 2 - MEAN) / STD
+    return (((x + 1) / 2).clamp(0, 1) - MEAN) / STD  # clamped after the resize, as the official SPM / 8-bit PIL
 
 
 def _rand(g, *shape, std=0.05, mean=0.0):

@@ -31,7 +31,7 @@ def _pixels(images, size):
     x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)  # square inputs here
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    return ((x + 1) / 2 - mean) / std
+    return (((x + 1) / 2).clamp(0, 1) - mean) / std  # the official SPM clamps after the resize
 
 
 def test_pickscore_is_logit_scale_times_cosine(clip_folder):

@@ -4,7 +4,7 @@ so `--set lora.target_modules=[to_q,to_k]` and `--set train.lr=1e-5` both work).
 
 Unknown keys and wrong types are one-line SpoxlErrors naming the key. The `method:` section holds
 `name` plus the method's own hyper-parameters, validated against the dataclass its Objective
-declares (`Objective.Config`, see spoxl.methods.base).
+declares (`Objective.Config`, see spoxl.methods.base; found through spoxl.registry).
 """
 
 from __future__ import annotations
@@ -353,7 +353,7 @@ def config_from_dict(data: dict) -> Config:
     name = method.pop("name", "sft")
     if not isinstance(name, str):
         raise SpoxlError(f"config: method.name must be a string, got {name!r}")
-    from spoxl.methods.base import objective_class
+    from spoxl.registry import objective_class
 
     params_cls = objective_class(name).Config
     cfg.method = MethodConfig(name=name, params=build_dataclass(params_cls, method, "method"))

@@ -22,7 +22,6 @@ import torch
 
 from spoxl.errors import SpoxlError
 
-TOY_SCORERS = ("fidelity", "aesthetic", "toy_colour", "toy_shape", "toy_position", "toy_size", "toy_background")
 
 
 def _run_files(run_dir: Path):
@@ -46,7 +45,7 @@ def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> d
     from spoxl.imaging import save_grid
     from spoxl.methods.spo import read_prompts
     from spoxl.models.loading import load_sdxl
-    from spoxl.models.preference import MODEL_KINDS, build_preference_model
+    from spoxl.preference_models import MODEL_KINDS, TOY_SCORERS, build_preference_model
 
     run_dir = Path(run_dir)
     cfg, lora_file = _run_files(run_dir)

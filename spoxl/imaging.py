@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from spoxl import sampling
+from spoxl import rng, sampling
 from spoxl.models.text import encode_with_negative, make_time_ids
 
 
@@ -25,7 +25,7 @@ def initial_latents(components, n: int, seed: int, resolution: int | None = None
     side = res // vae_scale_factor(components.vae)
     ch = components.unet.config.in_channels
     return torch.stack(
-        [torch.randn((ch, side, side), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+        [torch.randn((ch, side, side), generator=rng.generator(rng.SAMPLE_LATENTS, seed, counter=i)) for i in range(n)]
     )
 
 
@@ -54,7 +54,7 @@ def sample_images(
         chunk = prompts[start : start + batch_size]
         cond, uncond = encode_with_negative(components, chunk)
         time_ids = make_time_ids(len(chunk), (res, res), device=device)
-        gen = torch.Generator().manual_seed(seed + 1_000_003 + start)  # eta > 0 noise stream
+        gen = rng.generator(rng.SAMPLE_STEP_NOISE, seed, counter=start)  # eta > 0 noise stream
 
         def tick(ts, n=len(chunk)):
             for t in ts:

@@ -1,5 +1,6 @@
-"""Checks, before any work starts, that an output path can be created: one line naming the problem
-instead of an OSError (or a traceback) after minutes of sampling or training."""
+"""Where spoxl's own files are, and checks, before any work starts, that an output path can be
+created: one line naming the problem instead of an OSError (or a traceback) after minutes of
+sampling or training."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import os
 from pathlib import Path
 
 from spoxl.errors import SpoxlError
+
+# The pretrained toy-world model shipped in the package (a diffusers SDXL folder; spoxl.toy.model).
+TOY_WEIGHTS_DIR = Path(__file__).parent / "toy" / "weights"
+
+
+def toy_model_path() -> Path:
+    """The shipped pretrained toy model folder, or a one-line error saying how to make it."""
+    if not (TOY_WEIGHTS_DIR / "model_index.json").is_file():
+        raise SpoxlError(f"the pretrained toy model is missing from {TOY_WEIGHTS_DIR} "
+                         f"(reinstall spoxl, or rebuild it with `spoxl toy pretrain --out {TOY_WEIGHTS_DIR}`)")
+    return TOY_WEIGHTS_DIR
 
 
 def check_can_create(path, what: str) -> Path:

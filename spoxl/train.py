@@ -35,7 +35,7 @@ def check_recipe(config_path, overrides, world_size: int | None):
     from spoxl.config import load_config
     from spoxl.engine.ds_config import build_ds_config
     from spoxl.engine.setup import use_cpu
-    from spoxl.methods.base import objective_class
+    from spoxl.registry import build_objective
 
     cfg = load_config(config_path, overrides)
     from spoxl.paths import check_can_create
@@ -43,7 +43,7 @@ def check_recipe(config_path, overrides, world_size: int | None):
     check_can_create(cfg.run.output_dir, "run.output_dir")
     if world_size is not None:  # unknown before launch on multi-node runs: the ranks check it then
         build_ds_config(cfg, world_size, on_cpu=use_cpu())
-    objective = objective_class(cfg.method.name)(cfg.method.params)
+    objective = build_objective(cfg)
     objective.check(cfg)
     return cfg, objective
 
@@ -65,49 +65,47 @@ def refuse_to_overwrite(cfg) -> None:
 
 def run(args) -> int:
     from spoxl.config import dump_yaml
-    from spoxl.engine import checkpoint, loop
     from spoxl.engine.logging import MetricsLogger, flatten
     from spoxl.engine.setup import build_training
 
     cfg, objective = check_recipe(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", "1")))
     if not args.resume:
         refuse_to_overwrite(cfg)
-    ctx = build_training(cfg, objective)
+    trainer = build_training(cfg, objective)
     out = Path(cfg.run.output_dir)
-    logger = MetricsLogger(out, ctx.rank, tensorboard=cfg.logging.tensorboard)
-    ctx.logger = logger
+    logger = MetricsLogger(out, trainer.rank, tensorboard=cfg.logging.tensorboard)
+    trainer.logger = logger
     try:
-        if ctx.rank == 0:
+        if trainer.rank == 0:
             from spoxl.evaluation import write_atomic
 
             write_atomic(out / "config.yaml", dump_yaml(cfg))
         logger.info(f"method {cfg.method.name}, {'LoRA' if cfg.lora.enabled else 'full fine-tuning'}, "
-                    f"{ctx.world_size} rank(s), {cfg.deepspeed.config} ({cfg.deepspeed.precision}), "
-                    f"device {ctx.device}")
-        objective.setup(ctx)
-        ema = None
+                    f"{trainer.world_size} rank(s), {cfg.deepspeed.config} ({cfg.deepspeed.precision}), "
+                    f"device {trainer.device}")
+        objective.setup(trainer.view)
         if cfg.ema.enabled:
             from spoxl.engine.ema import EMA
 
-            ema = EMA(ctx.engine, decay=cfg.ema.decay, warmup=cfg.ema.warmup, every_n_steps=cfg.ema.every_n_steps)
-            ctx.ema = ema
+            trainer.ema = EMA(trainer.engine, decay=cfg.ema.decay, warmup=cfg.ema.warmup,
+                              every_n_steps=cfg.ema.every_n_steps)  # fmt: skip
         if args.resume:
-            tag = checkpoint.load(ctx, objective, cfg.checkpoint_dir, universal=cfg.checkpoint.load_universal)
-            logger.info(f"resumed from {cfg.checkpoint_dir / tag} at step {ctx.global_step}" if tag
+            tag = trainer.resume()
+            logger.info(f"resumed from {cfg.checkpoint_dir / tag} at step {trainer.global_step}" if tag
                         else f"--resume: no checkpoint in {cfg.checkpoint_dir}, starting fresh")
-        last = loop.train(ctx, objective, logger)
+        last = trainer.train()
         if cfg.export.at_end:
             from spoxl.engine.export import export_all
 
             formats = cfg.export.formats or (("diffusers", "kohya") if cfg.lora.enabled else ("unet",))
-            paths = export_all(ctx.engine, out / "export", formats=tuple(formats), ema=ema,
+            paths = export_all(trainer.engine, out / "export", formats=tuple(formats), ema=trainer.ema,
                                lora_dtype=cfg.export.lora_dtype)
             logger.info("exported " + ", ".join(str(p) for p in paths.values()))
-        if ctx.rank == 0:
-            write_summary(out, cfg, last, ctx.global_step)
+        if trainer.rank == 0:
+            write_summary(out, cfg, last, trainer.global_step)
         logger.hparams(flatten(cfg.to_dict()), {k.split("/")[-1]: v for k, v in last.items()
                                                  if k in ("train/loss", "train/grad_norm")})
-        logger.info(f"done: {ctx.global_step} steps, run dir {out}")
+        logger.info(f"done: {trainer.global_step} steps, run dir {out}")
     finally:
         logger.close()
     return 0

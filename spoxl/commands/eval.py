@@ -78,7 +78,7 @@ def run(args) -> int:
     from spoxl.errors import SpoxlError
     from spoxl.evaluation import evaluate, write_atomic
     from spoxl.models.loading import load_sdxl
-    from spoxl.models.preference import build_preference_model
+    from spoxl.preference_models import build_preference_model
 
     if args.steps < 1:
         raise SpoxlError("--steps must be >= 1")
@@ -96,7 +96,7 @@ def run(args) -> int:
         raise SpoxlError(f"--out {out} exists and is not a folder")
     prompts = resolve_prompts(args.prompts, args.num_prompts)
     kind = args.scorer
-    from spoxl.models.preference import MODEL_KINDS
+    from spoxl.preference_models import MODEL_KINDS
 
     kwargs = {} if kind in MODEL_KINDS or args.scorer_scale is None else {"scale": args.scorer_scale}
     scorer = build_preference_model(kind, path=args.scorer_path, weights=args.scorer_weights,

@@ -96,7 +96,7 @@ def run(args) -> int:
     from spoxl.cluster.memory import count_params, estimate, estimates_by_stage, gib
     from spoxl.config import load_config
     from spoxl.engine.ds_config import build_ds_config, zero_stage
-    from spoxl.methods.base import objective_class
+    from spoxl.registry import objective_class
 
     hosts, host_source = _hosts_from(args)
     cfg = load_config(args.config, args.overrides)

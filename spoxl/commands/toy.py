@@ -78,7 +78,7 @@ def _pretrain(args) -> int:
 
 def _export(args) -> int:
     from spoxl.errors import SpoxlError
-    from spoxl.toy.model import toy_model_path
+    from spoxl.paths import toy_model_path
 
     src = toy_model_path()
     out = Path(args.out)
@@ -95,7 +95,7 @@ def _pairs(args) -> int:
     from spoxl.commands.eval import resolve_prompts
     from spoxl.errors import SpoxlError
     from spoxl.models.loading import load_sdxl
-    from spoxl.models.preference import build_preference_model
+    from spoxl.preference_models import build_preference_model
     from spoxl.paths import check_can_create
     from spoxl.toy.pairs import counterfactual_pairs, generate_pairs, write_parquet
 

@@ -157,8 +157,7 @@ class CachedDataset(Dataset):
 
     def build(self, rank: int = 0, world_size: int = 1, progress: bool = False) -> int:
         """Encode every missing entry of this rank's share; returns how many were encoded."""
-        from spoxl.engine.zero_utils import barrier
-
+        import torch.distributed as dist
         from tqdm.auto import tqdm
 
         mine = [i for i in range(rank, len(self), world_size) if not self.entry_path(i).is_file()]
@@ -172,7 +171,8 @@ class CachedDataset(Dataset):
             done += len(chunk)
             bar.update(len(chunk))
         bar.close()
-        barrier()  # other ranks read this rank's entries next
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # other ranks read this rank's entries next
         return done
 
     def __getitem__(self, i: int) -> dict:

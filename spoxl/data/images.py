@@ -73,9 +73,9 @@ def source_identity(source) -> bytes:
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    # Mix with large odd constants so nearby (seed, epoch, index) triples do not collide.
-    mixed = (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+    from spoxl import rng
+
+    return rng.generator(rng.AUGMENT, seed, counter=(epoch, index))
 
 
 def sdxl_time_ids(original_size, crop_top_left, resolution: int) -> torch.Tensor:

@@ -134,14 +134,14 @@ def _point_latest(ckpt_dir: Path, tag: str) -> None:
 # Save / load
 
 
-def save(ctx, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, publish: bool = True) -> str:
+def save(trainer, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, publish: bool = True) -> str:
     """Collective: every rank must call it at the same step.
 
     publish=False (with its own `tag`, e.g. aborted_step_N) writes a complete checkpoint that is not
     a resume point: `latest` keeps naming the previous one, nothing is pruned."""
     ckpt_dir = Path(ckpt_dir)
-    tag = tag or tag_for(ctx.global_step)
-    if ctx.rank == 0:
+    tag = tag or tag_for(trainer.global_step)
+    if trainer.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt_dir / tag
         if stale.exists():  # an older save of this very step (e.g. from a killed run)
@@ -155,19 +155,19 @@ def save(ctx, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, pu
                     (ckpt_dir / DEEPSPEED_LATEST).unlink(missing_ok=True)
             shutil.rmtree(stale)
     _barrier()
-    client_state = {"global_step": ctx.global_step, "config": ctx.config.to_dict()}
+    client_state = {"global_step": trainer.global_step, "config": trainer.config.to_dict()}
     try:
-        ctx.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
-                                   exclude_frozen_parameters=ctx.lora)
+        trainer.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=trainer.lora)
         own = {
-            "global_step": ctx.global_step,
-            "world_size": ctx.world_size,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
             "objective": objective.state_dict(),
-            "rng": rng_state(ctx.generator),
-            "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
-            "model_shape": _model_shape(ctx.config),
+            "rng": rng_state(trainer.generator),
+            "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+            "model_shape": _model_shape(trainer.config),
         }
-        _save_file(own, ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt")
+        _save_file(own, ckpt_dir / tag / f"spoxl_rank{trainer.rank}.pt")
     except (OSError, RuntimeError) as e:
         # A full disk or a vanished mount: torch.save raises OSError or RuntimeError("... failed
         # writing file ..."). The folder never gets its completion marker, so `latest` still names
@@ -179,14 +179,14 @@ def save(ctx, objective, ckpt_dir, keep_last: int, *, tag: str | None = None, pu
         raise SpoxlError(f"checkpoint {ckpt_dir / tag} could not be written ({detail}); the newest whole "
                          f"checkpoint is still {previous or 'none'}") from None
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
-    if ctx.rank == 0:
-        (ckpt_dir / tag / COMPLETE).write_text(str(ctx.global_step))
+    if trainer.rank == 0:
+        (ckpt_dir / tag / COMPLETE).write_text(str(trainer.global_step))
         if publish:
             _point_latest(ckpt_dir, tag)
             _prune(ckpt_dir, keep_last, tag)
     _barrier()
     if publish:
-        ctx.last_checkpoint_step = ctx.global_step
+        trainer.last_checkpoint_step = trainer.global_step
     return tag
 
 
@@ -218,12 +218,12 @@ def _model_shape(cfg) -> dict:
     return shape
 
 
-def _check_model_shape(ctx, ckpt_dir: Path, tag: str) -> None:
+def _check_model_shape(trainer, ckpt_dir: Path, tag: str) -> None:
     """A one-line error instead of DeepSpeed's key/shape mismatch traceback."""
     saved = torch.load(ckpt_dir / tag / "spoxl_rank0.pt", map_location="cpu", weights_only=True).get("model_shape")
     if not saved:
         return
-    for key, now in _model_shape(ctx.config).items():
+    for key, now in _model_shape(trainer.config).items():
         if key in saved and saved[key] != now:
             raise SpoxlError(f"checkpoint {ckpt_dir / tag} was trained with {key}={saved[key]!r} but the recipe "
                              f"says {now!r}; resume with the same recipe (or a fresh checkpoint.dir)")
@@ -246,7 +246,7 @@ def damaged_file(tag_dir: Path) -> str | None:
     return None
 
 
-def _resumable_tag(ctx, ckpt_dir: Path) -> str | None:
+def _resumable_tag(trainer, ckpt_dir: Path) -> str | None:
     """The newest complete checkpoint whose files are all readable; each damaged newer one is
     named in a warning and skipped. Collective: every rank checks, and all agree."""
     from spoxl.engine.zero_utils import first_error_on_any_rank
@@ -258,57 +258,57 @@ def _resumable_tag(ctx, ckpt_dir: Path) -> str | None:
         if problem is None:
             return tag
         fallback = candidates[i + 1] if i + 1 < len(candidates) else None
-        _warn(ctx, f"checkpoint {ckpt_dir / tag} cannot be resumed: {problem}; "
+        _warn(trainer, f"checkpoint {ckpt_dir / tag} cannot be resumed: {problem}; "
                    + (f"falling back to {fallback}" if fallback else "no older complete checkpoint"))
     if candidates:
         raise SpoxlError(f"no checkpoint in {ckpt_dir} can be resumed (every complete one has a damaged file)")
     return None
 
 
-def load(ctx, objective, ckpt_dir, universal: bool = False) -> str | None:
+def load(trainer, objective, ckpt_dir, universal: bool = False) -> str | None:
     """Resume from the latest complete, undamaged checkpoint (None when there is none). Collective."""
     ckpt_dir = Path(ckpt_dir)
-    tag = _resumable_tag(ctx, ckpt_dir) if not universal else latest_tag(ckpt_dir)
+    tag = _resumable_tag(trainer, ckpt_dir) if not universal else latest_tag(ckpt_dir)
     if tag is None:
         return None
-    _check_model_shape(ctx, ckpt_dir, tag)
+    _check_model_shape(trainer, ckpt_dir, tag)
     load_tag = tag + UNIVERSAL_SUFFIX if universal else tag
     if universal and not (ckpt_dir / load_tag).is_dir():
         raise SpoxlError(f"no universal checkpoint {ckpt_dir / load_tag}; convert first: "
                          f"python -m spoxl.engine.checkpoint to-universal {ckpt_dir}")
-    path, _ = ctx.engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=not ctx.lora,
+    path, _ = trainer.engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=not trainer.lora,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise SpoxlError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
-    own_file = ckpt_dir / tag / f"spoxl_rank{ctx.rank}.pt"
+    own_file = ckpt_dir / tag / f"spoxl_rank{trainer.rank}.pt"
     if not own_file.is_file():
         # A universal resume on more ranks than were saved: this rank has no state of its own;
         # rank 0's step counter (and EMA) apply.
         own_file = ckpt_dir / tag / "spoxl_rank0.pt"
     own = torch.load(own_file, map_location="cpu", weights_only=True)
-    ctx.global_step = int(own["global_step"])
-    ctx.last_checkpoint_step = ctx.global_step
+    trainer.global_step = int(own["global_step"])
+    trainer.last_checkpoint_step = trainer.global_step
     saved_world = own.get("world_size")
-    if saved_world == ctx.world_size:
+    if saved_world == trainer.world_size:
         objective.load_state_dict(own["objective"])
-        set_rng_state(own["rng"], ctx.generator)
+        set_rng_state(own["rng"], trainer.generator)
     else:
         # The data position and RNG streams were per rank: they cannot be split or merged over a
         # different rank count, so they restart. Say so: the run is no longer an exact resume.
-        _warn(ctx, f"checkpoint {ckpt_dir / tag} was saved on {saved_world} rank(s), resuming on {ctx.world_size}: "
-                   f"weights, optimizer and LR schedule continue from step {ctx.global_step}, but the data "
+        _warn(trainer, f"checkpoint {ckpt_dir / tag} was saved on {saved_world} rank(s), resuming on {trainer.world_size}: "
+                   f"weights, optimizer and LR schedule continue from step {trainer.global_step}, but the data "
                    f"position ({type(objective).__name__} state) and the RNG streams restart from the beginning")
-    if ctx.ema is not None and own.get("ema") is not None:
-        ctx.ema.load_state_dict(own["ema"])
+    if trainer.ema is not None and own.get("ema") is not None:
+        trainer.ema.load_state_dict(own["ema"])
     return tag
 
 
-def _warn(ctx, message: str) -> None:
+def _warn(trainer, message: str) -> None:
     """One warning line from rank 0 (train.log and stderr through the run's logger)."""
-    logger = getattr(ctx, "logger", None)
+    logger = getattr(trainer, "logger", None)
     if logger is not None:
         logger.warning(message)
-    elif ctx.rank == 0:
+    elif trainer.rank == 0:
         print(f"[spoxl] warning: {message}", file=sys.stderr, flush=True)
 
 

@@ -1,21 +1,14 @@
-"""The training loop, top to bottom.
+"""The loop's parts that are not the Trainer's state (spoxl.engine.trainer.Trainer runs the loop):
 
-    for each optimizer step:
-        for each of grad_accum micro-steps:
-            batch = next(objective's micro-batches)       (online objectives sample here)
-            loss, metrics = objective.loss(ctx, batch)
-            engine.backward(loss); engine.step()          (DeepSpeed steps on the boundary)
-        a non-finite loss or gradient norm: DeepSpeed skipped the update; count it, and after
-            train.max_nonfinite_steps in a row save the last good state and abort
-        log scalars, sample a grid now and then, checkpoint every N steps
-        train.max_minutes passed (on any rank): stop before the next step
-        the objective's micro_batches ended (SPO's method.epochs): stop
-
-Returns the last logged scalars plus what the run cost: optimizer steps, loop seconds, latent rows
-through the UNet on all ranks (policy, reference, sampling: the compute measure of
-benchmarks/alignment.py) and the peak memory of the busiest rank.
-
-Every rank runs every line (ZeRO-3 needs every rank in every forward); only rank 0 writes logs.
+  next_batch       the next micro-batch, decided on every rank together (bad data on one rank
+                   fails every rank; data that ended on one rank ends it on every rank)
+  any_rank / all_ranks   small collectives over one number
+  RunCost          what the run cost: optimizer steps, loop seconds, latent rows through the UNet
+                   on all ranks (policy, reference, sampling: the compute measure of
+                   benchmarks/alignment.py), the busiest rank's peak memory; and the
+                   train.max_minutes budget
+  log_sample_grid  the sample grid of the fixed prompts (every rank samples, rank 0 writes)
+  NonFiniteAbort   too many non-finite steps in a row (raised on every rank together)
 """
 
 from __future__ import annotations
@@ -25,8 +18,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from spoxl.engine import checkpoint
-from spoxl.engine.logging import memory_stats
 from spoxl.engine.zero_utils import first_error_on_any_rank
 from spoxl.errors import SharedError, SpoxlError
 
@@ -39,15 +30,15 @@ class NonFiniteAbort(SharedError):
     together)."""
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True if `flag` is true on any rank (a collective: all ranks must call it)."""
-    return _all_ranks(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+    return all_ranks(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
 
 _DATA_ENDED = "\0spoxl: the objective's data ended"
 
 
-def _next_batch(batches):
+def next_batch(batches):
     """The next micro-batch, failing on EVERY rank when any rank's data is bad (an unreadable
     image on one rank would otherwise leave the others waiting in a collective until timeout),
     and None on every rank when any rank's data ended (SPO's method.epochs): decided together in
@@ -67,7 +58,7 @@ def _next_batch(batches):
     return batch
 
 
-def _all_ranks(value: float, op) -> float:
+def all_ranks(value: float, op) -> float:
     """`value` reduced over ranks with `op` (a collective: all ranks must call it)."""
     t = torch.tensor([float(value)], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -121,7 +112,7 @@ def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     return peak
 
 
-def _mean_metrics(acc: list[dict]) -> dict[str, float]:
+def mean_metrics(acc: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in acc[0]:
         values = [float(m[key]) for m in acc if key in m]
@@ -129,147 +120,54 @@ def _mean_metrics(acc: list[dict]) -> dict[str, float]:
     return out
 
 
-def train(ctx, objective, logger) -> dict:
-    """Run until train.max_steps optimizer steps are done; returns the last logged scalars."""
-    cfg = ctx.config
-    engine = ctx.engine
-    batches = objective.micro_batches(ctx)
-    progress = None
-    if ctx.rank == 0 and cfg.logging.progress:
-        from tqdm import tqdm
+class RunCost:
+    """What a run's loop cost, measured from its start: optimizer steps, seconds, UNet sample rows
+    (a forward pre-hook on each UNet: every denoiser evaluation, whatever called it, counted once
+    per sample), peak memory; and the train.max_minutes budget."""
 
-        progress = tqdm(total=cfg.train.max_steps, initial=ctx.global_step, desc="train", dynamic_ncols=True)
+    def __init__(self, trainer):
+        self.trainer = trainer
+        frozen_copy = getattr(trainer.reference_engine, "module", trainer.reference_engine)  # a DeepSpeed engine under ZeRO-3
+        self.counter = UNetSampleCounter(trainer.engine.module, frozen_copy)
+        self.started, self.steps_at_start, self.cuda_peak = _clock(), trainer.global_step, 0.0
+        minutes = trainer.config.train.max_minutes
+        self.budget_s = minutes * 60 if minutes is not None else None
 
-    nonfinite_in_a_row = 0
-    nonfinite_total = 0
-    last: dict[str, float] = {}
-    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
-    frozen_copy = getattr(ctx.reference_engine, "module", ctx.reference_engine)  # a DeepSpeed engine under ZeRO-3
-    counter = UNetSampleCounter(engine.module, frozen_copy)
-    loop_started, steps_at_start, cuda_peak = _clock(), ctx.global_step, 0.0
-    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
-    while ctx.global_step < cfg.train.max_steps:
-        # Every rank decides together (clocks differ a little): one rank leaving early would hang the rest.
-        if budget_s is not None and _any_rank(_clock() - loop_started >= budget_s):
-            logger.info(f"train.max_minutes={cfg.train.max_minutes:g} reached after step {ctx.global_step}: stopping")
-            break
-        started = time.perf_counter()
-        metrics, losses, bad_loss = [], [], False
-        skipped_before = engine.skipped_steps
-        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
-        ended = False
-        for _ in range(cfg.train.grad_accum):
-            batch = _next_batch(batches)
-            if batch is None:
-                ended = True
-                break
-            loss, m = objective.loss(ctx, batch)
-            bad_loss |= not bool(torch.isfinite(loss.detach()).all())
-            engine.backward(loss)
-            engine.step()  # applies the optimizer only at the accumulation boundary
-            losses.append(float(loss.detach().float()))
-            metrics.append(m)
-        if ended:  # a partly accumulated last step is dropped
-            logger.info(f"the objective's data ended after step {ctx.global_step} (method.epochs): stopping")
-            break
-        bad_loss = _any_rank(bad_loss)
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        skipped = engine.skipped_steps > skipped_before
-        if bad_loss and not skipped:
-            # DeepSpeed checks the gradient norm; a non-finite loss with a finite gradient (rare)
-            # was applied. Say so: the weights are still finite, but the step was meaningless.
-            logger.warning(f"step {ctx.global_step + 1}: non-finite loss but finite gradients; DeepSpeed applied the step")
+    def out_of_time(self) -> bool:
+        """Every rank decides together (clocks differ a little): one rank leaving early would hang the rest."""
+        return self.budget_s is not None and any_rank(_clock() - self.started >= self.budget_s)
 
-        if skipped and not bad_loss and cfg.deepspeed.precision == "fp16":
-            # fp16 dynamic loss scaling: an overflow lowers the scale and skips the update. Normal
-            # while the scale settles; not counted towards the abort (a NaN loss still is).
-            logger.info(f"step {ctx.global_step + 1}: fp16 gradient overflow, update skipped "
-                        f"(loss scale now {getattr(engine.optimizer, 'loss_scale', '?')})")
-            continue
-        if skipped:
-            # DeepSpeed did not apply the update (and did not advance the LR schedule); nor do we
-            # advance the step counter, so the run still ends after max_steps good updates.
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            logger.warning(f"step {ctx.global_step + 1}: non-finite loss/gradient (loss {losses}, grad norm "
-                           f"{grad_norm}); update skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} total)")
-            logger.scalar("train/nonfinite_steps", nonfinite_total, ctx.global_step)
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteAbort(_abort(ctx, objective, nonfinite_in_a_row))
-            continue
-        nonfinite_in_a_row = 0
-        ctx.global_step += 1
-        if ctx.ema is not None:
-            ctx.ema.update(engine, ctx.global_step)  # collective under ZeRO-3
-        step_time = time.perf_counter() - started
+    def saw(self, logged: dict) -> None:
+        self.cuda_peak = max(self.cuda_peak, logged.get("memory/cuda_peak_mib", 0.0))
 
-        if ctx.global_step % cfg.logging.every == 0 or ctx.global_step == cfg.train.max_steps:
-            last = {
-                "train/loss": sum(losses) / len(losses),
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "train/step_time_s": step_time,
-                "train/samples_per_s": samples_per_step / step_time,
-                **{f"train/{k}": v for k, v in _mean_metrics(metrics).items()},
-                **memory_stats(ctx.device),
-            }
-            cuda_peak = max(cuda_peak, last.get("memory/cuda_peak_mib", 0.0))
-            logger.scalars(last, ctx.global_step)
-            logger.info(f"step {ctx.global_step}/{cfg.train.max_steps} loss {last['train/loss']:.5f} "
-                        f"lr {last['train/lr']:.3g} grad_norm {grad_norm:.4g} {step_time:.2f}s/step")
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-
-        if cfg.logging.sample_every and ctx.global_step % cfg.logging.sample_every == 0:
-            log_sample_grid(ctx, logger)
-        if cfg.checkpoint.every and ctx.global_step % cfg.checkpoint.every == 0:
-            checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-
-    if progress is not None:
-        progress.close()
-    counter.close()
-    cost = {"train/steps": ctx.global_step - steps_at_start, "train/seconds": _clock() - loop_started,
-            "train/unet_samples": _all_ranks(counter.count, dist.ReduceOp.SUM)}
-    for key, value in _peak_memory_mib(ctx.device).items():
-        cost[key] = _all_ranks(max(value, cuda_peak) if "cuda" in key else value,
-                               dist.ReduceOp.MAX)
-    # Decided from in-memory state, identical on every rank (ranks of a multi-node job may not
-    # share a filesystem view, and a save is collective).
-    if cfg.checkpoint.save_final and ctx.last_checkpoint_step != ctx.global_step:
-        checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-    last["train/nonfinite_steps"] = nonfinite_total
-    last.update(cost)
-    return last
+    def finish(self) -> dict:
+        """The cost so far (collectives: every rank calls this)."""
+        self.counter.close()
+        cost = {"train/steps": self.trainer.global_step - self.steps_at_start, "train/seconds": _clock() - self.started,
+                "train/unet_samples": all_ranks(self.counter.count, dist.ReduceOp.SUM)}
+        for key, value in _peak_memory_mib(self.trainer.device).items():
+            cost[key] = all_ranks(max(value, self.cuda_peak) if "cuda" in key else value, dist.ReduceOp.MAX)
+        return cost
 
 
-def _abort(ctx, objective, in_a_row: int) -> str:
-    """The abort message, after keeping the state at the abort for inspection.
+def progress_bar(trainer):
+    """A tqdm bar over optimizer steps on rank 0 (None elsewhere, or with logging.progress off)."""
+    cfg = trainer.config
+    if trainer.rank != 0 or not cfg.logging.progress:
+        return None
+    from tqdm import tqdm
 
-    Weights that led to NaN/inf are not trustworthy even when finite (a huge learning rate makes
-    them ~1e30 before anything overflows), so they never become a resume point: they are saved as
-    aborted_step_N (not `latest`, never pruned, never resumed); the resume point stays the newest
-    checkpoint saved before the abort."""
-    cfg = ctx.config
-    aborted = checkpoint.save(ctx, objective, cfg.checkpoint_dir, cfg.checkpoint.keep_last,
-                              tag=checkpoint.ABORTED_PREFIX + checkpoint.tag_for(ctx.global_step), publish=False)
-    resume = checkpoint.latest_tag(cfg.checkpoint_dir)
-    where = (f"--resume continues from {cfg.checkpoint_dir / resume}, the newest checkpoint saved before the abort"
-             if resume else "no checkpoint was saved before the abort (set checkpoint.every to keep resume points)")
-    return (f"{in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; aborting. {where}; the state at "
-            f"the abort is kept as {cfg.checkpoint_dir / aborted} for inspection (lower train.lr, check the data, "
-            f"or use bf16 instead of fp16)")
+    return tqdm(total=cfg.train.max_steps, initial=trainer.global_step, desc="train", dynamic_ncols=True)
 
 
-def log_sample_grid(ctx, logger) -> None:
+def log_sample_grid(trainer, logger) -> None:
     """Sample the fixed prompts with the current policy; EVERY rank runs the UNet calls (ZeRO-3
     gathers shards inside the forward), rank 0 writes the grid."""
     from spoxl.imaging import make_grid, sample_images
 
-    lc = ctx.config.logging
-    with ctx.sampling() as policy:
-        comps = ctx.components
+    lc = trainer.config.logging
+    with trainer.view.sampling() as policy:
+        comps = trainer.components
         original = comps.unet
         comps.unet = EngineAsUNet(policy)  # sample_images calls components.unet: route calls through the engine
         try:
@@ -277,11 +175,11 @@ def log_sample_grid(ctx, logger) -> None:
                                    seed=lc.sample_seed)
         finally:
             comps.unet = original
-    logger.image("samples", make_grid(images), ctx.global_step)
-    if ctx.rank == 0:
+    logger.image("samples", make_grid(images), trainer.global_step)
+    if trainer.rank == 0:
         from spoxl.imaging import save_grid
 
-        save_grid(images, ctx.config.run.output_dir + f"/samples/step_{ctx.global_step:08d}.png")
+        save_grid(images, trainer.config.run.output_dir + f"/samples/step_{trainer.global_step:08d}.png")
 
 
 class EngineAsUNet:

@@ -2,7 +2,7 @@
 
   init_distributed(cfg)  -> (rank, world_size, device): gloo + DS_ACCELERATOR=cpu without a GPU,
                             NCCL on GPUs, process-group timeout from the recipe;
-  build_training(cfg, objective) -> TrainContext: components loaded, VAE/text encoders frozen in
+  build_training(cfg, objective) -> Trainer (spoxl.engine.trainer): components loaded, VAE/text encoders frozen in
                             the compute dtype and kept OUTSIDE DeepSpeed; the UNet with LoRA
                             (peft, the diffusers way) or fully trainable; optimizer (torch AdamW or
                             bitsandbytes AdamW8bit), LR warmup/schedule; deepspeed.initialize;
@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import torch
 
+from spoxl import rng
 from spoxl.errors import SpoxlError
 
 
@@ -183,11 +184,11 @@ def build_reference(unet_frozen_copy, ds: dict, device, dtype):
 
 
 def build_training(cfg, objective, *, components=None):
-    """Everything up to the first step: returns a spoxl.methods.base.TrainContext."""
+    """Everything up to the first step: returns the run's spoxl.engine.trainer.Trainer."""
     import deepspeed
 
     from spoxl.engine.ds_config import build_ds_config, compute_dtype
-    from spoxl.methods.base import TrainContext
+    from spoxl.engine.trainer import Trainer
     from spoxl.models.loading import load_sdxl
 
     rank, world, device = init_distributed(cfg)
@@ -196,7 +197,7 @@ def build_training(cfg, objective, *, components=None):
 
     # Same seed on every rank for everything that builds weights (LoRA init, the tiny model):
     # ZeRO-3 partitions each rank's own copy, so the copies must agree.
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(rng.seed(rng.WEIGHTS, cfg.run.seed))
     if components is None:
         components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file,
                                variant=cfg.model.variant, vae_path=cfg.model.vae_path)
@@ -233,12 +234,13 @@ def build_training(cfg, objective, *, components=None):
     if reference is not None:
         reference = build_reference(reference, ds, device, dtype)
 
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
+    generator = rng.generator(rng.RANK_STREAM, cfg.run.seed, rank=rank, device=device)
     # Per-rank global RNG (dropout etc.): ranks see different data, so they may differ here.
-    torch.manual_seed(cfg.run.seed * 1000 + rank)
+    torch.manual_seed(rng.seed(rng.RANK_STREAM, cfg.run.seed, rank=rank))
     components.unet = engine.module
-    return TrainContext(
+    return Trainer(
         config=cfg,
+        objective=objective,
         components=components,
         engine=engine,
         reference_engine=reference,

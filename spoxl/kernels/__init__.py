@@ -9,7 +9,8 @@ Backend: SPOXL_KERNELS=auto|torch|triton, read at call time (spoxl.kernels.dispa
 this package never imports triton; the Triton backend is loaded on first use.
 """
 
-from spoxl.kernels.dispatch import backend_ops, choose_backend, requested_backend, use_backend
+from spoxl.kernels.backends import backend_ops
+from spoxl.kernels.dispatch import choose_backend, requested_backend, use_backend
 from spoxl.kernels.losses import diffusion_dpo_loss, mapo_loss, ncp_loss, spo_loss
 from spoxl.kernels.ops import pool_logprobs, pool_step, transition_logprob
 

@@ -18,7 +18,6 @@ import contextlib
 import importlib
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -113,19 +112,3 @@ def backend_module(device: torch.device):
     from spoxl.kernels import reference
 
     return reference
-
-
-SAMPLING_OPS = ("pool_step", "transition_logprob", "pool_logprobs")
-
-
-def backend_ops(backend: str) -> SimpleNamespace:
-    """Every op's implementation on one backend ('torch' or 'triton'), by its public name, with no
-    validation or dispatch in front: for benchmarks and the tests that compare backends."""
-    if backend not in ("torch", "triton"):
-        raise SpoxlError(f"backend must be torch or triton, got {backend!r}")
-    from spoxl.kernels import losses, reference
-
-    sampling = reference if backend == "torch" else importlib.import_module(_TRITON_MODULE)
-    ops = {name: getattr(sampling, name) for name in SAMPLING_OPS}
-    ops.update({name: module.reference if backend == "torch" else module.fused for name, module in losses.LOSSES.items()})
-    return SimpleNamespace(**ops)

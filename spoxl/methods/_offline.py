@@ -13,15 +13,17 @@ the noise and timesteps of a denoising loss.
 
 from __future__ import annotations
 
-import weakref
-
 import hashlib
 import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 
+from spoxl import rng
 from spoxl.errors import SpoxlError
-from spoxl.methods.base import Objective, TrainContext
+from spoxl.engine.view import RunView
+from spoxl.methods.base import Objective
 from spoxl.sampling import add_noise, alpha_bar, training_target
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
@@ -53,7 +55,7 @@ class SyntheticCaptionDataset(torch.utils.data.Dataset):
     Items look like spoxl.data.captions.ImageCaptionDataset's."""
 
     def __init__(self, n: int, resolution: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
+        g = rng.generator(rng.SYNTHETIC_DATA, seed)
         names = list(COLOURS)
         self.resolution = resolution
         self.items = []
@@ -82,7 +84,7 @@ class SyntheticPairDataset(torch.utils.data.Dataset):
     spoxl.data.pairs.PreferencePairDataset's (winner first)."""
 
     def __init__(self, n: int, resolution: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
+        g = rng.generator(rng.SYNTHETIC_DATA, seed)
         names = list(COLOURS)
         self.resolution = resolution
         self.items = []
@@ -126,8 +128,8 @@ def pair_dataset(cfg):
 class OfflineObjective(Objective):
     """An objective that walks a fixed dataset. Subclasses implement build_dataset(cfg) and loss."""
 
-    def __init__(self, config=None):
-        super().__init__(config)
+    def __init__(self, config=None, recipe=None):
+        super().__init__(config, recipe)
         self.epoch = 0
         self.index = 0  # micro-batches consumed in this epoch on this rank
         self.dataset = None
@@ -138,38 +140,38 @@ class OfflineObjective(Objective):
     def check(self, config) -> None:
         self.dataset = self.build_dataset(config)  # opening it checks the path, columns, captions
 
-    def setup(self, ctx: TrainContext) -> None:
+    def setup(self, run: RunView) -> None:
+        recipe = self.recipe
         if self.dataset is None:
-            self.dataset = self.build_dataset(ctx.config)
-        if ctx.config.data.cache_dir:
+            self.dataset = self.build_dataset(recipe)
+        if recipe.data.cache_dir:
             from spoxl.data.cache import CachedDataset
 
             # Every rank encodes its share of the missing entries, then all meet at a barrier.
-            self.dataset = CachedDataset(self.dataset, ctx.components, ctx.config.data.cache_dir)
-            encoded = self.dataset.build(ctx.rank, ctx.world_size,
-                                         progress=ctx.rank == 0 and ctx.config.logging.progress)
-            if ctx.logger is not None:
-                ctx.logger.info(f"latent/text cache {ctx.config.data.cache_dir}: {encoded} item(s) encoded on rank 0")
-        n, mb = len(self.dataset), ctx.config.train.micro_batch_size
-        per_rank = n // ctx.world_size
+            self.dataset = CachedDataset(self.dataset, run.components, recipe.data.cache_dir)
+            encoded = self.dataset.build(run.rank, run.world_size,
+                                         progress=run.rank == 0 and recipe.logging.progress)
+            run.info(f"latent/text cache {recipe.data.cache_dir}: {encoded} item(s) encoded on rank 0")
+        n, mb = len(self.dataset), recipe.train.micro_batch_size
+        per_rank = n // run.world_size
         if per_rank < mb:
-            raise SpoxlError(f"dataset has {n} samples: too few for {ctx.world_size} rank(s) x "
+            raise SpoxlError(f"dataset has {n} samples: too few for {run.world_size} rank(s) x "
                              f"micro_batch_size {mb}")
         self.batches_per_epoch = per_rank // mb
 
-    def _order(self, ctx: TrainContext, epoch: int) -> torch.Tensor:
+    def _order(self, run: RunView, epoch: int) -> torch.Tensor:
         n = len(self.dataset)
-        if ctx.config.data.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.run.seed + epoch))
+        if self.recipe.data.shuffle:
+            order = torch.randperm(n, generator=rng.generator(rng.DATA_ORDER, self.recipe.run.seed, counter=epoch))
         else:
             order = torch.arange(n)
-        per_rank = n // ctx.world_size  # every rank gets the same count (ZeRO-3: same number of forwards)
-        return order[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+        per_rank = n // run.world_size  # every rank gets the same count (ZeRO-3: same number of forwards)
+        return order[run.rank * per_rank:(run.rank + 1) * per_rank]
 
-    def micro_batches(self, ctx: TrainContext):
-        mb = ctx.config.train.micro_batch_size
+    def micro_batches(self, run: RunView):
+        mb = self.recipe.train.micro_batch_size
         while True:
-            order = self._order(ctx, self.epoch)
+            order = self._order(run, self.epoch)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             while self.index < self.batches_per_epoch:
@@ -185,15 +187,31 @@ class OfflineObjective(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
+    @property
+    def noise(self) -> "NoiseSpec":
+        """How this objective draws its noise (its fixed_noise, the recipe's seed and caption dropout)."""
+        return NoiseSpec(seed=self.recipe.run.seed, fixed_noise=self.config.fixed_noise,
+                         caption_dropout=self.recipe.data.caption_dropout)  # fmt: skip
 
-def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_key: str = "latents",
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """What encode_and_noise needs to know of the recipe: the run seed (for fixed_noise), whether
+    to restart the stream at every call, and the share of captions to drop."""
+
+    seed: int
+    fixed_noise: bool = False
+    caption_dropout: float = 0.0
+
+
+def encode_and_noise(run: RunView, batch: dict, spec: NoiseSpec, latents_key: str = "latents",
                      min_timestep: int = 0, posterior_noise: bool = False):
     """(encoded batch, noise, t, alpha_bar(t)) for a micro-batch; noise has the shape of
     batch[latents_key] and t one entry per sample. Pair objectives pass "latents_w" and use the
     same noise and t for the loser (the pair shares them, methods.md 2.1 / 3.1).
 
-    One generator stream, in this order: VAE sample, noise, timesteps. fixed_noise restarts it
-    from the same seed at every call, so a fixed batch gives a deterministic loss (the "overfit
+    One generator stream, in this order: VAE sample, noise, timesteps. spec.fixed_noise restarts
+    it from the same seed at every call, so a fixed batch gives a deterministic loss (the "overfit
     one batch" check).
 
     NCP only (defaults leave SFT/DPO/MaPO unchanged): min_timestep draws t ~ U{min_timestep..T-1}
@@ -202,25 +220,25 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
     """
     from spoxl.data.cache import maybe_encode
 
-    gen = ctx.generator
-    if fixed_noise:
-        gen = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed * 1000 + ctx.rank)
+    gen = run.generator
+    if spec.fixed_noise:
+        gen = rng.generator(rng.RANK_STREAM, spec.seed, rank=run.rank, device=run.device)
     # Latents + text embeddings (read from the cache when data.cache_dir is set). The VAE
     # sample noise is drawn on the CPU: from `gen` on CPU runs; on GPUs from the (checkpointed)
     # global CPU RNG, or a fixed CPU generator in fixed_noise mode.
     vae_gen = gen
     if gen.device.type != "cpu":
-        vae_gen = torch.Generator().manual_seed(ctx.config.run.seed * 1000 + ctx.rank) if fixed_noise else None
-    batch = maybe_encode(ctx.components, batch, generator=vae_gen)
+        vae_gen = rng.generator(rng.RANK_STREAM, spec.seed, rank=run.rank) if spec.fixed_noise else None
+    batch = maybe_encode(run.components, batch, generator=vae_gen)
     shape = batch[latents_key].shape
-    scheduler = ctx.components.scheduler
-    noise = torch.randn(shape, generator=gen, device=ctx.device)
-    t = torch.randint(min_timestep, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=ctx.device)
-    a = alpha_bar(scheduler, t.cpu()).to(ctx.device)
-    z = torch.randn(shape, generator=gen, device=ctx.device) if posterior_noise else None
-    if ctx.config.data.caption_dropout > 0:  # drawn last: the stream above is the same with or without
-        drop = torch.rand(shape[0], generator=gen, device=ctx.device) < ctx.config.data.caption_dropout
-        batch = drop_captions(ctx, batch, drop)
+    scheduler = run.components.scheduler
+    noise = torch.randn(shape, generator=gen, device=run.device)
+    t = torch.randint(min_timestep, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=run.device)
+    a = alpha_bar(scheduler, t.cpu()).to(run.device)
+    z = torch.randn(shape, generator=gen, device=run.device) if posterior_noise else None
+    if spec.caption_dropout > 0:  # drawn last: the stream above is the same with or without
+        drop = torch.rand(shape[0], generator=gen, device=run.device) < spec.caption_dropout
+        batch = drop_captions(run, batch, drop)
     return (batch, noise, t, a, z) if posterior_noise else (batch, noise, t, a)
 
 
@@ -229,15 +247,15 @@ def encode_and_noise(ctx: TrainContext, batch: dict, fixed_noise: bool, latents_
 _EMPTY_CAPTION = weakref.WeakKeyDictionary()
 
 
-def drop_captions(ctx: TrainContext, batch: dict, drop: torch.Tensor) -> dict:
+def drop_captions(run: RunView, batch: dict, drop: torch.Tensor) -> dict:
     """The batch with the text embeddings of the rows in `drop` replaced by those of the empty
     caption "" (encoded once per model, as the official scripts encode ""), everything else kept."""
     from spoxl.models.text import encode_prompts
 
-    key = ctx.components.text_encoder
+    key = run.components.text_encoder
     if key not in _EMPTY_CAPTION:
         with torch.no_grad():
-            empty = encode_prompts(ctx.components, [""])
+            empty = encode_prompts(run.components, [""])
         _EMPTY_CAPTION[key] = (empty.embeds, empty.pooled)
     embeds, pooled = _EMPTY_CAPTION[key]
     out = dict(batch)
@@ -248,19 +266,19 @@ def drop_captions(ctx: TrainContext, batch: dict, drop: torch.Tensor) -> dict:
     return out
 
 
-def stacked_pair_inputs(ctx: TrainContext, batch: dict, fixed_noise: bool):
+def stacked_pair_inputs(run: RunView, batch: dict, spec: NoiseSpec):
     """UNet inputs and targets for a batch of B preference pairs, stacked winners first: [w; l].
 
     (x_t, t, prompt_embeds, pooled, time_ids, target), each with 2B rows. w and l share one noise
     and one timestep per pair (methods.md 2.1 / 3.1), and their caption and time_ids, so ONE UNet
     call on the stack gives both predictions (and, for DPO, one more for the reference).
     """
-    batch, noise, t, a = encode_and_noise(ctx, batch, fixed_noise, latents_key="latents_w")
-    x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).to(ctx.device, torch.float32)
+    batch, noise, t, a = encode_and_noise(run, batch, spec, latents_key="latents_w")
+    x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).to(run.device, torch.float32)
     two = lambda v: torch.cat([v, v])  # noqa: E731  (the same value for w and l)
     noise, t, a = two(noise), two(t), two(a)
     x_t = add_noise(x0, noise, a)
-    target = training_target(x0, noise, a, ctx.prediction_type)
+    target = training_target(x0, noise, a, run.prediction_type)
     return x_t, t, two(batch["prompt_embeds"]), two(batch["pooled_prompt_embeds"]), two(batch["time_ids"]), target
 
 

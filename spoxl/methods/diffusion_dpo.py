@@ -6,7 +6,7 @@ logit = -beta/2 ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)), loss = mean(-logsig
 beta = 5000 (the official SDXL and SD1.5 launchers and diffusers' SDXL script).
 
 The policy runs ONCE on the stacked [w; l] batch, the reference once more on the same stack
-without gradients (ctx.reference(): the LoRA adapters disabled, or the frozen copy for full
+without gradients (run.reference(): the LoRA adapters disabled, or the frozen copy for full
 fine-tuning). The loss head is spoxl.kernels.diffusion_dpo_loss (Triton on CUDA). At the start of
 a LoRA run (B = 0) policy == reference, so the logit is 0 and the loss is log 2.
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spoxl import kernels
+from spoxl.engine.view import RunView
 from spoxl.methods._offline import OfflineObjective, finite_number, pair_dataset, stacked_pair_inputs
-from spoxl.methods.base import TrainContext
 
 
 @dataclass
@@ -41,11 +41,11 @@ class DiffusionDPOObjective(OfflineObjective):
     def build_dataset(self, cfg):
         return pair_dataset(cfg)
 
-    def loss(self, ctx: TrainContext, batch):
-        *unet_inputs, target = stacked_pair_inputs(ctx, batch, self.config.fixed_noise)
-        pred = ctx.unet_output(ctx.policy, *unet_inputs)
-        with ctx.reference() as reference:
-            ref_pred = ctx.unet_output(reference, *unet_inputs)
+    def loss(self, run: RunView, batch):
+        *unet_inputs, target = stacked_pair_inputs(run, batch, self.noise)
+        pred = run.unet_output(run.policy, *unet_inputs)
+        with run.reference() as reference:
+            ref_pred = run.unet_output(reference, *unet_inputs)
         pred_w, pred_l = pred.chunk(2)
         ref_w, ref_l = ref_pred.chunk(2)
         target_w, target_l = target.chunk(2)

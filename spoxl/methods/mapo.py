@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spoxl import kernels
+from spoxl.engine.view import RunView
 from spoxl.methods._offline import OfflineObjective, finite_number, pair_dataset, stacked_pair_inputs
-from spoxl.methods.base import TrainContext
 
 
 @dataclass
@@ -39,13 +39,13 @@ class MaPOObjective(OfflineObjective):
     def build_dataset(self, cfg):
         return pair_dataset(cfg)
 
-    def loss(self, ctx: TrainContext, batch):
-        *unet_inputs, target = stacked_pair_inputs(ctx, batch, self.config.fixed_noise)
-        pred_w, pred_l = ctx.unet_output(ctx.policy, *unet_inputs).chunk(2)
+    def loss(self, run: RunView, batch):
+        *unet_inputs, target = stacked_pair_inputs(run, batch, self.noise)
+        pred_w, pred_l = run.unet_output(run.policy, *unet_inputs).chunk(2)
         target_w, target_l = target.chunk(2)
         loss, metrics = kernels.mapo_loss(
             pred_w, pred_l, target_w, target_l, beta=self.config.beta, snr=self.config.snr,
-            num_train_timesteps=ctx.components.scheduler.config.num_train_timesteps, return_metrics=True)
+            num_train_timesteps=run.components.scheduler.config.num_train_timesteps, return_metrics=True)
         metrics["timestep"] = unet_inputs[1].float().mean()
         return loss, metrics
 

@@ -3,7 +3,7 @@ methods.md section 4), default timestep mode `t-1`.
 
 Per pair (x0_w, x0_l), one caption: a shared eps and a shared t ~ U{1..T-1}; x_t for both.
   * policy eps-hat on the stacked [w; l] (one forward, with grad); for kind 'dpo' the reference
-    eps-hat too (ctx.reference(), no grad);
+    eps-hat too (run.reference(), no grad);
   * one DDPM posterior step to t-1 on the 1000-step grid (spoxl.sampling.ddpm_posterior, fixed_small
     variance) with ONE z shared by w, l and the three branches (z = 0 where t = 0, methods.md 4.1; with
     t >= 1 that never happens): from the policy's x0-hat, the reference's, and the TRUE x0 (the
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from spoxl import kernels
+from spoxl.engine.view import RunView
 from spoxl.errors import SpoxlError
 from spoxl.kernels.losses.ncp import NCP_KINDS
 from spoxl.methods._offline import OfflineObjective, encode_and_noise, finite_number, pair_dataset
-from spoxl.methods.base import TrainContext
 from spoxl.sampling import add_noise, added_conditioning, alpha_bar, bcast, ddpm_posterior, split_prediction
 
 # The UNet parts the encoder needs (those that exist on the model are copied).
@@ -124,30 +124,29 @@ class NCPObjective(OfflineObjective):
     def build_dataset(self, cfg):
         return pair_dataset(cfg)
 
-    def setup(self, ctx: TrainContext) -> None:
-        super().setup(ctx)
-        stage = getattr(ctx.engine, "zero_optimization_stage", lambda: 0)()
-        if stage == 3:
+    def setup(self, run: RunView) -> None:
+        super().setup(run)
+        if run.zero_stage == 3:
             raise SpoxlError("method ncp does not support ZeRO stage 3 yet (its frozen encoder copy "
                              "needs the UNet's unpartitioned weights): use ds_configs/zero2.json")
-        self.encoder = FrozenUNetEncoder(ctx.unet, self.config.use_middle_states)
-        self.encoder_dtype = torch.float32 if self.config.encoder_dtype == "fp32" else ctx.dtype
+        self.encoder = FrozenUNetEncoder(run.unet, self.config.use_middle_states)
+        self.encoder_dtype = torch.float32 if self.config.encoder_dtype == "fp32" else run.dtype
         if next(self.encoder.parameters()).dtype != self.encoder_dtype:
             self.encoder.to(self.encoder_dtype)
 
-    def encode(self, ctx: TrainContext, x, t, embeds, pooled, time_ids) -> torch.Tensor:
-        cast = lambda v: v.to(ctx.device, self.encoder_dtype)  # noqa: E731
-        return self.encoder(cast(x), t.to(ctx.device), cast(embeds), cast(pooled), cast(time_ids))
+    def encode(self, run: RunView, x, t, embeds, pooled, time_ids) -> torch.Tensor:
+        cast = lambda v: v.to(run.device, self.encoder_dtype)  # noqa: E731
+        return self.encoder(cast(x), t.to(run.device), cast(embeds), cast(pooled), cast(time_ids))
 
-    def loss(self, ctx: TrainContext, batch):
+    def loss(self, run: RunView, batch):
         c = self.config
-        sched = ctx.components.scheduler
-        batch, noise, t, a, z = encode_and_noise(ctx, batch, c.fixed_noise, latents_key="latents_w",
+        sched = run.components.scheduler
+        batch, noise, t, a, z = encode_and_noise(run, batch, self.noise, latents_key="latents_w",
                                                  min_timestep=1, posterior_noise=True)
         two = lambda v: torch.cat([v, v])  # noqa: E731  (the same value for w and l)
-        x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).to(ctx.device, torch.float32)
+        x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).to(run.device, torch.float32)
         noise, z, t, a = two(noise), two(z), two(t), two(a)
-        a_prev = alpha_bar(sched, (t - 1).cpu()).to(ctx.device)
+        a_prev = alpha_bar(sched, (t - 1).cpu()).to(run.device)
         x_t = add_noise(x0, noise, a)
         cond = (two(batch["prompt_embeds"]), two(batch["pooled_prompt_embeds"]), two(batch["time_ids"]))
 
@@ -157,18 +156,18 @@ class NCPObjective(OfflineObjective):
             mean, var = ddpm_posterior(x_t, x0_hat, a, a_prev)
             return mean + bcast(var.to(mean.device).sqrt(), mean) * z
 
-        out = ctx.unet_output(ctx.policy, x_t, t, *cond)
-        x_prev = step(split_prediction(out, x_t, a, ctx.prediction_type)[0])
-        feat = self.encode(ctx, x_prev, t - 1, *cond)  # NOT no_grad: gradients flow through E
+        out = run.unet_output(run.policy, x_t, t, *cond)
+        x_prev = step(split_prediction(out, x_t, a, run.prediction_type)[0])
+        feat = self.encode(run, x_prev, t - 1, *cond)  # NOT no_grad: gradients flow through E
         ref_feat_w = ref_feat_l = None
         with torch.no_grad():
             if c.kind == "dpo":
-                with ctx.reference() as reference:
-                    ref_out = ctx.unet_output(reference, x_t, t, *cond)
+                with run.reference() as reference:
+                    ref_out = run.unet_output(reference, x_t, t, *cond)
                 ref_feat_w, ref_feat_l = self.encode(
-                    ctx, step(split_prediction(ref_out, x_t, a, ctx.prediction_type)[0]), t - 1, *cond).chunk(2)
+                    run, step(split_prediction(ref_out, x_t, a, run.prediction_type)[0]), t - 1, *cond).chunk(2)
             target_x0 = split_prediction(noise, x_t, a, "epsilon")[0]  # x*_{t-1}: from the TRUE eps
-            target_feat = self.encode(ctx, step(target_x0), t - 1, *cond)
+            target_feat = self.encode(run, step(target_x0), t - 1, *cond)
         feat_w, feat_l = feat.chunk(2)
         target_w, target_l = target_feat.chunk(2)
         if c.encoder_loss_coeff != 1.0:

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
+from spoxl.engine.view import RunView
 from spoxl.methods._offline import OfflineObjective, SyntheticCaptionDataset, encode_and_noise
-from spoxl.methods.base import TrainContext
 from spoxl.sampling import add_noise, training_target
 
 
@@ -50,15 +50,15 @@ class SFTObjective(OfflineObjective):
     def build_dataset(self, cfg):
         return build_dataset(cfg)
 
-    def loss(self, ctx: TrainContext, batch):
-        batch, noise, t, a = encode_and_noise(ctx, batch, self.config.fixed_noise)
-        x0 = batch["latents"].to(ctx.device, torch.float32)
+    def loss(self, run: RunView, batch):
+        batch, noise, t, a = encode_and_noise(run, batch, self.noise)
+        x0 = batch["latents"].to(run.device, torch.float32)
         x_t = add_noise(x0, noise, a)
-        output = ctx.unet_output(ctx.policy, x_t, t, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
+        output = run.unet_output(run.policy, x_t, t, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
                                  batch["time_ids"])
-        target = training_target(x0, noise, a, ctx.prediction_type)
+        target = training_target(x0, noise, a, run.prediction_type)
         mse = (output.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))  # per sample, fp32
-        weight = snr_weight(a, self.config.snr_gamma, ctx.prediction_type)
+        weight = snr_weight(a, self.config.snr_gamma, run.prediction_type)
         loss = (weight * mse).mean()
         return loss, {"mse": mse.mean().detach(), "timestep": t.float().mean()}
 

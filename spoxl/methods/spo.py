@@ -24,14 +24,15 @@ prompts and timesteps from all ranks into every micro-batch, as the official cod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 
-from spoxl import kernels, sampling
+from spoxl import kernels, rng, sampling
 from spoxl.errors import SpoxlError
-from spoxl.methods.base import Objective, TrainContext
+from spoxl.engine.view import RunView
+from spoxl.methods.base import Objective
 from spoxl.models.text import PromptEmbeds, make_time_ids, negative_embeds
 from spoxl.spo.pairs import PairBatch, all_gather_pairs, deal, shared_permutation
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
@@ -49,19 +50,14 @@ class PreferenceConfig:
 
 
 @dataclass
-class SPOConfig:
+class SPOConfig(PoolSamplerConfig):
+    """The pool sampler's settings (steps, cfg_scale, eta, pool_size, num_inner_step,
+    divert_start_step, threshold: declared and validated once, in PoolSamplerConfig) plus SPO's own."""
+
     # prompts: `prompt_file` (.txt one per line, .json/.jsonl strings or {"caption": ...}) or the list
     prompt_file: Optional[str] = None
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_per_rank: int = 2  # prompts each rank samples per round
-    # the pool sampler (methods.md 1.2)
-    steps: int = 20
-    cfg_scale: float = 5.0
-    eta: float = 1.0
-    pool_size: int = 2
-    num_inner_step: int = 3
-    divert_start_step: int = 4
-    threshold: float = 0.4
     resolution: Optional[int] = None  # None: the model's native resolution
     # the loss (methods.md 1.4)
     beta: float = 10.0
@@ -78,10 +74,8 @@ class SPOConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def sampler_config(self) -> PoolSamplerConfig:
-        return PoolSamplerConfig(
-            steps=self.steps, cfg_scale=self.cfg_scale, eta=self.eta, pool_size=self.pool_size,
-            num_inner_step=self.num_inner_step, divert_start_step=self.divert_start_step, threshold=self.threshold,
-        )  # fmt: skip
+        """The sampler's part of these settings, as the sampler's own config."""
+        return PoolSamplerConfig(**{f.name: getattr(self, f.name) for f in fields(PoolSamplerConfig)})
 
 
 def read_prompts(cfg: SPOConfig) -> list[str]:
@@ -163,7 +157,7 @@ def _means(model, x_t, t, a, a_prev, std, cond, uncond, time_ids, cfg_scale, pre
 def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip: float, fused: bool = True, **kw):
     """(loss, metrics) of SPO on a micro-batch: policy means with grad, reference means without.
 
-    `reference_ctx` is a context manager yielding the reference model (TrainContext.reference).
+    `reference_ctx` is a context manager yielding the reference model (RunView.reference).
     fused=False uses the unfused torch loss (spoxl.kernels.losses.spo.reference) for the benchmark baseline.
     """
     sources = pair_sources(pairs, scheduler=kw.pop("scheduler"), share_sources=kw.pop("share_sources", True),
@@ -190,8 +184,8 @@ class SPOObjective(Objective):
     needs_reference = True
     Config = SPOConfig
 
-    def __init__(self, config=None):
-        super().__init__(config)
+    def __init__(self, config=None, recipe=None):
+        super().__init__(config, recipe)
         self.round = 0  # sampling rounds done (all ranks in step)
         self.buffer: PairBatch | None = None  # this rank's dealt pairs not yet trained on
         self.leftover: PairBatch | None = None  # pairs that did not fill a micro-batch on every rank
@@ -220,14 +214,14 @@ class SPOObjective(Objective):
                              "method.preference.allow_untrained: true for an experiment")
         read_prompts(cfg)
 
-    def setup(self, ctx: TrainContext) -> None:
+    def setup(self, run: RunView) -> None:
         from spoxl.imaging import default_resolution
-        from spoxl.models.preference import MODEL_KINDS, build_preference_model
+        from spoxl.preference_models import MODEL_KINDS, build_preference_model
 
         cfg = self.config
-        self.check(ctx.config)
-        if ctx.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise SpoxlError(f"SPO cannot sample with prediction_type {ctx.prediction_type!r}")
+        self.check(self.recipe)
+        if run.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise SpoxlError(f"SPO cannot sample with prediction_type {run.prediction_type!r}")
         self.prompts = read_prompts(cfg)
         pc = cfg.preference
         self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights, allow_untrained=pc.allow_untrained,
@@ -235,17 +229,17 @@ class SPOObjective(Objective):
         if hasattr(self.scorer, "check_prompts"):
             self.scorer.check_prompts(self.prompts)  # every rank has every prompt: all fail alike
         if hasattr(self.scorer, "to"):
-            self.scorer = self.scorer.to(ctx.device)
-        comps = ctx.components
+            self.scorer = self.scorer.to(run.device)
+        comps = run.components
         self.resolution = cfg.resolution or default_resolution(comps)
-        self.uncond = negative_embeds(comps, 1).to(ctx.device, torch.float32)  # zeros for SDXL base
-        self.time_ids = make_time_ids(1, (self.resolution, self.resolution), device=ctx.device)
+        self.uncond = negative_embeds(comps, 1).to(run.device, torch.float32)  # zeros for SDXL base
+        self.time_ids = make_time_ids(1, (self.resolution, self.resolution), device=run.device)
         self.sampler = PoolSampler(cfg.sampler_config(), comps.scheduler, comps.vae, self.scorer,
-                                   prediction_type=ctx.prediction_type)  # fmt: skip
+                                   prediction_type=run.prediction_type)  # fmt: skip
 
     # ---- data: sampling rounds ---------------------------------------------------------------
 
-    def _round_prompts(self, ctx: TrainContext) -> list[str]:
+    def _round_prompts(self, run: RunView) -> list[str]:
         """This rank's prompts for the current round: consecutive slices of a per-epoch
         permutation (same on every rank), each rank its own part.
 
@@ -253,53 +247,53 @@ class SPOObjective(Objective):
         repetition); SPO needs a fresh order every epoch, a position that is a function of the
         round counter alone (resume), and rounds that run across an epoch boundary."""
         n, per = len(self.prompts), self.config.prompts_per_rank
-        per_round = per * ctx.world_size
+        per_round = per * run.world_size
         out = []
         for j in range(per):
-            pos = self.round * per_round + ctx.rank * per + j
+            pos = self.round * per_round + run.rank * per + j
             epoch, i = divmod(pos, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.run.seed * 7919 + epoch))
+            order = torch.randperm(n, generator=rng.generator(rng.PROMPT_ORDER, self.recipe.run.seed, counter=epoch))
             out.append(self.prompts[int(order[i])])
         return out
 
-    def epochs_done(self, ctx: TrainContext) -> bool:
+    def epochs_done(self, run: RunView) -> bool:
         """Whether method.epochs passes over the prompt set have all been sampled."""
         if self.config.epochs is None:
             return False
-        per_round = self.config.prompts_per_rank * ctx.world_size
+        per_round = self.config.prompts_per_rank * run.world_size
         return self.round * per_round >= self.config.epochs * len(self.prompts)
 
-    def _generator(self, ctx: TrainContext) -> torch.Generator:
+    def _generator(self, run: RunView) -> torch.Generator:
         """The round's sampling noise: a function of (seed, rank, round) only, so a resumed run
         samples exactly what the uninterrupted one did."""
-        return torch.Generator().manual_seed((ctx.config.run.seed * 1_000_003 + self.round) * 4099 + ctx.rank)
+        return rng.generator(rng.ROUND_SAMPLING, self.recipe.run.seed, rank=run.rank, counter=self.round)
 
-    def sample_round(self, ctx: TrainContext) -> PairBatch:
+    def sample_round(self, run: RunView) -> PairBatch:
         """One round on every rank (a collective): sample, all-gather, shuffle, deal."""
         from spoxl.imaging import initial_latents
         from spoxl.models.text import encode_with_negative
 
-        comps = ctx.components
-        prompts = self._round_prompts(ctx)
-        gen = self._generator(ctx)
+        comps = run.components
+        prompts = self._round_prompts(run)
+        gen = self._generator(run)
         cond, uncond = encode_with_negative(comps, prompts)
         side = self.resolution // (2 ** (len(comps.vae.config.block_out_channels) - 1))
         latents = torch.randn((len(prompts), comps.unet.config.in_channels, side, side), generator=gen)
         time_ids = self.time_ids.expand(len(prompts), -1)
-        with ctx.sampling() as policy:
-            result = self.sampler.sample(policy, prompts, cond.to(ctx.device), uncond.to(ctx.device),
-                                         time_ids, latents.to(ctx.device), gen)  # fmt: skip
-        self._log_round(ctx, result)
-        everyone = all_gather_pairs(result.pairs.to(ctx.device), ctx.device).to("cpu")
+        with run.sampling() as policy:
+            result = self.sampler.sample(policy, prompts, cond.to(run.device), uncond.to(run.device),
+                                         time_ids, latents.to(run.device), gen)  # fmt: skip
+        self._log_round(run, result)
+        everyone = all_gather_pairs(result.pairs.to(run.device), run.device).to("cpu")
         if self.leftover is not None and len(self.leftover):
             everyone = PairBatch.cat([self.leftover, everyone])
-        perm = shared_permutation(len(everyone), torch.Generator().manual_seed(ctx.config.run.seed + self.round),
-                                  ctx.device)  # fmt: skip
-        mine, self.leftover = deal(everyone, perm, ctx.rank, ctx.world_size, ctx.config.train.micro_batch_size)
+        perm = shared_permutation(len(everyone), rng.generator(rng.ROUND_SHUFFLE, self.recipe.run.seed, counter=self.round),
+                                  run.device)  # fmt: skip
+        mine, self.leftover = deal(everyone, perm, run.rank, run.world_size, self.recipe.train.micro_batch_size)
         self.round += 1
         return mine
 
-    def _log_round(self, ctx: TrainContext, result) -> None:
+    def _log_round(self, run: RunView, result) -> None:
         """Acceptance per timestep and the mean final-image score, summed over ranks."""
         import torch.distributed as dist
 
@@ -307,29 +301,29 @@ class SPOObjective(Objective):
         stats = torch.tensor(
             [[result.accepted[t], result.offered[t]] for t in ts]
             + [[float(result.final_scores.sum()), result.final_scores.numel()], [len(result.pairs), 1]],
-            dtype=torch.float64, device=ctx.device,
+            dtype=torch.float64, device=run.device,
         )  # fmt: skip
-        if dist.is_available() and dist.is_initialized() and ctx.world_size > 1:
+        if dist.is_available() and dist.is_initialized() and run.world_size > 1:
             dist.all_reduce(stats)
         stats = stats.cpu()
-        step = ctx.global_step
+        step = run.global_step
         for t, (acc, off) in zip(ts, stats[: len(ts)].tolist()):
-            ctx.log(f"spo/acceptance/t{t:03d}", acc / max(off, 1), step)
+            run.log(f"spo/acceptance/t{t:03d}", acc / max(off, 1), step)
         total_acc, total_off = stats[: len(ts)].sum(0).tolist()
-        ctx.log("spo/acceptance/all", total_acc / max(total_off, 1), step)
-        ctx.log("spo/final_score", stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1), step)
-        ctx.log("spo/pairs_per_round", stats[len(ts) + 1, 0].item(), step)
-        ctx.log("spo/round", self.round, step)
+        run.log("spo/acceptance/all", total_acc / max(total_off, 1), step)
+        run.log("spo/final_score", stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1), step)
+        run.log("spo/pairs_per_round", stats[len(ts) + 1, 0].item(), step)
+        run.log("spo/round", self.round, step)
 
-    def micro_batches(self, ctx: TrainContext):
-        mb = ctx.config.train.micro_batch_size
+    def micro_batches(self, run: RunView):
+        mb = self.recipe.train.micro_batch_size
         while True:
             # The buffer length is the same on every rank (equal deals), so every rank decides to
             # sample at the same time and the collectives inside sample_round line up.
             while self.buffer is None or len(self.buffer) < mb:
-                if self.epochs_done(ctx):
+                if self.epochs_done(run):
                     return  # every rank at once: the round counter and buffer are the same everywhere
-                fresh = self.sample_round(ctx)
+                fresh = self.sample_round(run)
                 if len(fresh) == 0:
                     self.empty_rounds += 1
                     if self.empty_rounds >= self.config.max_empty_rounds:
@@ -345,13 +339,13 @@ class SPOObjective(Objective):
 
     # ---- loss ----------------------------------------------------------------------------------
 
-    def loss(self, ctx: TrainContext, batch: PairBatch):
+    def loss(self, run: RunView, batch: PairBatch):
         cfg = self.config
         loss, metrics = spo_pair_loss(
-            ctx.policy, ctx.reference, batch, beta=cfg.beta, clip=cfg.clip,
-            scheduler=ctx.components.scheduler,
+            run.policy, run.reference, batch, beta=cfg.beta, clip=cfg.clip,
+            scheduler=run.components.scheduler,
             cfg_scale=cfg.cfg_scale if cfg.train_cfg else 1.0, uncond=self.uncond, time_ids=self.time_ids,
-            prediction_type=ctx.prediction_type, share_sources=cfg.share_sources, device=ctx.device, dtype=ctx.dtype,
+            prediction_type=run.prediction_type, share_sources=cfg.share_sources, device=run.device, dtype=run.dtype,
         )  # fmt: skip
         metrics = dict(metrics)
         metrics["timestep"] = batch.timestep.float().mean()

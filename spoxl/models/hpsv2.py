@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import check_inputs, clip_pixel_values
+from spoxl.models.preference_io import check_inputs, clip_pixel_values
 
 VISION_HEAD_WIDTH = 80  # ViT-H-14: 1280 wide, 16 heads
 TEXT_HEAD_WIDTH = 64  # ViT-H-14's text tower: 1024 wide, 16 heads

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import check_inputs, clip_pixel_values
+from spoxl.models.preference_io import check_inputs, clip_pixel_values
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072

@@ -131,7 +131,7 @@ def resolve_model_path(model: str) -> str:
     """The folder behind a model name: "toy" is the shipped toy-world folder; anything else is
     returned unchanged ("tiny[:SEED]" or a path)."""
     if str(model) == "toy":
-        from spoxl.toy.model import toy_model_path
+        from spoxl.paths import toy_model_path
 
         return str(toy_model_path())
     return str(model)

@@ -1,6 +1,6 @@
-"""Step-aware preference models: score(images_or_latents, prompts, timesteps) -> scores [N].
+"""The step-aware preference model (SPM): score(images, prompts, timesteps) -> scores [N].
 
-Two families share that one interface (`PreferenceModel`):
+Two families share that one interface (`PreferenceModel`, spoxl.models.preference_io):
 
   * `StepAwareCLIP`: the SPO step-aware preference model (methods.md 1.6): a transformers
     CLIPModel whose vision tower is conditioned on the diffusion timestep, DiT-style.
@@ -12,8 +12,8 @@ Two families share that one interface (`PreferenceModel`):
     until it is trained. Score = logit_scale.exp() * cos(image_features, text_features).
   * programmatic scorers (spoxl.models.scorers) for runs without a trained model.
 
-Images come in as decoded VAE output in [-1, 1] ([N, 3, H, W]); timesteps are raw DDIM timesteps
-(0..999; 0 for final images), one per image.
+The interface and its input helpers: spoxl.models.preference_io. Any preference model by name
+(the config entry point): spoxl.preference_models.build_preference_model.
 """
 
 from __future__ import annotations
@@ -22,79 +22,16 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spoxl.errors import SpoxlError
+from spoxl.models.preference_io import as_timesteps, check_inputs, clip_pixel_values
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TIME_FREQ_DIM = 256
 TIME_MAX_PERIOD = 10000
-
-
-@runtime_checkable
-class PreferenceModel(Protocol):
-    """What the pool sampler needs from a preference model.
-
-    `input` says what `score` takes: "images" (VAE-decoded predicted x0 in [-1, 1]) or "latents"
-    (the predicted x0 latents themselves, no decode).
-    """
-
-    input: str
-
-    def score(self, x: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor: ...
-
-
-def as_timesteps(timesteps, n: int, device=None) -> torch.Tensor:
-    """An int or [N] tensor of timesteps as a float [N] tensor (one per image)."""
-    t = torch.as_tensor(timesteps, dtype=torch.float32, device=device)
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise SpoxlError(f"got {tuple(t.shape)} timesteps for {n} images (need one per image)")
-    return t
-
-
-def check_inputs(x: torch.Tensor, prompts: list[str]) -> None:
-    if x.ndim != 4:
-        raise SpoxlError(f"preference model input must be [N, C, H, W], got shape {tuple(x.shape)}")
-    if len(prompts) != x.shape[0]:
-        raise SpoxlError(f"preference model got {x.shape[0]} inputs but {len(prompts)} prompts")
-
-
-def clip_pixel_values(images: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
-    """[-1, 1] images -> CLIP pixel values: bicubic resize (shortest side), centre crop, [0, 1]
-    clamped, CLIP mean/std (every CLIP-based scorer in spoxl: the SPM, PickScore, the LAION
-    predictor, HPSv2, ImageReward). The clamp is the official SPM's (it resizes, then clamps to
-    [0, 1]); the PIL pipelines of the other scorers resize 8-bit images, which clamps the same
-    bicubic overshoot."""
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = images.float()
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = ((x[..., top : top + size, left : left + size] + 1) / 2).clamp(0, 1)
-    mean, std = _clip_norm(x.device)
-    return ((x - mean) / std).to(dtype)
-
-
-_CLIP_NORM: dict = {}
-
-
-def _clip_norm(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's mean and std as [1, 3, 1, 1] tensors on `device`, made once per device (the sampler
-    scores every segment: no host-to-device copy each time)."""
-    key = str(device)
-    if key not in _CLIP_NORM:
-        _CLIP_NORM[key] = (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
-                           torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))  # fmt: skip
-    return _CLIP_NORM[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,19 +267,10 @@ class StepAwareCLIP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# One entry point for configs
 
 
-# Preference models that are networks loaded from a path: they take no `scale` from the recipe or
-# `spoxl eval --scorer-scale` (their own scale is part of the model).
-MODEL_KINDS = ("clip", "step_aware_clip", *("pickscore", "laion_aesthetic", "hpsv2", "hpsv2.1", "imagereward"))
-REWARD_KINDS = MODEL_KINDS[2:]  # spoxl.models.rewards.build_reward_model
-
-
-def _rewards():
-    from spoxl.models import rewards
-
-    return rewards
+# ---------------------------------------------------------------------------------------------
+# The official release's key layout
 
 
 _OFFICIAL_BLOCK = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.adaLN_modulation\.(.+)")
@@ -374,36 +302,3 @@ def official_spm_keys(state: dict, file="the state dict") -> dict:
             new = "clip." + rest
         out[new] = value
     return out
-
-
-def build_preference_model(kind: str, *, path: str | None = None, weights: str | None = None,
-                           allow_untrained: bool = False, **kwargs):
-    """A preference model by name: "clip" (step-aware CLIP from `path`, or "tiny"), or one of the
-    programmatic scorers in spoxl.models.scorers ("colour", "brightness").
-
-    "clip" needs its step-aware `weights`: without them the time conditioning is the identity at
-    init, so the model scores every timestep alike (a plain PickScore-style CLIP that ignores t)
-    and SPO would silently train against the wrong judge. `allow_untrained=True` keeps that for
-    experiments (and for the SPM trainer, which starts from it)."""
-    from spoxl.models import scorers
-
-    if kind in ("clip", "step_aware_clip"):
-        if not path:
-            raise SpoxlError("preference model 'clip' needs a path: a local CLIPModel folder "
-                             "(e.g. PickScore_v1), or 'tiny' for the toy model")
-        if not weights and not allow_untrained:
-            raise SpoxlError("preference model 'clip' has no step-aware weights: untrained, it ignores the timestep; "
-                             "give preference.weights (from `spoxl train-preference-model`) or set "
-                             "preference.allow_untrained: true for an experiment")
-        if path == "tiny":
-            model = StepAwareCLIP.tiny()
-            if weights:
-                model.load(weights)
-            return model
-        return StepAwareCLIP.from_pretrained(path, weights)
-    if kind in REWARD_KINDS:
-        return _rewards().build_reward_model(kind, path=path, weights=weights)
-    if kind in scorers.SCORERS:
-        return scorers.SCORERS[kind](**kwargs)
-    known = ", ".join(["clip", *REWARD_KINDS, *sorted(scorers.SCORERS)])
-    raise SpoxlError(f"unknown preference model {kind!r} (known: {known})")

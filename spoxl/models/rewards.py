@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import StepAwareCLIP, check_inputs, clip_pixel_values
+from spoxl.models.preference import StepAwareCLIP
+from spoxl.models.preference_io import check_inputs, clip_pixel_values
 
 class PickScore:
     """PickScore (or any CLIP) as a reward: the step-aware CLIP's untimed score, i.e. the plain CLIP."""
@@ -102,29 +103,3 @@ class LaionAesthetic:
         emb = out.pooler_output if hasattr(out, "pooler_output") else out
         emb = F.normalize(emb.float(), dim=-1).to(next(self.mlp.parameters()).dtype)
         return self.scale * self.mlp(emb).squeeze(-1).float()
-
-
-# What each reward model's `path` holds, for the one-line error when it is missing.
-_PATH_HOLDS = {"pickscore": "a CLIPModel folder (PickScore_v1)", "laion_aesthetic": "a CLIP ViT-L/14 CLIPModel folder",
-               "hpsv2": "a CLIP tokenizer folder (OpenAI CLIP BPE)", "hpsv2.1": "a CLIP tokenizer folder (OpenAI CLIP BPE)",
-               "imagereward": "a bert-base-uncased tokenizer folder"}  # fmt: skip
-
-
-def build_reward_model(kind: str, *, path=None, weights=None):
-    """A reward model by name, from local paths only (`path` and `weights` as _PATH_HOLDS and each
-    class's docstring say); each keeps its own scale."""
-    if not path:
-        raise SpoxlError(f"preference model {kind!r} needs a path: {_PATH_HOLDS[kind]}")
-    if kind == "pickscore":
-        return PickScore(path)
-    if kind == "laion_aesthetic":
-        return LaionAesthetic(path, weights)
-    if kind in ("hpsv2", "hpsv2.1"):
-        from spoxl.models.hpsv2 import HPSv2
-
-        return HPSv2(path, weights)
-    if kind == "imagereward":
-        from spoxl.models.imagereward import ImageReward
-
-        return ImageReward(path, weights)
-    raise SpoxlError(f"unknown reward model {kind!r}")

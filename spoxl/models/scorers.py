@@ -4,7 +4,7 @@ Each scorer is a plain function of the decoded predicted x0 (images in [-1, 1]) 
 They are step-aware by construction: the pool sampler feeds them the predicted x0 of a candidate at
 that candidate's timestep, and the predicted x0 at a noisy step is blurrier/greyer than at the end,
 so the same candidate scores differently depending on t. The timestep argument is accepted (one
-per image, validated) to keep the one interface of spoxl.models.preference.
+per image, validated) to keep the one interface of spoxl.models.preference_io.
 
 Scale. SPO keeps a pair when the 2-way softmax gap of the best and worst raw scores exceeds a
 threshold tau: softmax_w - softmax_l = tanh((s_w - s_l) / 2), so the pair is kept iff
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import as_timesteps, check_inputs
+from spoxl.models.preference_io import as_timesteps, check_inputs
 
 # Target colours (RGB in [0, 1]) that a prompt can name; the first one named wins.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -96,10 +96,3 @@ class BrightnessScorer:
 
 
 SCORERS = {"colour": ColourScorer, "color": ColourScorer, "brightness": BrightnessScorer}
-
-# The toy world's exact scorers (spoxl.toy.scorers): "fidelity" (the combined prompt fidelity),
-# one per attribute, and the caption-free "aesthetic" proxy.
-from spoxl.toy.scorers import build as _toy_scorer  # noqa: E402  (after the built-in ones)
-
-SCORERS.update({"fidelity": _toy_scorer("fidelity"), "aesthetic": _toy_scorer("aesthetic"),
-                **{f"toy_{a}": _toy_scorer(a) for a in ("colour", "shape", "position", "size", "background")}})

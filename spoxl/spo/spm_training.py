@@ -252,7 +252,7 @@ def run(args) -> int:
     """Train an SPM as the flags say; SpoxlError for bad input (the caller prints it)."""
     from spoxl.data.pairs import PreferencePairDataset
     from spoxl.models.loading import load_sdxl
-    from spoxl.models.preference import build_preference_model
+    from spoxl.preference_models import build_preference_model
 
     preset = PRESETS.get(args.preset, {})
     steps = args.steps if args.steps is not None else preset.get("steps", 100)

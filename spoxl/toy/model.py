@@ -15,12 +15,8 @@ the same code as a real checkpoint); `spoxl toy pretrain` reproduces them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from spoxl.errors import SpoxlError
 from spoxl.models import tiny
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+from spoxl.paths import TOY_WEIGHTS_DIR as WEIGHTS_DIR  # where the weights ship (spoxl.paths)
 
 
 def toy_unet_config() -> dict:
@@ -57,11 +53,3 @@ def build_toy_base(seed: int = 0, vae=None):
         parts.text_encoder = CLIPTextModel(tiny.text_config(vocab, projection=False)).eval()
         parts.text_encoder_2 = CLIPTextModelWithProjection(tiny.text_config(vocab, projection=True)).eval()
     return parts
-
-
-def toy_model_path() -> Path:
-    """The shipped pretrained toy model folder, or a one-line error saying how to make it."""
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise SpoxlError(f"the pretrained toy model is missing from {WEIGHTS_DIR} "
-                         f"(reinstall spoxl, or rebuild it with `spoxl toy pretrain --out {WEIGHTS_DIR}`)")
-    return WEIGHTS_DIR

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from spoxl.models.preference import as_timesteps, check_inputs
+from spoxl.models.preference_io import as_timesteps, check_inputs
 from spoxl.toy import world
 
 DEFAULT_SCALE = 100.0

@@ -16,10 +16,10 @@ FAST = [
 
 def make(tmp_path, overrides=(), objective_cls=SFTObjective):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", *FAST, *overrides])
-    objective = objective_cls(cfg.method.params)
+    objective = objective_cls.from_recipe(cfg)
     ctx = build_training(cfg, objective)
     ctx.logger = MetricsLogger(tmp_path, ctx.rank, tensorboard=False)
-    objective.setup(ctx)
+    objective.setup(ctx.view)
     return ctx, objective
 
 
@@ -40,7 +40,7 @@ def fixed_loss(ctx, objective) -> float:
     data position (fixed_noise makes it deterministic)."""
     position = objective.state_dict()
     objective.load_state_dict({"epoch": 0, "index": 0})
-    batch = next(iter(objective.micro_batches(ctx)))
+    batch = next(iter(objective.micro_batches(ctx.view)))
     objective.load_state_dict(position)
     with torch.no_grad():
-        return float(objective.loss(ctx, batch)[0])
+        return float(objective.loss(ctx.view, batch)[0])

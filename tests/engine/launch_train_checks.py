@@ -30,7 +30,7 @@ class WithReference(SFTObjective):
 def out(model, ctx, inputs):
     x, t, e, p, ids = inputs
     with torch.no_grad():
-        return ctx.unet_output(model, x, t, e, p, ids).float()
+        return ctx.view.unet_output(model, x, t, e, p, ids).float()
 
 
 def ds_json(stage: str, out_dir: Path) -> str:
@@ -53,16 +53,16 @@ def check(stage: str, lora: bool, out_dir: Path) -> None:
                      "data.synthetic_size=4", "train.max_steps=4", f"train.lr={1e-2 if lora else 1e-3}"], WithReference)
     inputs = fixed_unet_input()
     base = out(build_tiny_sdxl(0).unet.eval(), ctx, inputs)
-    with ctx.reference() as ref:
+    with ctx.view.reference() as ref:
         assert torch.allclose(out(ref, ctx, inputs), base, atol=1e-5), "reference != base before training"
     before = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     after = fixed_loss(ctx, obj)
     assert after < before, f"{stage} lora={lora}: loss did not decrease ({before} -> {after})"
-    with ctx.reference() as ref:
+    with ctx.view.reference() as ref:
         ref_out = out(ref, ctx, inputs)
     assert torch.allclose(ref_out, base, atol=1e-5), "the reference moved during training"
-    assert (out(ctx.policy, ctx, inputs) - base).abs().max() > 1e-4, "the policy did not move"
+    assert (out(ctx.view.policy, ctx, inputs) - base).abs().max() > 1e-4, "the policy did not move"
     if lora:
         from spoxl.engine.export import lora_state_dict
 

@@ -21,7 +21,7 @@ def test_bf16_live_export_and_ema_read_the_fp32_master_weights(stage, tmp_path):
     run = tmp_path / "run"
     ctx, obj = make(run, ["deepspeed.precision=bf16", "lora.enabled=true", "train.max_steps=2", "train.lr=1e-2",
                           f"deepspeed.config={stage}"])
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     trainable = {n: p for n, p in ctx.unet.named_parameters() if p.requires_grad}
     master = {n: safe_get_full_fp32_param(p).float().cpu() for n, p in trainable.items()}
     assert all(p.dtype == torch.bfloat16 for p in trainable.values())

@@ -52,7 +52,7 @@ def test_resume_on_another_rank_count_warns_that_data_position_restarts(tmp_path
     from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     ckpt = tmp_path / "a" / "checkpoints"
     tag = checkpoint.save(ctx, obj, ckpt, keep_last=1)
     assert obj.state_dict() != {"epoch": 0, "index": 0}
@@ -75,12 +75,12 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_which_file(tmp_path
     from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1", "train.lr=1e-2"])
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     ckpt = tmp_path / "a" / "checkpoints"
     first = checkpoint.save(ctx, obj, ckpt, keep_last=3)
     weights_at_first = trainable(ctx)
     ctx.config.train.max_steps = 2
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     second = checkpoint.save(ctx, obj, ckpt, keep_last=3)
     assert checkpoint.latest_tag(ckpt) == second
     damaged = ckpt / second / victim
@@ -108,7 +108,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_latest_stays(tmp_path, 
     from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     ckpt = tmp_path / "a" / "checkpoints"
     first = checkpoint.save(ctx, obj, ckpt, keep_last=3)
     ctx.global_step = 2

@@ -17,7 +17,7 @@ def one_step_update(tmp_path, clip, checkpointing=False):
                                "train.max_steps=1", f"train.gradient_checkpointing={str(checkpointing).lower()}"])
     assert ctx.unet.is_gradient_checkpointing == checkpointing
     before = trainable(ctx)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     after = trainable(ctx)
     update = torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n in before))
     return float(update), float(ctx.engine.get_global_grad_norm())
@@ -50,7 +50,7 @@ class NaNAfterFirst(SFTObjective):
 def test_nonfinite_steps_are_skipped_then_abort_with_last_good_checkpoint(tmp_path):
     ctx, obj = make(tmp_path, ["train.max_steps=10", "train.max_nonfinite_steps=3"], NaNAfterFirst)
     with pytest.raises(loop.NonFiniteAbort, match="3 optimizer steps in a row had a NaN/inf") as e:
-        loop.train(ctx, obj, ctx.logger)
+        ctx.train()
     assert "\n" not in str(e.value) and "no checkpoint was saved before the abort" in str(e.value)
     good = trainable(ctx)
     assert ctx.global_step == 1 and ctx.engine.skipped_steps == 3
@@ -66,7 +66,7 @@ def test_nonfinite_steps_are_skipped_then_abort_with_last_good_checkpoint(tmp_pa
 def test_nan_abort_resumes_from_the_periodic_checkpoint_not_the_diverged_weights(tmp_path):
     ctx, obj = make(tmp_path, ["train.max_steps=2", "checkpoint.every=2", "train.max_nonfinite_steps=2",
                                "train.grad_clip=0", "lora.enabled=false"])
-    loop.train(ctx, obj, ctx.logger)  # two sane steps, checkpointed at step 2
+    ctx.train()  # two sane steps, checkpointed at step 2
     sane = trainable(ctx)
     # Then the learning rate explodes: the next update makes |w| ~ 1e30 (finite), the steps after overflow.
     # (No periodic save before the abort: the diverged weights are finite for a step or two and
@@ -75,7 +75,7 @@ def test_nan_abort_resumes_from_the_periodic_checkpoint_not_the_diverged_weights
     ctx.config.train.max_steps = 10
     ctx.config.checkpoint.every = 100
     with pytest.raises(loop.NonFiniteAbort) as e:
-        loop.train(ctx, obj, ctx.logger)
+        ctx.train()
     ckpt = tmp_path / "checkpoints"
     assert checkpoint.latest_tag(ckpt) == "step_00000002"
     assert f"--resume continues from {ckpt / 'step_00000002'}" in str(e.value)
@@ -95,21 +95,21 @@ class WithReference(SFTObjective):
 def _out(model, ctx, inputs):
     x, t, e, p, ids = inputs
     with torch.no_grad():
-        return ctx.unet_output(model, x, t, e, p, ids).float()
+        return ctx.view.unet_output(model, x, t, e, p, ids).float()
 
 
 def test_lora_reference_is_the_base_unet(tmp_path):
     ctx, obj = make(tmp_path, ["train.max_steps=3", "train.lr=1e-2"])
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     inputs = fixed_unet_input()
     base = build_tiny_sdxl(0).unet.eval()
     expected = _out(base, ctx, inputs)
-    policy = _out(ctx.policy, ctx, inputs)
-    with ctx.reference() as ref:
+    policy = _out(ctx.view.policy, ctx, inputs)
+    with ctx.view.reference() as ref:
         reference = _out(ref, ctx, inputs)
     assert torch.allclose(reference, expected, atol=1e-5)
     assert (policy - expected).abs().max() > 1e-3  # training moved the policy
-    assert torch.equal(_out(ctx.policy, ctx, inputs), policy)  # adapters are back on
+    assert torch.equal(_out(ctx.view.policy, ctx, inputs), policy)  # adapters are back on
 
 
 def test_full_finetune_reference_stays_frozen_and_8bit_adamw_trains(tmp_path):
@@ -117,17 +117,17 @@ def test_full_finetune_reference_stays_frozen_and_8bit_adamw_trains(tmp_path):
                     WithReference)
     inputs = fixed_unet_input()
     start_loss = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert fixed_loss(ctx, obj) < start_loss
     inner = ctx.engine.optimizer.optimizer  # DeepSpeed's ZeRO wrapper around bitsandbytes
     assert type(inner).__name__ == "AdamW8bit"
     assert any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8
                for state in inner.state.values() for v in state.values())
     expected = _out(build_tiny_sdxl(0).unet.eval(), ctx, inputs)
-    with ctx.reference() as ref:
+    with ctx.view.reference() as ref:
         assert not any(p.requires_grad for p in ref.parameters())
         assert torch.equal(_out(ref, ctx, inputs), expected)
-    assert (_out(ctx.policy, ctx, inputs) - expected).abs().max() > 1e-4
+    assert (_out(ctx.view.policy, ctx, inputs) - expected).abs().max() > 1e-4
 
 
 def test_latest_ignores_a_partial_save(tmp_path):
@@ -149,7 +149,7 @@ def test_bf16_with_gradient_accumulation(tmp_path):
     assert next(ctx.components.text_encoder.parameters()).dtype == torch.bfloat16  # frozen encoders: compute dtype
     assert next(ctx.components.vae.parameters()).dtype == torch.float32  # the VAE stays fp32 (model.vae_dtype)
     start = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert fixed_loss(ctx, obj) < start
     # 3 optimizer steps of 2 micro-batches each: 6 micro-batches = 2 epochs of 3 batches.
     assert ctx.engine.global_steps == 3 and ctx.engine.micro_steps == 6
@@ -172,7 +172,7 @@ def test_zero3_offload_config_trains(tmp_path):
     # Optimizer and parameters offloaded to CPU, stepped by the client torch AdamW.
     ctx, obj = make(tmp_path, ["deepspeed.config=zero3_offload", "train.max_steps=2", "train.lr=1e-2"])
     start = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert fixed_loss(ctx, obj) < start
 
 
@@ -182,9 +182,9 @@ def test_sft_loss_matches_plain_torch(tmp_path, prediction_type, gamma):
 
     ctx, obj = make(tmp_path, [f"model.prediction_type={prediction_type}",
                                f"method.snr_gamma={'null' if gamma is None else gamma}", "train.max_steps=1"])
-    batch = next(iter(obj.micro_batches(ctx)))
+    batch = next(iter(obj.micro_batches(ctx.view)))
     with torch.no_grad():
-        loss, _ = obj.loss(ctx, batch)
+        loss, _ = obj.loss(ctx.view, batch)
         # Independently: same seeded stream (VAE sample, then noise, then timesteps), math by hand.
         gen = torch.Generator().manual_seed(0)
         enc = encode_batch(ctx.components, batch, generator=gen)
@@ -207,7 +207,7 @@ def test_sft_with_latent_cache_trains_and_fills_the_cache(tmp_path):
     ctx, obj = make(tmp_path, [f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.lr=1e-2"])
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
     start = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert fixed_loss(ctx, obj) < start
 
 
@@ -217,7 +217,7 @@ def test_max_minutes_stops_the_loop_and_the_cost_is_counted(tmp_path, monkeypatc
     clock = iter(range(0, 10_000, 25))
     monkeypatch.setattr(loop, "_clock", lambda: float(next(clock)))
     ctx, obj = make(tmp_path, ["train.max_steps=50", "train.max_minutes=1"])
-    last = loop.train(ctx, obj, ctx.logger)
+    last = ctx.train()
     assert ctx.global_step == 2 and last["train/steps"] == 2
     # SFT: one UNet call per micro-batch of 2 latents, nothing else (no reference, no sampling).
     assert last["train/unet_samples"] == 2 * ctx.global_step
@@ -230,7 +230,7 @@ def test_unet_samples_count_the_reference_whether_adapters_off_or_a_frozen_copy(
 
     ctx, obj = make(tmp_path, [f"lora.enabled={str(lora).lower()}", "train.max_steps=2", "method.name=dpo"],
                     DiffusionDPOObjective)
-    last = loop.train(ctx, obj, ctx.logger)
+    last = ctx.train()
     assert last["train/unet_samples"] == 2 * 2 * 4  # 2 steps x (policy + reference) x [2 winners; 2 losers]
 
 
@@ -250,5 +250,5 @@ def test_fp16_runs_keep_fp32_master_weights_for_the_lora(tmp_path):
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert sum(m.numel() for m in masters) >= sum(p.numel() for p in trainable) // ctx.world_size
     before = [m.clone() for m in masters]
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, masters))

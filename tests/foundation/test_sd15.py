@@ -88,9 +88,9 @@ def test_dpo_runs_on_sd15_and_its_reference_is_the_base(tmp_path):
 
     ctx, obj = make(tmp_path, ["model.path=tiny-sd15", "method.name=dpo", "train.max_steps=1"], DiffusionDPOObjective)
     assert ctx.components.architecture == "sd15"
-    batch = next(iter(obj.micro_batches(ctx)))
+    batch = next(iter(obj.micro_batches(ctx.view)))
     with torch.no_grad():
-        loss, metrics = obj.loss(ctx, batch)
+        loss, metrics = obj.loss(ctx.view, batch)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-7)
     assert float(metrics["mse_w"]) != float(metrics["mse_l"])
 

@@ -21,8 +21,8 @@ SETS = ["data.synthetic_size=32", "train.micro_batch_size=16"]
 
 def step_inputs(tmp_path, dropout: float, seed: int = 0):
     ctx, objective = make(tmp_path, [*SETS, f"data.caption_dropout={dropout}", f"run.seed={seed}"])
-    batch = next(iter(objective.micro_batches(ctx)))
-    encoded, noise, t, _ = encode_and_noise(ctx, batch, fixed_noise=True)
+    batch = next(iter(objective.micro_batches(ctx.view)))
+    encoded, noise, t, _ = encode_and_noise(ctx.view, batch, objective.noise)
     empty = encode_prompts(ctx.components, [""])
     dropped = [bool(torch.equal(encoded["prompt_embeds"][i], empty.embeds[0].to(encoded["prompt_embeds"].dtype))
                     and torch.equal(encoded["pooled_prompt_embeds"][i], empty.pooled[0].to(encoded["pooled_prompt_embeds"].dtype)))

@@ -32,14 +32,14 @@ NCP = ["method.name=ncp"]
 def first_batch(ctx, obj):
     position = obj.state_dict()
     obj.load_state_dict({"epoch": 0, "index": 0})
-    batch = next(iter(obj.micro_batches(ctx)))
+    batch = next(iter(obj.micro_batches(ctx.view)))
     obj.load_state_dict(position)
     return batch
 
 
 def fixed_loss(ctx, obj):
     with torch.no_grad():
-        loss, metrics = obj.loss(ctx, first_batch(ctx, obj))
+        loss, metrics = obj.loss(ctx.view, first_batch(ctx, obj))
     return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
@@ -130,7 +130,7 @@ def test_per_sample_losses_and_the_three_kinds_match_plain_torch(tmp_path, monke
         obj.config.kind = kind
         seen.clear()
         with torch.no_grad():
-            loss, metrics = obj.loss(ctx, batch)
+            loss, metrics = obj.loss(ctx.view, batch)
         for key, value in (("mw", mw), ("ml", ml)) + ((("rw", rw), ("rl", rl)) if kind == "dpo" else ()):
             torch.testing.assert_close(seen[key], value, rtol=2e-4, atol=0)
         if kind != "dpo":
@@ -151,7 +151,7 @@ def test_log2_at_init_then_training_lowers_the_loss_through_the_frozen_encoder(t
     assert encoder_before and not any(p.requires_grad for p in obj.encoder.parameters())
     lora_b = {n: p.detach().clone() for n, p in ctx.unet.named_parameters() if "lora_B" in n}
     assert all(float(v.abs().max()) == 0 for v in lora_b.values())
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     end, m1 = fixed_loss(ctx, obj)
     assert end < start and m1["margin"] > 0
     # The only path from the loss to the policy runs through the encoder: B (zero at init, so
@@ -185,7 +185,7 @@ def test_middle_states_under_gradient_checkpointing(tmp_path):
     assert obj.encoder.mid_block is not None
     start, _ = fixed_loss(ctx, obj)
     assert start == pytest.approx(math.log(2), abs=1e-7)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     end, m1 = fixed_loss(ctx, obj)
     assert end < start and m1["margin"] > 0
 
@@ -212,5 +212,5 @@ def test_frozen_encoder_runs_in_fp32_in_a_bf16_run(tmp_path, monkeypatch, encode
     seen = []
     real = spoxl.kernels.ncp_loss
     monkeypatch.setattr(spoxl.kernels, "ncp_loss", lambda *a, **k: seen.append(a[0].dtype) or real(*a, **k))
-    loss, _ = obj.loss(ctx, next(iter(obj.micro_batches(ctx))))
+    loss, _ = obj.loss(ctx.view, next(iter(obj.micro_batches(ctx.view))))
     assert torch.isfinite(loss) and seen == [expected]

@@ -34,14 +34,14 @@ def first_batch(ctx, obj):
     """The dataset's first micro-batch, leaving the data position where it was."""
     position = obj.state_dict()
     obj.load_state_dict({"epoch": 0, "index": 0})
-    batch = next(iter(obj.micro_batches(ctx)))
+    batch = next(iter(obj.micro_batches(ctx.view)))
     obj.load_state_dict(position)
     return batch
 
 
 def fixed_loss(ctx, obj):
     with torch.no_grad():
-        loss, metrics = obj.loss(ctx, first_batch(ctx, obj))
+        loss, metrics = obj.loss(ctx.view, first_batch(ctx, obj))
     return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
@@ -82,10 +82,10 @@ def test_dpo_loss_is_the_paper_formula_with_an_adapters_disabled_reference(tmp_p
     perturb_lora(ctx)
     probe = fixed_unet_input()
     with torch.no_grad():
-        before = ctx.unet_output(ctx.policy, *probe)
+        before = ctx.view.unet_output(ctx.view.policy, *probe)
     batch = first_batch(ctx, obj)
     with torch.no_grad():
-        loss, metrics = obj.loss(ctx, batch)
+        loss, metrics = obj.loss(ctx.view, batch)
     (mw, ml), (rw, rl), t = by_hand(ctx, batch, prediction_type)
     logit = -beta / 2 * ((mw - ml) - (rw - rl))
     expected = -F.logsigmoid(logit.double()).mean()
@@ -98,9 +98,9 @@ def test_dpo_loss_is_the_paper_formula_with_an_adapters_disabled_reference(tmp_p
     assert float(loss) == pytest.approx(float(expected), rel=1e-3, abs=1e-5)
     assert abs(float(loss) - math.log(2)) > 1e-3  # a real logit, not the init value
     assert float(metrics["implicit_acc"]) == float(((logit > 0).float() + 0.5 * (logit == 0).float()).mean())
-    # ctx.reference() turned the adapters back on: the policy output is the perturbed one again.
+    # ctx.view.reference() turned the adapters back on: the policy output is the perturbed one again.
     with torch.no_grad():
-        assert torch.equal(ctx.unet_output(ctx.policy, *probe), before)
+        assert torch.equal(ctx.view.unet_output(ctx.view.policy, *probe), before)
         assert (before - build_tiny_sdxl(0).unet.eval()(*probe[:2], encoder_hidden_states=probe[2], added_cond_kwargs={
             "text_embeds": probe[3], "time_ids": probe[4]}).sample).abs().max() > 1e-4
 
@@ -126,7 +126,7 @@ def test_mapo_loss_is_the_official_formula(tmp_path):
     perturb_lora(ctx)
     batch = first_batch(ctx, obj)
     with torch.no_grad():
-        loss, metrics = obj.loss(ctx, batch)
+        loss, metrics = obj.loss(ctx.view, batch)
     (mw, ml), _, _ = by_hand(ctx, batch)
     mw, ml = mw.double(), ml.double()
     g = lambda m: 0.7 * m / (torch.exp(0.7 * m) - 1)  # noqa: E731
@@ -142,7 +142,7 @@ def test_a_few_steps_on_a_fixed_pair_batch_learn_the_preference(tmp_path, cls, o
     # synthetic_size 2 = one micro-batch per epoch, fixed_noise: every step sees the same inputs.
     ctx, obj = make(tmp_path, [*overrides, "train.max_steps=4"], cls)
     start, m0 = fixed_loss(ctx, obj)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     end, m1 = fixed_loss(ctx, obj)
     assert end < start
     if cls is DiffusionDPOObjective:
@@ -155,16 +155,16 @@ def test_a_few_steps_on_a_fixed_pair_batch_learn_the_preference(tmp_path, cls, o
 def test_state_dict_restores_the_next_pair_batch(tmp_path):
     ctx, obj = make(tmp_path, [*DPO, "data.synthetic_size=8", "data.shuffle=true", "train.max_steps=1"],
                     DiffusionDPOObjective)
-    stream = obj.micro_batches(ctx)
+    stream = obj.micro_batches(ctx.view)
     for _ in range(5):  # 4 batches per epoch: this crosses into epoch 1
         next(stream)
     state = obj.state_dict()
     assert state == {"epoch": 1, "index": 1}
     expected = next(stream)
-    fresh = DiffusionDPOObjective(ctx.config.method.params)
-    fresh.setup(ctx)
+    fresh = DiffusionDPOObjective.from_recipe(ctx.config)
+    fresh.setup(ctx.view)
     fresh.load_state_dict(state)
-    got = next(fresh.micro_batches(ctx))
+    got = next(fresh.micro_batches(ctx.view))
     assert got["caption"] == expected["caption"]
     assert torch.equal(got["pixels_w"], expected["pixels_w"]) and torch.equal(got["pixels_l"], expected["pixels_l"])
     assert not torch.equal(got["pixels_w"], got["pixels_l"])
@@ -201,7 +201,7 @@ def test_bad_method_values_are_one_line_errors(overrides, message):
 def test_missing_pair_file_fails_in_check(tmp_path):
     cfg = load_config(None, [*DPO, f"data.path={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(SpoxlError) as e:
-        DiffusionDPOObjective(cfg.method.params).check(cfg)
+        DiffusionDPOObjective.from_recipe(cfg).check(cfg)
     assert "nope.jsonl" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -244,7 +244,7 @@ def test_dpo_under_zero3_full_finetune_trains_against_a_partitioned_reference(tm
     assert ctx.reference_engine is not None
     start, m0 = fixed_loss(ctx, obj)
     assert start == pytest.approx(math.log(2), abs=1e-3)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     end, m1 = fixed_loss(ctx, obj)
     assert end < start and m1["margin"] > 0
     assert m1["ref_mse_w"] == pytest.approx(m0["ref_mse_w"], rel=1e-6)  # the reference did not move

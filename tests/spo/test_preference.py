@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import StepAwareCLIP, build_preference_model, timestep_embedding
+from spoxl.models.preference import StepAwareCLIP, timestep_embedding
+from spoxl.preference_models import build_preference_model
 from spoxl.models.scorers import BrightnessScorer, ColourScorer
 from spoxl.spo.pool_sampler import pair_gap
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)

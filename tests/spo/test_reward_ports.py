@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import build_preference_model
+from spoxl.preference_models import build_preference_model
 from spoxl.models.tiny import tiny_clip_tokenizer
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]

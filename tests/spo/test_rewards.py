@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import StepAwareCLIP, build_preference_model
+from spoxl.models.preference import StepAwareCLIP
+from spoxl.preference_models import build_preference_model
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 

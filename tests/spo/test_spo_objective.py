@@ -162,10 +162,10 @@ def test_colour_scorer_rejects_colourless_prompts_at_setup(tmp_path):
 
     cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "logging.tensorboard=false",
                                                 'method.prompts=["a red circle", "a cat"]'])  # fmt: skip
-    objective = SPOObjective(cfg.method.params)
+    objective = SPOObjective.from_recipe(cfg)
     ctx = build_training(cfg, objective)
     with pytest.raises(SpoxlError, match="'a cat' names no colour"):
-        objective.setup(ctx)
+        objective.setup(ctx.view)
 
 
 def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
@@ -181,14 +181,14 @@ def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
         f"run.output_dir={tmp_path}", "logging.tensorboard=false", "method.steps=6", "method.divert_start_step=1",
         "method.pool_size=2", "method.num_inner_step=2", "method.threshold=0.0", "method.preference.scale=1e6",
         "train.micro_batch_size=2"])  # fmt: skip
-    objective = SPOObjective(cfg.method.params)
+    objective = SPOObjective.from_recipe(cfg)
     ctx = build_training(cfg, objective)
-    objective.setup(ctx)
+    objective.setup(ctx.view)
     with torch.no_grad():  # a LoRA that really changes the policy, so policy != reference
         for name, p in ctx.components.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    batch = objective.sample_round(ctx)
+    batch = objective.sample_round(ctx.view)
     if objective.leftover is not None and len(objective.leftover):
         batch = PairBatch.cat([batch, objective.leftover])
     assert len(batch) > 0 and batch.shared.any() and (~batch.shared).any()  # both kinds of transition
@@ -197,7 +197,7 @@ def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
     real = spo_module.pair_means
     monkeypatch.setattr(spo_module, "pair_means", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     with torch.no_grad():
-        objective.loss(ctx, batch)
+        objective.loss(ctx.view, batch)
     (mean_w, mean_l), (ref_w, ref_l) = captured  # policy first, then the reference
     std = batch.std
     torch.testing.assert_close(kernels.transition_logprob(batch.x_w, mean_w, std), batch.logp_w, rtol=1e-4, atol=1e-4)

@@ -20,10 +20,10 @@ FAST = ["logging.progress=false", "logging.tensorboard=false", "logging.sample_e
 
 def make(out, steps):
     cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={out}", f"train.max_steps={steps}", *FAST])
-    objective = SPOObjective(cfg.method.params)
+    objective = SPOObjective.from_recipe(cfg)
     ctx = build_training(cfg, objective)
     ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
-    objective.setup(ctx)
+    objective.setup(ctx.view)
     return ctx, objective
 
 
@@ -33,17 +33,17 @@ def lora(ctx):
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ctx, obj = make(tmp_path / "a", 4)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     uninterrupted = lora(ctx)
     rounds = obj.round
 
     ctx, obj = make(tmp_path / "b", 2)
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert obj.buffer is not None and len(obj.buffer) > 0, "the checkpoint must hold undealt pairs to test them"
     ctx, obj = make(tmp_path / "b", 4)  # a fresh process would build everything again
     assert checkpoint.load(ctx, obj, ctx.config.checkpoint_dir) is not None
     assert obj.round > 0 and len(obj.buffer) > 0
-    loop.train(ctx, obj, ctx.logger)
+    ctx.train()
     assert obj.round == rounds
     resumed = lora(ctx)
     assert uninterrupted.keys() == resumed.keys()
@@ -60,11 +60,11 @@ def test_epochs_end_the_run_after_that_many_passes_over_the_prompts(tmp_path):
 
     def run(out, epochs, resume_from=None):
         cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={out}", *FAST, *sets, f"method.epochs={epochs}"])
-        objective = SPOObjective(cfg.method.params)
+        objective = SPOObjective.from_recipe(cfg)
         ctx = build_training(cfg, objective)
         ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
-        objective.setup(ctx)
-        loop.train(ctx, objective, ctx.logger)
+        objective.setup(ctx.view)
+        ctx.train()
         return ctx, objective
 
     ctx1, one = run(tmp_path / "e1", 1)
@@ -72,4 +72,4 @@ def test_epochs_end_the_run_after_that_many_passes_over_the_prompts(tmp_path):
     ctx2, two = run(tmp_path / "e2", 2)
     assert two.round == 6 and ctx2.global_step > ctx1.global_step
     with pytest.raises(SpoxlError, match="method.epochs must be a positive integer"):
-        SPOObjective(load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.epochs=0"]).method.params).check(None)
+        SPOObjective.from_recipe(load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.epochs=0"])).check(None)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference import build_preference_model
-from spoxl.models.scorers import SCORERS
+from spoxl.preference_models import build_preference_model
+from spoxl.preference_models import SCORERS
 from spoxl.toy import world
 from spoxl.toy.scorers import ToyScorer, classify
 

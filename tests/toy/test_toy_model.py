@@ -115,8 +115,8 @@ def test_toy_works_where_tiny_does(tmp_path):
 
 
 def test_missing_weights_are_a_one_line_error(monkeypatch, tmp_path):
-    import spoxl.toy.model as toy_model
+    import spoxl.paths
 
-    monkeypatch.setattr(toy_model, "WEIGHTS_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(spoxl.paths, "TOY_WEIGHTS_DIR", tmp_path / "nowhere")
     with pytest.raises(SpoxlError, match="toy pretrain"):
         load_sdxl("toy")

@@ -32,7 +32,7 @@ from spoxl.engine import loop
 from spoxl.engine.logging import MetricsLogger
 from spoxl.engine.setup import build_training
 from spoxl.evaluation import preference_accuracy
-from spoxl.methods.base import objective_class
+from spoxl.registry import build_objective
 from spoxl.toy import world
 from spoxl.toy.pairs import counterfactual_pairs, pair_items, write_parquet
 
@@ -70,11 +70,11 @@ def pair_files(tmp_path_factory):
 
 def train_and_measure(out, recipe: str, pairs: Path, probe: list[dict], extra=()) -> dict:
     cfg = load_config(recipe, [f"run.output_dir={out}", f"data.path={pairs}", *SHORT, *extra])
-    objective = objective_class(cfg.method.name)(cfg.method.params)
+    objective = build_objective(cfg)
     ctx = build_training(cfg, objective)
     ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
-    objective.setup(ctx)
-    loop.train(ctx, objective, ctx.logger)
+    objective.setup(ctx.view)
+    ctx.train()
     return preference_accuracy(ctx.components, ctx.unet, probe, draws=DRAWS, seed=7)
 
 

@@ -42,11 +42,11 @@ EVAL_SEEDS = 2
 
 def train_and_eval(out, scale: float):
     cfg = load_config("configs/toy_spo.yaml", [f"run.output_dir={out}", *SHORT, f"method.preference.scale={scale}"])
-    objective = SPOObjective(cfg.method.params)
+    objective = SPOObjective.from_recipe(cfg)
     ctx = build_training(cfg, objective)
     ctx.logger = MetricsLogger(out, ctx.rank, tensorboard=False)
-    objective.setup(ctx)
-    loop.train(ctx, objective, ctx.logger)
+    objective.setup(ctx.view)
+    ctx.train()
     comps, unet = ctx.components, ctx.unet
     comps.unet = unet
     batch = [p for p in EVAL_PROMPTS for _ in range(EVAL_SEEDS)]

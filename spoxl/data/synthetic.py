@@ -1,6 +1,11 @@
-"""A tiny synthetic dataset of coloured shapes ("a red circle"), for tests and CPU demos.
+"""The synthetic data: coloured shapes for tests and CPU demos, in memory or written as files.
 
-API
+In memory (what a recipe trains on when data.path is null):
+  SyntheticCaptionDataset(n, resolution, seed)   a coloured square at a seeded position, captioned
+                                                 by its colour (items as ImageCaptionDataset's)
+  SyntheticPairDataset(n, resolution, seed)      pairs: the caption's colour wins over the same
+                                                 square in another colour (items as PreferencePairDataset's)
+As files (for the dataset readers and the CLIs):
   shape_image(colour, shape, width, height, seed) -> PIL image of one shape on a grey background
   write_caption_folder(out, n, size=(64, 64), seed=0) -> folder of NNNN.png + NNNN.txt
   write_caption_table(out_file, n, size=(64, 64), seed=0, inline_bytes=False) -> .jsonl / .parquet
@@ -16,11 +21,15 @@ Sizes need not be square: non-square sizes exercise the resize / crop / time_ids
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 from pathlib import Path
 
+import torch
+
+from spoxl import rng
 from spoxl.errors import SpoxlError
 
 COLOURS = {
@@ -150,3 +159,91 @@ def write_prompt_file(out_file, n: int, seed: int = 0) -> Path:
     else:
         raise SpoxlError(f"{out_file} must end in .txt, .json or .jsonl")
     return out_file
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory
+
+SQUARE_COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
+           "white": (1.0, 1.0, 1.0), "yellow": (1.0, 1.0, -1.0), "cyan": (-1.0, 1.0, 1.0)}
+
+
+def _square(colour: str, y: int, x: int, resolution: int) -> torch.Tensor:
+    side = resolution // 2
+    pixels = torch.full((3, resolution, resolution), -1.0)
+    pixels[:, y:y + side, x:x + side] = torch.tensor(SQUARE_COLOURS[colour]).view(3, 1, 1)
+    return pixels
+
+
+def _position(g: torch.Generator, resolution: int) -> tuple[int, int]:
+    y, x = torch.randint(0, resolution - resolution // 2 + 1, (2,), generator=g).tolist()
+    return y, x
+
+
+def _digest(*tensors: torch.Tensor, text: str) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.numpy().tobytes())
+    h.update(text.encode())
+    return h.hexdigest()[:32]
+
+
+class SyntheticCaptionDataset(torch.utils.data.Dataset):
+    """n images in [-1, 1]: a coloured square at a seeded position on black, captioned by colour.
+    Items look like spoxl.data.captions.ImageCaptionDataset's."""
+
+    def __init__(self, n: int, resolution: int, seed: int = 0):
+        g = rng.generator(rng.SYNTHETIC_DATA, seed)
+        names = list(SQUARE_COLOURS)
+        self.resolution = resolution
+        self.items = []
+        for i in range(n):
+            name = names[i % len(names)]
+            self.items.append((_square(name, *_position(g, resolution), resolution), f"a {name} square"))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from spoxl.models.text import make_time_ids
+
+        pixels, caption = self.items[i]
+        r = self.resolution
+        return {"pixels": pixels, "caption": caption, "time_ids": make_time_ids(1, (r, r))[0], "index": i}
+
+    def cache_key(self, i: int) -> str:
+        pixels, caption = self.items[i]
+        return _digest(pixels, text=caption)
+
+
+class SyntheticPairDataset(torch.utils.data.Dataset):
+    """n preference pairs in [-1, 1]: the winner is a square of the caption's colour, the loser the
+    same square (same position, so only the colour differs) in another colour. Items look like
+    spoxl.data.pairs.PreferencePairDataset's (winner first)."""
+
+    def __init__(self, n: int, resolution: int, seed: int = 0):
+        g = rng.generator(rng.SYNTHETIC_DATA, seed)
+        names = list(SQUARE_COLOURS)
+        self.resolution = resolution
+        self.items = []
+        for i in range(n):
+            # The loser's colour cycles through the 5 others (offset 1..5, never 0) as i grows.
+            offset = 1 + (i // len(names)) % (len(names) - 1)
+            name, wrong = names[i % len(names)], names[(i + offset) % len(names)]
+            y, x = _position(g, resolution)
+            self.items.append((_square(name, y, x, resolution), _square(wrong, y, x, resolution), f"a {name} square"))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from spoxl.models.text import make_time_ids
+
+        pixels_w, pixels_l, caption = self.items[i]
+        r = self.resolution
+        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "caption": caption,
+                "time_ids": make_time_ids(1, (r, r))[0], "index": i}
+
+    def cache_key(self, i: int) -> str:
+        pixels_w, pixels_l, caption = self.items[i]
+        return _digest(pixels_w, pixels_l, text="pair|" + caption)

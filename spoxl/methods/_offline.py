@@ -1,19 +1,16 @@
-"""What the offline objectives (SFT, Diffusion-DPO, MaPO, NCP) share: walking a dataset, and drawing
-the noise and timesteps of a denoising loss.
+"""What the offline objectives (SFT, Diffusion-DPO, MaPO, NCP) share: their data, and drawing the
+noise and timesteps of a denoising loss.
 
-  OfflineObjective      check/setup/micro_batches/state_dict over `self.build_dataset(cfg)`:
-                        optional latent/text cache (data.cache_dir), then each rank walks its own
-                        equal-sized shard of a per-epoch permutation, so the data position is just
-                        (epoch, index) and resuming is exact. Subclasses define build_dataset + loss.
+  OfflineObjective      its micro-batches are a spoxl.data.streams.DatasetStream over the recipe's
+                        pairs or captions (behind the latent/text cache when data.cache_dir is
+                        set); the stream's (epoch, index) is the objective's state. Subclasses set
+                        data_kind and define loss.
   encode_and_noise      latents + text embeddings of a batch, then noise ~ N(0, I), t ~ U{0..T-1}
                         and alpha_bar(t), all from one generator stream (fixed_noise-aware).
-  SyntheticCaptionDataset / SyntheticPairDataset
-                        the small deterministic data sets used when data.path is null.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -21,171 +18,52 @@ from dataclasses import dataclass
 import torch
 
 from spoxl import rng
-from spoxl.errors import SpoxlError
+from spoxl.data.streams import RECIPE_DATASETS, DatasetStream, open_dataset
 from spoxl.engine.view import RunView
+from spoxl.errors import SpoxlError
 from spoxl.methods.base import Objective
 from spoxl.sampling import add_noise, alpha_bar, training_target
 
-COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
-           "white": (1.0, 1.0, 1.0), "yellow": (1.0, 1.0, -1.0), "cyan": (-1.0, 1.0, 1.0)}
-
-
-def _square(colour: str, y: int, x: int, resolution: int) -> torch.Tensor:
-    side = resolution // 2
-    pixels = torch.full((3, resolution, resolution), -1.0)
-    pixels[:, y:y + side, x:x + side] = torch.tensor(COLOURS[colour]).view(3, 1, 1)
-    return pixels
-
-
-def _position(g: torch.Generator, resolution: int) -> tuple[int, int]:
-    y, x = torch.randint(0, resolution - resolution // 2 + 1, (2,), generator=g).tolist()
-    return y, x
-
-
-def _digest(*tensors: torch.Tensor, text: str) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.numpy().tobytes())
-    h.update(text.encode())
-    return h.hexdigest()[:32]
-
-
-class SyntheticCaptionDataset(torch.utils.data.Dataset):
-    """n images in [-1, 1]: a coloured square at a seeded position on black, captioned by colour.
-    Items look like spoxl.data.captions.ImageCaptionDataset's."""
-
-    def __init__(self, n: int, resolution: int, seed: int = 0):
-        g = rng.generator(rng.SYNTHETIC_DATA, seed)
-        names = list(COLOURS)
-        self.resolution = resolution
-        self.items = []
-        for i in range(n):
-            name = names[i % len(names)]
-            self.items.append((_square(name, *_position(g, resolution), resolution), f"a {name} square"))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        from spoxl.models.text import make_time_ids
-
-        pixels, caption = self.items[i]
-        r = self.resolution
-        return {"pixels": pixels, "caption": caption, "time_ids": make_time_ids(1, (r, r))[0], "index": i}
-
-    def cache_key(self, i: int) -> str:
-        pixels, caption = self.items[i]
-        return _digest(pixels, text=caption)
-
-
-class SyntheticPairDataset(torch.utils.data.Dataset):
-    """n preference pairs in [-1, 1]: the winner is a square of the caption's colour, the loser the
-    same square (same position, so only the colour differs) in another colour. Items look like
-    spoxl.data.pairs.PreferencePairDataset's (winner first)."""
-
-    def __init__(self, n: int, resolution: int, seed: int = 0):
-        g = rng.generator(rng.SYNTHETIC_DATA, seed)
-        names = list(COLOURS)
-        self.resolution = resolution
-        self.items = []
-        for i in range(n):
-            # The loser's colour cycles through the 5 others (offset 1..5, never 0) as i grows.
-            offset = 1 + (i // len(names)) % (len(names) - 1)
-            name, wrong = names[i % len(names)], names[(i + offset) % len(names)]
-            y, x = _position(g, resolution)
-            self.items.append((_square(name, y, x, resolution), _square(wrong, y, x, resolution), f"a {name} square"))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        from spoxl.models.text import make_time_ids
-
-        pixels_w, pixels_l, caption = self.items[i]
-        r = self.resolution
-        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "caption": caption,
-                "time_ids": make_time_ids(1, (r, r))[0], "index": i}
-
-    def cache_key(self, i: int) -> str:
-        pixels_w, pixels_l, caption = self.items[i]
-        return _digest(pixels_w, pixels_l, text="pair|" + caption)
-
-
-def pair_dataset(cfg):
-    """The preference pairs of a recipe: data.path (.jsonl / .parquet, Pick-a-Pic layout), or the
-    built-in synthetic pairs when it is null."""
-    d = cfg.data
-    if d.path is None:
-        return SyntheticPairDataset(d.synthetic_size, d.resolution, cfg.run.seed)
-    from spoxl.data import build_dataset
-
-    return build_dataset("pairs", d.path, d.resolution, crop=d.crop, hflip=d.hflip, seed=cfg.run.seed,
-                         drop_ties=d.ties == "drop", image_0_column=d.image_0_column,
-                         image_1_column=d.image_1_column, label_column=d.label_column,
-                         caption_column=d.caption_column or "caption")
-
-
 class OfflineObjective(Objective):
-    """An objective that walks a fixed dataset. Subclasses implement build_dataset(cfg) and loss."""
+    """An objective that walks a fixed dataset (a spoxl.data.streams.DatasetStream over the recipe's
+    pairs or captions). Subclasses set `data_kind` and implement loss."""
+
+    data_kind = "pairs"  # spoxl.data.streams.RECIPE_DATASETS: "pairs" or "captions"
 
     def __init__(self, config=None, recipe=None):
         super().__init__(config, recipe)
-        self.epoch = 0
-        self.index = 0  # micro-batches consumed in this epoch on this rank
         self.dataset = None
+        self.stream = None
+        self._position = {"epoch": 0, "index": 0}  # until setup() has built the stream
 
-    def build_dataset(self, cfg):
-        raise NotImplementedError
+    def build_dataset(self, recipe):
+        return RECIPE_DATASETS[self.data_kind](recipe)
 
-    def check(self, config) -> None:
-        self.dataset = self.build_dataset(config)  # opening it checks the path, columns, captions
+    def check(self, recipe) -> None:
+        self.dataset = self.build_dataset(recipe)  # opening it checks the path, columns, captions
 
     def setup(self, run: RunView) -> None:
         recipe = self.recipe
         if self.dataset is None:
             self.dataset = self.build_dataset(recipe)
-        if recipe.data.cache_dir:
-            from spoxl.data.cache import CachedDataset
-
-            # Every rank encodes its share of the missing entries, then all meet at a barrier.
-            self.dataset = CachedDataset(self.dataset, run.components, recipe.data.cache_dir)
-            encoded = self.dataset.build(run.rank, run.world_size,
-                                         progress=run.rank == 0 and recipe.logging.progress)
-            run.info(f"latent/text cache {recipe.data.cache_dir}: {encoded} item(s) encoded on rank 0")
-        n, mb = len(self.dataset), recipe.train.micro_batch_size
-        per_rank = n // run.world_size
-        if per_rank < mb:
-            raise SpoxlError(f"dataset has {n} samples: too few for {run.world_size} rank(s) x "
-                             f"micro_batch_size {mb}")
-        self.batches_per_epoch = per_rank // mb
-
-    def _order(self, run: RunView, epoch: int) -> torch.Tensor:
-        n = len(self.dataset)
-        if self.recipe.data.shuffle:
-            order = torch.randperm(n, generator=rng.generator(rng.DATA_ORDER, self.recipe.run.seed, counter=epoch))
-        else:
-            order = torch.arange(n)
-        per_rank = n // run.world_size  # every rank gets the same count (ZeRO-3: same number of forwards)
-        return order[run.rank * per_rank:(run.rank + 1) * per_rank]
+        self.dataset = open_dataset(self.dataset, recipe, run.components, rank=run.rank, world_size=run.world_size,
+                                    info=run.info)  # fmt: skip
+        self.stream = DatasetStream(self.dataset, rank=run.rank, world_size=run.world_size,
+                                    micro_batch_size=recipe.train.micro_batch_size, seed=recipe.run.seed,
+                                    shuffle=recipe.data.shuffle)  # fmt: skip
+        self.stream.load_state_dict(self._position)
 
     def micro_batches(self, run: RunView):
-        mb = self.recipe.train.micro_batch_size
-        while True:
-            order = self._order(run, self.epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            while self.index < self.batches_per_epoch:
-                idx = order[self.index * mb:(self.index + 1) * mb].tolist()
-                self.index += 1
-                yield torch.utils.data.default_collate([self.dataset[i] for i in idx])
-            self.epoch += 1
-            self.index = 0
+        return self.stream
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.stream.state_dict() if self.stream is not None else dict(self._position)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
+        else:
+            self._position = {"epoch": int(state["epoch"]), "index": int(state["index"])}
 
     @property
     def noise(self) -> "NoiseSpec":

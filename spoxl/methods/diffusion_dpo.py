@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from spoxl import kernels
 from spoxl.engine.view import RunView
-from spoxl.methods._offline import OfflineObjective, finite_number, pair_dataset, stacked_pair_inputs
+from spoxl.methods._offline import OfflineObjective, finite_number, stacked_pair_inputs
 
 
 @dataclass
@@ -38,8 +38,6 @@ class DiffusionDPOObjective(OfflineObjective):
     needs_reference = True
     Config = DiffusionDPOConfig
 
-    def build_dataset(self, cfg):
-        return pair_dataset(cfg)
 
     def loss(self, run: RunView, batch):
         *unet_inputs, target = stacked_pair_inputs(run, batch, self.noise)

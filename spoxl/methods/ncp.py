@@ -30,7 +30,7 @@ from spoxl import kernels
 from spoxl.engine.view import RunView
 from spoxl.errors import SpoxlError
 from spoxl.kernels.losses.ncp import NCP_KINDS
-from spoxl.methods._offline import OfflineObjective, encode_and_noise, finite_number, pair_dataset
+from spoxl.methods._offline import OfflineObjective, encode_and_noise, finite_number
 from spoxl.sampling import add_noise, added_conditioning, alpha_bar, bcast, ddpm_posterior, split_prediction
 
 # The UNet parts the encoder needs (those that exist on the model are copied).
@@ -121,8 +121,6 @@ class NCPObjective(OfflineObjective):
     # Full fine-tuning with kind 'dpo' needs the frozen reference copy; cpo / sft do not.
     needs_reference = property(lambda self: self.config.kind == "dpo")
 
-    def build_dataset(self, cfg):
-        return pair_dataset(cfg)
 
     def setup(self, run: RunView) -> None:
         super().setup(run)

@@ -21,18 +21,8 @@ from typing import Optional
 import torch
 
 from spoxl.engine.view import RunView
-from spoxl.methods._offline import OfflineObjective, SyntheticCaptionDataset, encode_and_noise
+from spoxl.methods._offline import OfflineObjective, encode_and_noise
 from spoxl.sampling import add_noise, training_target
-
-
-def build_dataset(cfg):
-    d = cfg.data
-    if d.path is None:
-        return SyntheticCaptionDataset(d.synthetic_size, d.resolution, cfg.run.seed)
-    from spoxl.data.captions import ImageCaptionDataset
-
-    return ImageCaptionDataset(d.path, d.resolution, crop=d.crop, hflip=d.hflip, seed=cfg.run.seed,
-                               image_column=d.image_column, caption_column=d.caption_column)
 
 
 @dataclass
@@ -46,9 +36,7 @@ class SFTConfig:
 class SFTObjective(OfflineObjective):
     name = "sft"
     Config = SFTConfig
-
-    def build_dataset(self, cfg):
-        return build_dataset(cfg)
+    data_kind = "captions"
 
     def loss(self, run: RunView, batch):
         batch, noise, t, a = encode_and_noise(run, batch, self.noise)

@@ -1,10 +1,9 @@
 """SPO: Step-aware Preference Optimization (methods.md section 1), online, on the engine's loop.
 
-Each sampling round, every rank takes its own prompts and runs the step-wise pool sampler
-(spoxl.spo.pool_sampler) with the current policy; the kept transition pairs are then all-gathered,
-shuffled with one permutation drawn on rank 0, and dealt out in equal shares (the official
-recipe). The loop pulls micro-batches of pairs; for each, `loss` computes the policy and reference
-DDIM means at x_t WITH CFG (as the official `train.cfg=True`), and kernels.spo_loss:
+Its micro-batches come from the rollout stream (spoxl.spo.rollout: each round every rank samples
+its prompts with the pool sampler and the current policy; the kept pairs are all-gathered,
+shuffled once and dealt in equal shares). For each micro-batch of pairs, `loss` computes the policy
+and reference DDIM means at x_t WITH CFG (as the official `train.cfg=True`), and kernels.spo_loss:
 
     r = clamp(exp(log p_theta(x_prev | x_t) - log p_ref(x_prev | x_t)), 1 - clip, 1 + clip)
     loss = mean(-logsigmoid(beta log r_w - beta log r_l))
@@ -13,13 +12,6 @@ The mean of a DDIM step does not depend on x_prev, so a pair whose w and l share
 of per-step branching, the first of each chunked segment) runs the UNet ONCE for both: the
 micro-batch is reduced to its distinct sources, one policy call and one reference call per
 micro-batch, CFG halves included.
-
-Why shuffle instead of only averaging gradients (DeepSpeed averages them anyway): the number of
-kept pairs differs per rank and per round, and under ZeRO-3 every rank must run the same number of
-forwards. All-gather + one permutation gives every rank exactly the same number of pairs (so the
-same number of micro-batches and UNet calls), keeps every kept pair (the remainder that does not
-fill a micro-batch on every rank waits for the next round instead of being dropped), and mixes
-prompts and timesteps from all ranks into every micro-batch, as the official code does.
 """
 
 from __future__ import annotations
@@ -29,13 +21,14 @@ from typing import Optional
 
 import torch
 
-from spoxl import kernels, rng, sampling
+from spoxl import kernels, sampling
 from spoxl.errors import SpoxlError
 from spoxl.engine.view import RunView
 from spoxl.methods.base import Objective
 from spoxl.models.text import PromptEmbeds, make_time_ids, negative_embeds
-from spoxl.spo.pairs import PairBatch, all_gather_pairs, deal, shared_permutation
+from spoxl.spo.pairs import PairBatch
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
+from spoxl.spo.rollout import RolloutStream
 
 DEFAULT_PROMPTS = ["a red circle", "a green square", "a blue cat", "a yellow dog"]
 
@@ -186,10 +179,8 @@ class SPOObjective(Objective):
 
     def __init__(self, config=None, recipe=None):
         super().__init__(config, recipe)
-        self.round = 0  # sampling rounds done (all ranks in step)
-        self.buffer: PairBatch | None = None  # this rank's dealt pairs not yet trained on
-        self.leftover: PairBatch | None = None  # pairs that did not fill a micro-batch on every rank
-        self.empty_rounds = 0
+        self.rollout: RolloutStream | None = None  # built by setup()
+        self._position = None  # a state loaded before setup()
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -236,106 +227,26 @@ class SPOObjective(Objective):
         self.time_ids = make_time_ids(1, (self.resolution, self.resolution), device=run.device)
         self.sampler = PoolSampler(cfg.sampler_config(), comps.scheduler, comps.vae, self.scorer,
                                    prediction_type=run.prediction_type)  # fmt: skip
+        self.rollout = RolloutStream(run, self.sampler, self.prompts, prompts_per_rank=cfg.prompts_per_rank,
+                                     micro_batch_size=self.recipe.train.micro_batch_size, seed=self.recipe.run.seed,
+                                     resolution=self.resolution, time_ids=self.time_ids, epochs=cfg.epochs,
+                                     max_empty_rounds=cfg.max_empty_rounds)  # fmt: skip
+        if self._position is not None:
+            self.rollout.load_state_dict(self._position)
 
-    # ---- data: sampling rounds ---------------------------------------------------------------
-
-    def _round_prompts(self, run: RunView) -> list[str]:
-        """This rank's prompts for the current round: consecutive slices of a per-epoch
-        permutation (same on every rank), each rank its own part.
-
-        Not spoxl.data.prompts.shard_prompts: that is a fixed strided split of one list (padded by
-        repetition); SPO needs a fresh order every epoch, a position that is a function of the
-        round counter alone (resume), and rounds that run across an epoch boundary."""
-        n, per = len(self.prompts), self.config.prompts_per_rank
-        per_round = per * run.world_size
-        out = []
-        for j in range(per):
-            pos = self.round * per_round + run.rank * per + j
-            epoch, i = divmod(pos, n)
-            order = torch.randperm(n, generator=rng.generator(rng.PROMPT_ORDER, self.recipe.run.seed, counter=epoch))
-            out.append(self.prompts[int(order[i])])
-        return out
-
-    def epochs_done(self, run: RunView) -> bool:
-        """Whether method.epochs passes over the prompt set have all been sampled."""
-        if self.config.epochs is None:
-            return False
-        per_round = self.config.prompts_per_rank * run.world_size
-        return self.round * per_round >= self.config.epochs * len(self.prompts)
-
-    def _generator(self, run: RunView) -> torch.Generator:
-        """The round's sampling noise: a function of (seed, rank, round) only, so a resumed run
-        samples exactly what the uninterrupted one did."""
-        return rng.generator(rng.ROUND_SAMPLING, self.recipe.run.seed, rank=run.rank, counter=self.round)
-
-    def sample_round(self, run: RunView) -> PairBatch:
-        """One round on every rank (a collective): sample, all-gather, shuffle, deal."""
-        from spoxl.imaging import initial_latents
-        from spoxl.models.text import encode_with_negative
-
-        comps = run.components
-        prompts = self._round_prompts(run)
-        gen = self._generator(run)
-        cond, uncond = encode_with_negative(comps, prompts)
-        side = self.resolution // (2 ** (len(comps.vae.config.block_out_channels) - 1))
-        latents = torch.randn((len(prompts), comps.unet.config.in_channels, side, side), generator=gen)
-        time_ids = self.time_ids.expand(len(prompts), -1)
-        with run.sampling() as policy:
-            result = self.sampler.sample(policy, prompts, cond.to(run.device), uncond.to(run.device),
-                                         time_ids, latents.to(run.device), gen)  # fmt: skip
-        self._log_round(run, result)
-        everyone = all_gather_pairs(result.pairs.to(run.device), run.device).to("cpu")
-        if self.leftover is not None and len(self.leftover):
-            everyone = PairBatch.cat([self.leftover, everyone])
-        perm = shared_permutation(len(everyone), rng.generator(rng.ROUND_SHUFFLE, self.recipe.run.seed, counter=self.round),
-                                  run.device)  # fmt: skip
-        mine, self.leftover = deal(everyone, perm, run.rank, run.world_size, self.recipe.train.micro_batch_size)
-        self.round += 1
-        return mine
-
-    def _log_round(self, run: RunView, result) -> None:
-        """Acceptance per timestep and the mean final-image score, summed over ranks."""
-        import torch.distributed as dist
-
-        ts = sorted(result.offered, reverse=True)
-        stats = torch.tensor(
-            [[result.accepted[t], result.offered[t]] for t in ts]
-            + [[float(result.final_scores.sum()), result.final_scores.numel()], [len(result.pairs), 1]],
-            dtype=torch.float64, device=run.device,
-        )  # fmt: skip
-        if dist.is_available() and dist.is_initialized() and run.world_size > 1:
-            dist.all_reduce(stats)
-        stats = stats.cpu()
-        step = run.global_step
-        for t, (acc, off) in zip(ts, stats[: len(ts)].tolist()):
-            run.log(f"spo/acceptance/t{t:03d}", acc / max(off, 1), step)
-        total_acc, total_off = stats[: len(ts)].sum(0).tolist()
-        run.log("spo/acceptance/all", total_acc / max(total_off, 1), step)
-        run.log("spo/final_score", stats[len(ts), 0].item() / max(stats[len(ts), 1].item(), 1), step)
-        run.log("spo/pairs_per_round", stats[len(ts) + 1, 0].item(), step)
-        run.log("spo/round", self.round, step)
+    # ---- data: the rollout stream (spoxl.spo.rollout) ------------------------------------------
 
     def micro_batches(self, run: RunView):
-        mb = self.recipe.train.micro_batch_size
-        while True:
-            # The buffer length is the same on every rank (equal deals), so every rank decides to
-            # sample at the same time and the collectives inside sample_round line up.
-            while self.buffer is None or len(self.buffer) < mb:
-                if self.epochs_done(run):
-                    return  # every rank at once: the round counter and buffer are the same everywhere
-                fresh = self.sample_round(run)
-                if len(fresh) == 0:
-                    self.empty_rounds += 1
-                    if self.empty_rounds >= self.config.max_empty_rounds:
-                        raise SpoxlError(
-                            f"SPO: {self.empty_rounds} sampling rounds in a row gave no trainable pairs "
-                            f"(threshold {self.config.threshold}); lower method.threshold or raise "
-                            f"method.preference.scale")  # fmt: skip
-                    continue
-                self.empty_rounds = 0
-                self.buffer = fresh if self.buffer is None or not len(self.buffer) else PairBatch.cat([self.buffer, fresh])
-            batch, self.buffer = self.buffer.index(slice(0, mb)), self.buffer.index(slice(mb, None))
-            yield batch
+        return self.rollout
+
+    def sample_round(self, run: RunView) -> PairBatch:
+        """One sampling round of the stream (a collective on every rank)."""
+        return self.rollout.sample_round()
+
+    # The stream's position, read through the objective (what a checkpoint holds).
+    round = property(lambda self: self.rollout.round)
+    buffer = property(lambda self: self.rollout.buffer)
+    leftover = property(lambda self: self.rollout.leftover)
 
     # ---- loss ----------------------------------------------------------------------------------
 
@@ -355,18 +266,13 @@ class SPOObjective(Objective):
     # ---- resume --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "round": self.round,
-            "empty_rounds": self.empty_rounds,
-            "buffer": self.buffer.state() if self.buffer is not None else None,
-            "leftover": self.leftover.state() if self.leftover is not None else None,
-        }
+        return self.rollout.state_dict() if self.rollout is not None else dict(self._position or {"round": 0})
 
     def load_state_dict(self, state: dict) -> None:
-        self.round = int(state["round"])
-        self.empty_rounds = int(state.get("empty_rounds", 0))
-        self.buffer = PairBatch.from_state(state["buffer"]) if state.get("buffer") is not None else None
-        self.leftover = PairBatch.from_state(state["leftover"]) if state.get("leftover") is not None else None
+        if self.rollout is not None:
+            self.rollout.load_state_dict(state)
+        else:
+            self._position = state
 
 
 OBJECTIVE = SPOObjective

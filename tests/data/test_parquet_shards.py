@@ -89,7 +89,7 @@ def test_images_are_read_by_row_group_with_a_bounded_cache(shards):
 
 
 def test_columns_and_ties_come_from_the_recipe(tmp_path):
-    from spoxl.methods._offline import pair_dataset
+    from spoxl.data.streams import pair_dataset
 
     rows = [{"prompt": r["caption"], "img_a": r["jpg_0"], "img_b": r["jpg_1"], "pref_a": r["label_0"]}
             for r in rows_for(0, 10)]

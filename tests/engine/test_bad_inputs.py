@@ -204,7 +204,7 @@ def test_every_flag_of_every_command_has_help():
 
 def test_cache_build_shows_progress(tmp_path, capsys, tiny_components):
     from spoxl.data.cache import CachedDataset
-    from spoxl.methods._offline import SyntheticCaptionDataset
+    from spoxl.data.synthetic import SyntheticCaptionDataset
 
     cache = CachedDataset(SyntheticCaptionDataset(6, 64), tiny_components, tmp_path, batch_size=2)
     assert cache.build(progress=True) == 6

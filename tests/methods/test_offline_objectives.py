@@ -222,7 +222,7 @@ def test_recipes_load_with_the_official_hyper_parameters(recipe, name, params):
 
 
 def test_synthetic_pairs_always_differ_in_colour_only():
-    from spoxl.methods._offline import SyntheticPairDataset
+    from spoxl.data.synthetic import SyntheticPairDataset
 
     data = SyntheticPairDataset(72, 16, seed=3)
     losers = set()

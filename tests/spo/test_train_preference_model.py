@@ -11,7 +11,7 @@ import torch
 from spoxl.data.pairs import PreferencePairDataset
 from spoxl.data.synthetic import write_pair_table
 from spoxl.models.preference import StepAwareCLIP
-from spoxl.spo.spm_training import predicted_x0_images, spm_loss, train_spm
+from spoxl.commands.train_preference_model import predicted_x0_images, spm_loss, train_spm
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -57,7 +57,7 @@ def test_predicted_x0_images_share_noise(tiny_components):
 def test_per_prompt_weighting_is_the_official_normalised_inverse_count():
     """weight 1/(pairs with the caption), normalised over the batch: a prompt with 3 pairs in the
     dataset counts a third of one with a single pair."""
-    from spoxl.spo.spm_training import spm_loss as loss_fn
+    from spoxl.commands.train_preference_model import spm_loss as loss_fn
 
     class Fixed:  # scores chosen per call: w then l
         def __init__(self, s_w, s_l):
@@ -78,7 +78,7 @@ def test_per_prompt_weighting_is_the_official_normalised_inverse_count():
 
 
 def test_schedule_warms_up_then_decays_linearly_to_zero(tmp_path, tiny_components):
-    from spoxl.spo.spm_training import lr_factor
+    from spoxl.commands.train_preference_model import lr_factor
 
     assert [lr_factor(s, 4, 12) for s in (0, 1, 3, 4, 8, 12)] == [0.25, 0.5, 1.0, 1.0, 0.5, 0.0]
     dataset = PreferencePairDataset(write_pair_table(tmp_path / "pairs.jsonl", 8), 32, drop_ties=False)
@@ -92,7 +92,7 @@ def test_schedule_warms_up_then_decays_linearly_to_zero(tmp_path, tiny_component
 
 
 def test_latents_are_posterior_samples_and_t0_evaluation_scores_clean_images(tiny_components, tmp_path, monkeypatch):
-    import spoxl.spo.spm_training as spm
+    import spoxl.commands.train_preference_model as spm
 
     px = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     t = torch.tensor([10, 10])
@@ -108,7 +108,7 @@ def test_latents_are_posterior_samples_and_t0_evaluation_scores_clean_images(tin
 
 
 def test_relabelling_by_a_reward_model_swaps_and_ties(tmp_path):
-    from spoxl.spo.spm_training import RelabelledPairs
+    from spoxl.commands.train_preference_model import RelabelledPairs
 
     dataset = PreferencePairDataset(write_pair_table(tmp_path / "pairs.jsonl", 3), 32, drop_ties=False)
 
@@ -131,7 +131,7 @@ def test_relabelling_by_a_reward_model_swaps_and_ties(tmp_path):
 
 
 def test_cli_with_the_official_preset(tmp_path, capsys):
-    from spoxl.spo.spm_training import PRESETS, main
+    from spoxl.commands.train_preference_model import PRESETS, main
 
     assert PRESETS == {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000}}
     pairs = write_pair_table(tmp_path / "pairs.jsonl", 8)

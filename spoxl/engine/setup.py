@@ -2,7 +2,8 @@
 
   init_distributed(cfg)  -> (rank, world_size, device): gloo + DS_ACCELERATOR=cpu without a GPU,
                             NCCL on GPUs, process-group timeout from the recipe;
-  build_training(cfg, objective) -> Trainer (spoxl.engine.trainer): components loaded, VAE/text encoders frozen in
+  build_training(cfg, objective) -> Trainer (spoxl.engine.trainer): components loaded (under ZeRO-3
+                            the UNet partitioned from construction: spoxl.engine.sharded), VAE/text encoders frozen in
                             the compute dtype and kept OUTSIDE DeepSpeed; the UNet with LoRA
                             (peft, the diffusers way) or fully trainable; optimizer (torch AdamW or
                             bitsandbytes AdamW8bit), LR warmup/schedule; deepspeed.initialize;
@@ -187,7 +188,7 @@ def build_training(cfg, objective, *, components=None):
     """Everything up to the first step: returns the run's spoxl.engine.trainer.Trainer."""
     import deepspeed
 
-    from spoxl.engine.ds_config import build_ds_config, compute_dtype
+    from spoxl.engine.ds_config import build_ds_config, compute_dtype, zero_stage
     from spoxl.engine.trainer import Trainer
     from spoxl.models.loading import load_sdxl
 
@@ -198,7 +199,13 @@ def build_training(cfg, objective, *, components=None):
     # Same seed on every rank for everything that builds weights (LoRA init, the tiny model):
     # ZeRO-3 partitions each rank's own copy, so the copies must agree.
     torch.manual_seed(rng.seed(rng.WEIGHTS, cfg.run.seed))
-    if components is None:
+    build_sharded = None  # ZeRO-3: builds another partitioned UNet (full fine-tuning's reference)
+    if components is None and zero_stage(ds) == 3 and cfg.model.unet_file is None:
+        # Partitioned from construction: no rank ever holds the whole UNet (spoxl.engine.sharded).
+        from spoxl.engine.sharded import load_components_sharded
+
+        components, build_sharded = load_components_sharded(cfg, ds)
+    elif components is None:
         components = load_sdxl(cfg.model.path, unet_file=cfg.model.unet_file, vae_file=cfg.model.vae_file,
                                variant=cfg.model.variant, vae_path=cfg.model.vae_path)
     # Frozen parts: compute dtype (the VAE fp32 unless model.vae_dtype says compute), on the
@@ -219,7 +226,9 @@ def build_training(cfg, objective, *, components=None):
     else:
         unet.requires_grad_(True)
         if objective.needs_reference:
-            reference = copy.deepcopy(unet)
+            # ZeRO-3: a second partitioned build (a deepcopy of partitioned parameters copies
+            # nothing); otherwise a copy of the base weights before training moves them.
+            reference = build_sharded() if build_sharded is not None else copy.deepcopy(unet)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

@@ -42,6 +42,8 @@ class SDXLComponents:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SDXLComponents":
         for name in ("unet", *self.frozen_part_names()):
             part = getattr(self, name)
+            if part is None:  # a UNet not built yet (ZeRO-3 builds it partitioned)
+                continue
             # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.
             if dtype is not None and next(part.parameters()).dtype != dtype:
                 part.to(device=device, dtype=dtype)

@@ -152,6 +152,7 @@ def load_sdxl(
     dtype: torch.dtype = torch.float32,
     variant: str | None = None,
     vae_path: str | os.PathLike | None = None,
+    with_unet: bool = True,
 ) -> SDXLComponents:
     """Load all SDXL parts (frozen VAE/text encoders, UNet in train-ready fp32 unless dtype says).
 
@@ -159,6 +160,7 @@ def load_sdxl(
     or VAE weights with a single-file checkpoint whose config comes from that folder. `variant`
     ("fp16") picks *.fp16.safetensors weights where a part has them; None picks the plain weights,
     or a part's only variant when it has no plain ones (spoxl.models.loading.choose_variant).
+    with_unet=False leaves components.unet None (ZeRO-3 builds it partitioned: spoxl.engine.sharded).
     """
     _offline()
     model = str(model)
@@ -175,7 +177,7 @@ def load_sdxl(
     else:
         config_dir = Path(resolve_model_path(model)).expanduser()
         check_sdxl_folder(config_dir)
-        parts = _load_folder(config_dir, variant)
+        parts = _load_folder(config_dir, variant, with_unet=with_unet)
         parts.force_zeros_for_empty_prompt = _force_zeros(config_dir)
     if vae_path is not None:
         if vae_file is not None:
@@ -193,9 +195,12 @@ def load_sdxl(
             parts.unet = _load_single_file("unet", Path(unet_file), config_dir)
         if vae_file is not None:
             parts.vae = _load_single_file("vae", Path(vae_file), config_dir)
+    if not with_unet:
+        parts.unet = None
     parts.to(dtype=dtype)
     parts.freeze_frozen_parts()
-    parts.unet.eval()
+    if parts.unet is not None:
+        parts.unet.eval()
     return parts
 
 
@@ -227,7 +232,7 @@ def _force_zeros(folder: Path) -> bool:
     return bool(value)
 
 
-def _load_folder(path: Path, variant: str | None = None) -> SDXLComponents:
+def _load_folder(path: Path, variant: str | None = None, *, with_unet: bool = True) -> SDXLComponents:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -237,7 +242,7 @@ def _load_folder(path: Path, variant: str | None = None) -> SDXLComponents:
     v = {part: choose_variant(path / part, variant) for part in parts}
     try:
         return SDXLComponents(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=v["unet"], **kw),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=v["unet"], **kw) if with_unet else None,
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=v["vae"], **kw),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", variant=v["text_encoder"], **kw),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",

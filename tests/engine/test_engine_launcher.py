@@ -40,6 +40,12 @@ def test_zero_trains_lora_and_full_with_frozen_reference(stage, tmp_path):
     assert f"CHECKS OK {stage} world=2" in out
 
 
+def test_zero3_builds_the_unet_partitioned_and_loads_the_folder_into_the_partitions(tmp_path, tiny_dir):
+    """No rank holds the whole UNet at load time under ZeRO-3 (issue 16): see launch_zero3_init_checks.py."""
+    out = ok(launch([str(REPO / "tests/engine/launch_zero3_init_checks.py"), str(tiny_dir), str(tmp_path)]))
+    assert "ZERO3 INIT OK world=2" in out
+
+
 TRAIN = ["--config", "configs/tiny_sft.yaml", "--set", "deepspeed.config=ds_configs/zero3.json",
          "--set", "train.max_steps=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=2",
          "--set", "train.grad_accum=1", "--set", "data.synthetic_size=8", "--set", "logging.sample_every=3",

@@ -11,8 +11,6 @@ the same per-sample values -- no second pass, no host sync.
 
 from __future__ import annotations
 
-import torch
-
 from spoxl.errors import SpoxlError
 from spoxl.kernels import _checks
 from spoxl.kernels.dispatch import backend_module

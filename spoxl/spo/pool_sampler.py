@@ -22,7 +22,6 @@ and spoxl.kernels'; nothing is re-derived here.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch

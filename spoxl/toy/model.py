@@ -16,7 +16,7 @@ the same code as a real checkpoint); `spoxl toy pretrain` reproduces them.
 from __future__ import annotations
 
 from spoxl.models import tiny
-from spoxl.paths import TOY_WEIGHTS_DIR as WEIGHTS_DIR  # where the weights ship (spoxl.paths)
+from spoxl.paths import TOY_WEIGHTS_DIR as WEIGHTS_DIR  # noqa: F401  (where the weights ship; read here by tests)
 
 
 def toy_unet_config() -> dict:

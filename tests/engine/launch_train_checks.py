@@ -17,7 +17,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from inprocess import fixed_loss, fixed_unet_input, make  # noqa: E402
 
-from spoxl.engine import loop  # noqa: E402
 from spoxl.engine.zero_utils import gathered_state_dict  # noqa: E402
 from spoxl.methods.sft import SFTObjective  # noqa: E402
 from spoxl.models.tiny import build_tiny_sdxl  # noqa: E402

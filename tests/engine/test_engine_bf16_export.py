@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from inprocess import make
-from spoxl.engine import checkpoint, loop
+from spoxl.engine import checkpoint
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])

@@ -49,7 +49,6 @@ def test_resume_on_another_rank_count_warns_that_data_position_restarts(tmp_path
     import torch
 
     from inprocess import make
-    from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
     ctx.train()
@@ -72,7 +71,6 @@ def test_resume_on_another_rank_count_warns_that_data_position_restarts(tmp_path
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "spoxl_rank0.pt"])
 def test_resume_skips_a_truncated_latest_checkpoint_and_says_which_file(tmp_path, victim):
     from inprocess import make, trainable
-    from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1", "train.lr=1e-2"])
     ctx.train()
@@ -105,7 +103,6 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_which_file(tmp_path
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_latest_stays(tmp_path, monkeypatch):
     from inprocess import make
-    from spoxl.engine import loop
 
     ctx, obj = make(tmp_path / "a", ["train.max_steps=1"])
     ctx.train()

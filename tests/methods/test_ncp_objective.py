@@ -21,7 +21,6 @@ from inprocess import make  # noqa: E402
 import spoxl.kernels  # noqa: E402
 from spoxl.config import load_config  # noqa: E402
 from spoxl.data.cache import encode_batch  # noqa: E402
-from spoxl.engine import loop  # noqa: E402
 from spoxl.errors import SpoxlError  # noqa: E402
 from spoxl.methods.ncp import NCPObjective  # noqa: E402
 from spoxl.models.tiny import build_tiny_sdxl  # noqa: E402

@@ -20,7 +20,6 @@ from inprocess import fixed_unet_input, make  # noqa: E402  (single-rank engine 
 
 from spoxl.config import load_config  # noqa: E402
 from spoxl.data.cache import encode_batch  # noqa: E402
-from spoxl.engine import loop  # noqa: E402
 from spoxl.errors import SpoxlError  # noqa: E402
 from spoxl.methods.diffusion_dpo import DiffusionDPOObjective  # noqa: E402
 from spoxl.methods.mapo import MaPOObjective  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spoxl.config import load_config
-from spoxl.engine import checkpoint, loop
+from spoxl.engine import checkpoint
 from spoxl.engine.logging import MetricsLogger
 from spoxl.engine.setup import build_training
 from spoxl.errors import SpoxlError

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from spoxl.config import load_config
-from spoxl.engine import loop
 from spoxl.engine.logging import MetricsLogger
 from spoxl.engine.setup import build_training
 from spoxl.evaluation import preference_accuracy

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from spoxl.config import load_config
-from spoxl.engine import loop
 from spoxl.engine.logging import MetricsLogger
 from spoxl.engine.setup import build_training
 from spoxl.evaluation import paired_stats, score_images

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import torch.nn.functional as F
 
 from spoxl.kernels import _checks

@@ -180,9 +180,9 @@ def estimate(
             num_nodes=num_nodes,
             cpu_offload=offload_optimizer,
             cpu_offload_params=offload_param and offload_optimizer,
-            # spoxl builds the whole UNet in every rank before deepspeed.initialize partitions it
-            # (no deepspeed.zero.Init), so host memory peaks as DeepSpeed's zero_init=0 case says.
-            zero_init=False,
+            # spoxl builds the UNet under deepspeed.zero.Init (spoxl.engine.sharded; except a
+            # single-file model.unet_file), so no rank materialises it whole on the host.
+            zero_init=True,
         )
     elif stage == 0:
         cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, 1, 1, cpu_offload=False)

@@ -133,17 +133,14 @@ def _load_into_partitions(unet, files: dict[str, Path], stats: LoadStats) -> Non
 
 def unet_source(model: str) -> tuple[dict, Path | None, int]:
     """(UNet config, unet/ weights folder or None, init seed) of a recipe's model.path."""
-    from spoxl.models import tiny
-    from spoxl.models.loading import check_sdxl_folder, resolve_model_path
+    from spoxl.models import random_sdxl, tiny
+    from spoxl.models.loading import BUILT_IN, built_in_model, check_sdxl_folder, resolve_model_path
 
-    name, _, seed = str(model).partition(":")
-    if name in ("tiny", "tiny-sd15"):
-        try:
-            seed = int(seed or 0)
-        except ValueError:
-            raise SpoxlError(f"model {model!r}: the seed after ':' must be an integer") from None
-        # build_tiny_sdxl / build_tiny_sd15 build the UNet first after seeding: the same init here
-        config = tiny.tiny_sd15_unet_config() if name == "tiny-sd15" else tiny.tiny_unet_config()
+    if str(model).split(":", 1)[0] in BUILT_IN:
+        name, seed = built_in_model(model)
+        # the factories build the UNet first after seeding: the same init here
+        config = {"tiny": tiny.tiny_unet_config, "tiny-sd15": tiny.tiny_sd15_unet_config,
+                  "sdxl-random": lambda: random_sdxl.bundled_config("unet")}[name]()  # fmt: skip
         return config, None, seed
     folder = Path(resolve_model_path(model)).expanduser()
     check_sdxl_folder(folder)

@@ -3,6 +3,7 @@
 Accepted sources:
   * "tiny" (optionally "tiny:SEED"): the toy SDXL architecture built in code (spoxl.models.tiny);
     "tiny-sd15[:SEED]" the same for the SD1.5 architecture (one text encoder, no added conditioning);
+    "sdxl-random[:SEED]" the REAL SDXL architecture with random weights (spoxl.models.random_sdxl);
   * "toy": the pretrained toy-world model shipped in the package (spoxl/toy/weights/), loaded as
     the diffusers folder it is, by the same code as a real checkpoint;
   * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
@@ -127,6 +128,18 @@ def check_sdxl_folder(path: Path) -> None:
             raise SpoxlError(f"model folder {path} has an empty {sub}/ subfolder")
 
 
+BUILT_IN = ("tiny", "tiny-sd15", "sdxl-random")  # models built in code: NAME or NAME:SEED
+
+
+def built_in_model(model: str) -> tuple[str, int]:
+    """(name, seed) of a built-in model name such as "tiny:3"."""
+    name, _, seed = str(model).partition(":")
+    try:
+        return name, int(seed or 0)
+    except ValueError:
+        raise SpoxlError(f"model {model!r}: the seed after ':' must be an integer") from None
+
+
 def resolve_model_path(model: str) -> str:
     """The folder behind a model name: "toy" is the shipped toy-world folder; anything else is
     returned unchanged ("tiny[:SEED]" or a path)."""
@@ -164,15 +177,16 @@ def load_sdxl(
     """
     _offline()
     model = str(model)
-    if model.split(":", 1)[0] in ("tiny", "tiny-sd15"):
-        from spoxl.models.tiny import build_tiny_sd15, build_tiny_sdxl
+    if model.split(":", 1)[0] in BUILT_IN:
+        name, seed = built_in_model(model)
+        if name == "sdxl-random":
+            from spoxl.models.random_sdxl import build_random_sdxl
 
-        name, _, seed = model.partition(":")
-        try:
-            seed = int(seed or 0)
-        except ValueError:
-            raise SpoxlError(f"model {model!r}: the seed after ':' must be an integer") from None
-        parts = (build_tiny_sd15 if name == "tiny-sd15" else build_tiny_sdxl)(seed)
+            parts = build_random_sdxl(seed, with_unet=with_unet)
+        else:
+            from spoxl.models.tiny import build_tiny_sd15, build_tiny_sdxl
+
+            parts = (build_tiny_sd15 if name == "tiny-sd15" else build_tiny_sdxl)(seed)
         config_dir = None
     else:
         config_dir = Path(resolve_model_path(model)).expanduser()

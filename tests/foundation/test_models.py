@@ -179,3 +179,16 @@ def test_a_missing_variant_and_missing_weights_are_named(tiny_components, tiny_d
         f.unlink()
     with pytest.raises(SpoxlError, match=r"no weights in unet/: looked for diffusion_pytorch_model\[\.fp16\]"):
         load_sdxl(bare)
+
+
+def test_sdxl_random_is_the_real_sdxl_architecture():
+    """`sdxl-random[:SEED]` (benchmarks/real_size.py) builds the real SDXL UNet config; counted on
+    the meta device here (building it takes half a minute and 10 GB)."""
+    from spoxl.cluster.memory import meta_unet
+    from spoxl.engine.sharded import unet_source
+
+    config, weights, seed = unet_source("sdxl-random:7")
+    assert weights is None and seed == 7
+    assert sum(p.numel() for p in meta_unet(config).parameters()) == 2_567_463_684
+    with pytest.raises(SpoxlError, match="the seed after ':' must be an integer"):
+        load_sdxl("sdxl-random:x")

@@ -1,0 +1,147 @@
+"""Real size: the full SDXL UNet through spoxl's engine on 2 ranks, memory and speed measured.
+
+Runs `spoxl.train` through the deepspeed launcher on the REAL SDXL architecture (random weights,
+`model.path=sdxl-random`, or a local SDXL folder with --model), LoRA (the SDXL recipe's rank 64)
+under ZeRO-3 in bf16 with gradient checkpointing -- the UNet partitioned from construction
+(spoxl.engine.sharded) -- for a few optimizer steps of each method asked for:
+
+  spo   configs/spo_sdxl.yaml: 4 DDIM steps, k = 2, one prompt per rank, threshold 0 (every pool
+        gives a pair), the colour scorer as preference model (no SPM file needed), 128 px on CPU
+  dpo   configs/sdxl_dpo_lora.yaml: the built-in synthetic pairs at 128 px on CPU, AdamW
+
+and reports, per run: seconds per optimizer step, the busiest rank's peak RSS (and CUDA peak on a
+GPU), DeepSpeed's estimate of the per-rank model states for the same recipe (spoxl preflight's),
+the size of one full fp32 UNet (10.3 GB) beside them, and PASS/FAIL for "every rank's peak RSS is
+below one full fp32 UNet". CSV: benchmarks/results/real_size_<device>.csv.
+
+    python benchmarks/real_size.py [--methods spo dpo] [--steps 2] [--resolution 128] [--model sdxl-random]
+
+Not part of `make test` (minutes on 2 CPU cores, ~8 GB RAM per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_FP32_UNET_GB = 2_567_463_684 * 4 / 1e9  # 10.27 GB
+
+COMMON = ["deepspeed.config=ds_configs/zero3.json", "deepspeed.precision=bf16", "train.gradient_checkpointing=true",
+          "train.micro_batch_size=1", "train.grad_accum=1", "train.warmup_steps=0", "logging.every=1",
+          "logging.sample_every=0", "logging.progress=false", "checkpoint.every=0", "checkpoint.save_final=false",
+          "export.at_end=false"]  # fmt: skip
+RECIPES = {
+    "spo": ("configs/spo_sdxl.yaml", ["method.steps=4", "method.pool_size=2", "method.num_inner_step=1",
+                                      "method.divert_start_step=0", "method.threshold=0.0", "method.prompts_per_rank=1",
+                                      "method.epochs=null", "method.preference.kind=colour", "method.preference.path=null",
+                                      "method.preference.weights=null"]),  # fmt: skip
+    "dpo": ("configs/sdxl_dpo_lora.yaml", ["data.path=null", "data.synthetic_size=4", "optim.name=adamw",
+                                           "data.cache_dir=null"]),  # fmt: skip
+}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def overrides(method: str, args, out: Path) -> list[str]:
+    res = [f"method.resolution={args.resolution}"] if method == "spo" else [f"data.resolution={args.resolution}"]
+    return [*COMMON, *RECIPES[method][1], *res, f"model.path={args.model}", f"train.max_steps={args.steps}",
+            f"run.output_dir={out}"]  # fmt: skip
+
+
+def estimate_gb(config: str, sets: list[str], world: int) -> float:
+    """spoxl preflight's per-rank model-state estimate (DeepSpeed's estimators) for the recipe."""
+    from spoxl.cluster.memory import count_params, estimate
+    from spoxl.config import load_config
+    from spoxl.models.random_sdxl import bundled_config
+
+    cfg = load_config(REPO / config, sets)
+    counts = count_params(bundled_config("unet"), cfg.lora, None)
+    return estimate(counts, 3, world, 1, weight_bytes=2).gpu_per_rank / 1e9
+
+
+def run(method: str, args, out_root: Path) -> dict:
+    config, _ = RECIPES[method]
+    out = out_root / method
+    sets = overrides(method, args, out)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", free_port(),
+           "--module", "spoxl.train", "--config", config]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    started = time.time()
+    print(f"[{method}] {' '.join(cmd[-2 * len(sets):][:6])} ... ({len(sets)} overrides)", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        sys.exit(f"real_size: {method} failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    rss_gb = summary["peak_rss_mib"] * 2**20 / 1e9
+    row = {
+        "method": method, "model": args.model, "ranks": args.ranks, "zero": 3, "precision": "bf16", "lora_rank": 64,
+        "resolution": args.resolution, "steps": summary["steps"],
+        "s_per_step": round(summary["seconds"] / max(1, summary["steps"]), 1),
+        "launch_wall_s": round(wall, 1),
+        "peak_rss_gb_busiest_rank": round(rss_gb, 2),
+        "cuda_peak_gb": round(summary.get("cuda_peak_mib", 0) * 2**20 / 1e9, 2),
+        "deepspeed_model_states_gb_per_rank": round(estimate_gb(config, sets, args.ranks), 2),
+        "full_fp32_unet_gb": round(FULL_FP32_UNET_GB, 2),
+        "status": "PASS" if rss_gb < FULL_FP32_UNET_GB else "FAIL",
+        "loss": summary.get("loss"),
+    }
+    print(f"[{method}] {row}", flush=True)
+    return row
+
+
+def device_label() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().lower().replace(" ", "-")
+    return f"cpu{os.cpu_count()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["spo", "dpo"], choices=sorted(RECIPES))
+    p.add_argument("--model", default="sdxl-random", help="sdxl-random (default) or a local SDXL folder")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per run (default 2)")
+    p.add_argument("--resolution", type=int, default=128, help="pixels (default 128 on CPU; 1024 on a GPU)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spoxl_real_size_") as tmp:
+        for method in args.methods:
+            rows.append(run(method, args, Path(tmp)))
+    out = Path(args.out_dir) / f"real_size_{device_label()}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "device", "host"])
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "device": device_label(), "host": platform.machine()})
+    print(f"wrote {out}")
+    return 0 if all(r["status"] == "PASS" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

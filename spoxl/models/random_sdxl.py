@@ -1,0 +1,48 @@
+"""The REAL SDXL base architecture with random weights ("sdxl-random[:SEED]"): for memory and speed
+measurements at real size without a download (benchmarks/real_size.py).
+
+The UNet, VAE and both text encoders come from the real configs bundled in spoxl/resources (the
+UNet: 2,567,463,684 parameters; the text encoders 123 M and 695 M). The tokenizers are the tiny
+byte-level ones (spoxl.models.tiny): the real BPE files are not shipped, and random weights make
+no use of real tokens. Under ZeRO-3 the UNet is built partitioned instead (spoxl.engine.sharded),
+so `with_unet=False` skips it here.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+
+from spoxl.models.components import SDXLComponents
+
+
+def bundled_config(name: str) -> dict:
+    """A real SDXL part's config from spoxl/resources (sdxl_<name>_config.json)."""
+    text = resources.files("spoxl.resources").joinpath(f"sdxl_{name}_config.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def build_random_sdxl(seed: int = 0, *, with_unet: bool = True) -> SDXLComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from spoxl.models import tiny
+
+    tokenizer, tokenizer_2 = tiny.tiny_clip_tokenizer(), tiny.tiny_clip_tokenizer(pad_token="!")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+    def text_config(name):
+        config = {k: v for k, v in bundled_config(name).items() if k not in ("architectures", "torch_dtype")}
+        return CLIPTextConfig(**{**config, **ids, "pad_token_id": tokenizer.pad_token_id})
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the UNet first, as in the tiny factories (spoxl.engine.sharded relies on it)
+        unet = UNet2DConditionModel(**bundled_config("unet")).eval() if with_unet else None
+        vae = AutoencoderKL(**bundled_config("vae")).eval()
+        text_encoder = CLIPTextModel(text_config("text_encoder")).eval()
+        text_encoder_2 = CLIPTextModelWithProjection(text_config("text_encoder_2")).eval()
+    return SDXLComponents(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=tiny.sdxl_scheduler(),
+                          force_zeros_for_empty_prompt=True)  # fmt: skip

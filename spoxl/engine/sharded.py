@@ -155,13 +155,38 @@ def load_components_sharded(cfg, ds):
     """The recipe's components with the UNet partitioned from construction (ZeRO-3)."""
     from spoxl.models.loading import load_sdxl
 
+    from spoxl.engine.ds_config import compute_dtype
+
     m = cfg.model
+    # The frozen parts in the compute dtype right away (the VAE as model.vae_dtype says), and the
+    # freed fp32 copies handed back to the OS before the UNet is built: at real size the text
+    # encoders alone are 3.3 GB in fp32.
     components = load_sdxl(m.path, vae_file=m.vae_file, variant=m.variant, vae_path=m.vae_path, with_unet=False)
+    dtype = compute_dtype(cfg.deepspeed.precision)
+    for name in components.frozen_part_names():
+        if name != "vae" or m.vae_dtype != "fp32":  # the same casts as spoxl.engine.setup, done early
+            getattr(components, name).to(dtype)
+    release_freed_memory()
     config, weights, seed = unet_source(m.path)
 
     def build():
         unet, _ = build_sharded_unet(config, ds, weights=weights, variant=m.variant, seed=seed)
+        release_freed_memory()
         return unet
 
     components.unet = build()
     return components, build
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim; a no-op elsewhere). Building a large
+    model frees GBs of temporaries that glibc would otherwise keep mapped, and that the next
+    allocation spike (deepspeed.initialize, the first forward) then adds to."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

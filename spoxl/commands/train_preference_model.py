@@ -2,7 +2,7 @@
 
 Per batch of Pick-a-Pic-layout pairs (spoxl.data.pairs.PreferencePairDataset, ties kept):
   1. t ~ U{0..T-1}, one per pair;
-  2. VAE-encode both images (latent mean) and add the SAME noise at t to both;
+  2. VAE-encode both images (a posterior sample) and add the SAME noise at t to both;
   3. predict x0 in one step with the frozen base UNet, CFG against the empty prompt;
   4. VAE-decode and score both with the SPM at timestep t (StepAwareCLIP.score does the resize,
      crop and CLIP normalisation);

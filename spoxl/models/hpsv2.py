@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference_io import check_inputs, clip_pixel_values
+from spoxl.models.preference_io import check_inputs, clip_pixel_values, load_strict
 
 VISION_HEAD_WIDTH = 80  # ViT-H-14: 1280 wide, 16 heads
 TEXT_HEAD_WIDTH = 64  # ViT-H-14's text tower: 1024 wide, 16 heads
@@ -153,15 +153,8 @@ class HPSv2:
         state = read_checkpoint(weights)
         config = clip_config(state, self.tokenizer.eos_token_id, weights)
         self.model = CLIPModel(config).eval()
-        mapped = clip_state_dict(state, weights)
-        own = {k for k in self.model.state_dict() if not k.endswith("position_ids")}
-        if mapped.keys() != own:
-            odd = sorted(mapped.keys() ^ own)[0]
-            raise SpoxlError(f"hpsv2: {weights} does not load strictly into an open_clip ViT CLIP (key {odd})")
-        try:
-            self.model.load_state_dict(mapped, strict=False)
-        except RuntimeError as e:
-            raise SpoxlError(f"hpsv2: {weights}: {str(e).splitlines()[-1].strip()[:200]}") from None
+        load_strict(self.model, clip_state_dict(state, weights), what="hpsv2", file=weights,
+                    into="an open_clip ViT CLIP")  # fmt: skip
         if len(self.tokenizer) > config.text_config.vocab_size:
             raise SpoxlError(f"hpsv2: tokenizer in {path} has {len(self.tokenizer)} tokens, the checkpoint's text "
                              f"tower {config.text_config.vocab_size}")  # fmt: skip

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from spoxl.errors import SpoxlError
-from spoxl.models.preference_io import check_inputs, clip_pixel_values
+from spoxl.models.preference_io import check_inputs, clip_pixel_values, load_strict
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -160,14 +160,7 @@ class ImageReward:
             raise SpoxlError(f"imagereward: {med_file} is not valid JSON: {e}") from None
         state = mapped_state(_read(weights), weights)
         self.net = _ImageRewardNet(*_configs(state, med, self.tokenizer, weights)).eval()
-        own = {k for k in self.net.state_dict() if not k.endswith("position_ids")}
-        if state.keys() != own:
-            odd = sorted(state.keys() ^ own)[0]
-            raise SpoxlError(f"imagereward: {weights} does not load strictly into ImageReward's BLIP (key {odd})")
-        try:
-            self.net.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            raise SpoxlError(f"imagereward: {weights}: {str(e).splitlines()[-1].strip()[:200]}") from None
+        load_strict(self.net, state, what="imagereward", file=weights, into="ImageReward's BLIP")
         if len(self.tokenizer) > self.net.text.config.vocab_size:
             raise SpoxlError(f"imagereward: tokenizer in {path} has {len(self.tokenizer)} tokens, the checkpoint "
                              f"{self.net.text.config.vocab_size}")  # fmt: skip

@@ -78,3 +78,16 @@ def _clip_norm(device) -> tuple[torch.Tensor, torch.Tensor]:
         _CLIP_NORM[key] = (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
                            torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))  # fmt: skip
     return _CLIP_NORM[key]
+
+
+def load_strict(model, state: dict, *, what: str, file, into: str) -> None:
+    """Load `state` into `model` with exactly its keys (position_ids buffers aside) and shapes,
+    else a one-line SpoxlError naming the first odd key or the shape mismatch."""
+    own = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    if state.keys() != own:
+        odd = sorted(state.keys() ^ own)[0]
+        raise SpoxlError(f"{what}: {file} does not load strictly into {into} (key {odd})")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise SpoxlError(f"{what}: {file}: {str(e).splitlines()[-1].strip()[:200]}") from None

@@ -53,3 +53,14 @@ def triton_ops():
     from spoxl.kernels import _triton_ops
 
     return _triton_ops
+
+
+def bind_triton(namespace: dict) -> None:
+    """Bind `tl` (triton.language) and `K` (the shared Triton helpers) as globals of a loss module,
+    when its triton_heads() first runs. Module globals, not closures: the interpreter re-runs a
+    Triton function's source against its module's globals (triton.language included)."""
+    import triton.language
+
+    from spoxl.kernels import _triton_kernels
+
+    namespace["tl"], namespace["K"] = triton.language, _triton_kernels

@@ -76,18 +76,16 @@ def fused(pred_w, pred_l, target_w, target_l, *, beta, snr, num_train_timesteps,
     return T.with_metrics(METRICS, loss, metrics, return_metrics)
 
 
-# Bound by triton_heads() on first use. Module globals, not closures: the interpreter re-runs a
-# Triton function's source against its module's globals (triton.language included).
+# Bound by triton_heads() on first use (_common.bind_triton; helpers too: module globals, not closures).
 tl = K = score_and_slope = None
 
 
 @functools.cache
 def triton_heads() -> dict:
     """{variant: `head` as a Triton device function for the shared loss head kernel}, built on first use."""
-    global tl, K, score_and_slope
+    global score_and_slope
+    C.bind_triton(globals())
     import triton
-    import triton.language as tl
-    from spoxl.kernels import _triton_kernels as K
 
     @triton.jit
     def score_and_slope(m, snr):

@@ -86,18 +86,16 @@ def fused(feat_w, feat_l, ref_feat_w, ref_feat_l, target_feat_w, target_feat_l, 
     return T.with_metrics(METRICS[kind], loss, metrics, return_metrics)
 
 
-# Bound by triton_heads() on first use. Module globals, not closures: the interpreter re-runs a
-# Triton function's source against its module's globals (triton.language included).
+# Bound by triton_heads() on first use (_common.bind_triton; helpers too: module globals, not closures).
 tl = K = ncp_head = None
 
 
 @functools.cache
 def triton_heads() -> dict:
     """{kind: `head` of that kind as a Triton device function}, built on first use."""
-    global tl, K, ncp_head
+    global ncp_head
+    C.bind_triton(globals())
     import triton
-    import triton.language as tl
-    from spoxl.kernels import _triton_kernels as K
 
     @triton.jit
     def ncp_head(s0, s1, s2, s3, beta, inv_b, inv_n, rmask, met_ptr, KIND: tl.constexpr):

@@ -82,18 +82,15 @@ def fused(x_w, x_l, mean_w, mean_l, ref_mean_w, ref_mean_l, std, *, beta, clip, 
     return T.with_metrics(METRICS, loss, metrics, return_metrics)
 
 
-# Bound by triton_heads() on first use. Module globals, not closures: the interpreter re-runs a
-# Triton function's source against its module's globals (triton.language included).
+# Bound by triton_heads() on first use (_common.bind_triton; helpers too: module globals, not closures).
 tl = K = None
 
 
 @functools.cache
 def triton_heads() -> dict:
     """{variant: `head` as a Triton device function for the shared loss head kernel}, built on first use."""
-    global tl, K
+    C.bind_triton(globals())
     import triton
-    import triton.language as tl
-    from spoxl.kernels import _triton_kernels as K
 
     @triton.jit
     def spo_head(s0, s1, s2, s3, std, beta, clip, p2, inv_b, inv_n, rmask, met_ptr):

@@ -214,3 +214,23 @@ def estimates_by_stage(counts: ParamCounts, gpus_per_node: int, num_nodes: int, 
 
 def gib(n_bytes: int) -> str:
     return f"{n_bytes / GiB:.2f}"
+
+
+def recipe_model_states(cfg, ds: dict, unet_config: dict, per_node: int, nodes: int):
+    """(ParamCounts, the recipe's Estimate, the estimate keywords) for the recipe's ZeRO stage and
+    offload, on `nodes` nodes of `per_node` ranks."""
+    from spoxl.engine.ds_config import zero_stage
+    from spoxl.models.loading import resolve_model_path
+    from spoxl.registry import objective_class
+
+    zero = ds.get("zero_optimization", {})
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+    model_path = resolve_model_path(cfg.model.path)
+    model_dir = model_path if Path(model_path).is_dir() else None
+    counts = count_params(unet_config, cfg.lora, model_dir)
+    common = dict(has_reference_copy=(not cfg.lora.enabled) and objective_class(cfg.method.name).needs_reference,
+                  weight_bytes=4 if cfg.deepspeed.precision == "fp32" else 2)  # fmt: skip
+    chosen = estimate(counts, zero_stage(ds), per_node, nodes, offload_optimizer=offload_opt,
+                      offload_param=offload_param, **common)  # fmt: skip
+    return counts, chosen, common

@@ -9,7 +9,10 @@
 3. builds the model's UNet on the meta device (no weights) from the model folder's
    unet/config.json, or the bundled SDXL base config, with the recipe's LoRA, and prints the
    per-rank memory of model states for ZeRO stages 0-3 from DeepSpeed's estimators
-   (spoxl.cluster.memory), marking the recipe's stage.
+   (spoxl.cluster.memory), marking the recipe's stage;
+4. adds the activation memory of one micro-step of the recipe (its method's UNet rows per sample x
+   micro-batch, at its resolution, with its gradient checkpointing and precision), measured on the
+   meta device (spoxl.cluster.activations), to the recipe's per-rank figure.
 
 Runs on a login node: no GPU, no process group, no weights read.
 """
@@ -33,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--unet-config", default=None,
                    help="UNet config.json to estimate with (default: MODEL/unet/config.json if the recipe's "
                         "model folder is readable here, else the bundled SDXL base 1.0 config)")
+    p.add_argument("--no-activations", action="store_true",
+                   help="skip measuring one micro-step's activation memory (meta device, ~10-20 s at SDXL size)")
 
 
 def check_batch(micro: int, grad_accum: int, world: int, global_batch: int | None) -> int:
@@ -61,6 +66,10 @@ def unet_config_for(cfg, explicit: str | None) -> tuple[dict, str]:
         from spoxl.models.tiny import tiny_unet_config
 
         return dict(tiny_unet_config()), "the tiny test model"
+    from spoxl.models.random_sdxl import UNET_WIDTHS, unet_config
+
+    if model.split(":", 1)[0] in UNET_WIDTHS:
+        return unet_config(model.split(":", 1)[0]), f"{model.split(':', 1)[0]} (built in)"
     from spoxl.models.loading import resolve_model_path
 
     folder_config = Path(resolve_model_path(model)) / "unet" / "config.json"
@@ -93,10 +102,10 @@ def run(args) -> int:
     # about falling back to CPU) on a login node.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from spoxl.cluster.hostfile import world_size
-    from spoxl.cluster.memory import count_params, estimate, estimates_by_stage, gib
+    from spoxl.cluster.activations import micro_step_activations
+    from spoxl.cluster.memory import estimates_by_stage, gib, recipe_model_states
     from spoxl.config import load_config
     from spoxl.engine.ds_config import build_ds_config, zero_stage
-    from spoxl.registry import objective_class
 
     hosts, host_source = _hosts_from(args)
     cfg = load_config(args.config, args.overrides)
@@ -108,22 +117,11 @@ def run(args) -> int:
     global_batch = check_batch(cfg.train.micro_batch_size, cfg.train.grad_accum, world, args.global_batch)
     ds = build_ds_config(cfg, world)
     stage = zero_stage(ds)
-    zero = ds.get("zero_optimization", {})
-    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
 
     unet_config, unet_source = unet_config_for(cfg, args.unet_config)
-    from spoxl.models.loading import resolve_model_path
-
-    model_path = resolve_model_path(cfg.model.path)
-    model_dir = model_path if Path(model_path).is_dir() else None
-    counts = count_params(unet_config, cfg.lora, model_dir)
-    has_reference_copy = (not cfg.lora.enabled) and objective_class(cfg.method.name).needs_reference
-    weight_bytes = 4 if cfg.deepspeed.precision == "fp32" else 2
-    common = dict(has_reference_copy=has_reference_copy, weight_bytes=weight_bytes)
+    counts, chosen, common = recipe_model_states(cfg, ds, unet_config, per_node, nodes)
+    has_reference_copy = common["has_reference_copy"]
     rows = estimates_by_stage(counts, per_node, nodes, **common)
-    chosen = estimate(counts, stage, per_node, nodes, offload_optimizer=offload_opt,
-                      offload_param=offload_param, **common)
     if chosen.offload_optimizer or chosen.offload_param:
         rows.append(chosen)
 
@@ -143,7 +141,7 @@ def run(args) -> int:
     print(f"precision  {cfg.deepspeed.precision}; method {cfg.method.name}; ZeRO stage {stage} "
           f"from {cfg.deepspeed.config}")
     print()
-    print("Per-rank memory of model states, GiB (DeepSpeed estimators; activations not included)")
+    print("Per-rank memory of model states, GiB (DeepSpeed estimators; activations below)")
     header = f"{'':2}{'ZeRO':>4}  {'offload':<17}{'trained states':>15}{'frozen weights':>15}" \
              f"{'GPU per rank':>14}{'CPU per node':>14}"
     print(header)
@@ -156,8 +154,15 @@ def run(args) -> int:
           "trainable parameters; frozen weights: "
           + ("the LoRA base UNet" if cfg.lora.enabled else "the reference copy" if has_reference_copy else "")
           + (", " if cfg.lora.enabled or has_reference_copy else "")
-          + "VAE and text encoders. Not included: activations (resolution, micro-batch, gradient "
-          "checkpointing), CUDA/NCCL workspaces, and models a method brings (e.g. SPO's preference model).")
+          + "VAE and text encoders. Not included: CUDA/NCCL workspaces, allocator fragmentation, and models a "
+          "method brings (e.g. SPO's preference model).")
     if cfg.deepspeed.precision == "fp32":
         print("note: DeepSpeed's estimators assume 16-bit training weights; fp32 training needs more.")
+    if not args.no_activations:
+        print()
+        activations = micro_step_activations(cfg, unet_config)
+        print(f"activations  {activations.describe()}: {gib(activations.bytes)} GiB "
+              "(measured on the meta device, attention as a flash kernel holds it)")
+        print(f"per rank     this recipe's model states {gib(chosen.gpu_per_rank)} + activations "
+              f"{gib(activations.bytes)} = {gib(chosen.gpu_per_rank + activations.bytes)} GiB")
     return 0

@@ -189,9 +189,12 @@ def build_training(cfg, objective, *, components=None):
     import deepspeed
 
     from spoxl.engine.ds_config import build_ds_config, compute_dtype, zero_stage
+    from spoxl.engine.host_memory import bound_host_heap
     from spoxl.engine.trainer import Trainer
     from spoxl.models.loading import load_sdxl
 
+    if cfg.train.host_mmap_threshold_mib is not None:  # before anything large is allocated
+        bound_host_heap(cfg.train.host_mmap_threshold_mib)
     rank, world, device = init_distributed(cfg)
     ds = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     dtype = compute_dtype(cfg.deepspeed.precision)
@@ -200,7 +203,7 @@ def build_training(cfg, objective, *, components=None):
     # ZeRO-3 partitions each rank's own copy, so the copies must agree.
     torch.manual_seed(rng.seed(rng.WEIGHTS, cfg.run.seed))
     build_sharded = None  # ZeRO-3: builds another partitioned UNet (full fine-tuning's reference)
-    if components is None and zero_stage(ds) == 3 and cfg.model.unet_file is None:
+    if components is None and zero_stage(ds) == 3:
         # Partitioned from construction: no rank ever holds the whole UNet (spoxl.engine.sharded).
         from spoxl.engine.sharded import load_components_sharded
 
@@ -216,7 +219,10 @@ def build_training(cfg, objective, *, components=None):
         # Skip no-op casts: diffusers warns on every .to(dtype) even when nothing changes.
         if next(part.parameters()).dtype != part_dtype:
             part.to(dtype=part_dtype)
-        part.to(device=device)
+        offloaded = cfg.model.offload_text_encoders and name.startswith("text_encoder")
+        part.to(device="cpu" if offloaded else device)
+    if cfg.model.offload_text_encoders:
+        components.text_encoder_device = device  # visited only while encoding (text_encoders_ready)
     components.freeze_frozen_parts()
 
     unet = components.unet

@@ -30,6 +30,10 @@ class OfflineObjective(Objective):
 
     data_kind = "pairs"  # spoxl.data.streams.RECIPE_DATASETS: "pairs" or "captions"
 
+    @classmethod
+    def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
+        return (2 if cls.data_kind == "pairs" else 1), recipe.data.resolution  # a pair: winner + loser rows
+
     def __init__(self, config=None, recipe=None):
         super().__init__(config, recipe)
         self.dataset = None

@@ -58,6 +58,13 @@ class Objective:
     def from_recipe(cls, recipe) -> "Objective":
         return cls(recipe.method.params, recipe)
 
+    @classmethod
+    def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
+        """(UNet rows per training sample, pixel resolution or None for the model's native one) of
+        the policy's forward+backward in one micro-step: what `spoxl preflight` sizes the
+        activation memory by. Default: one image per sample at data.resolution."""
+        return 1, recipe.data.resolution
+
     def check(self, config: Any) -> None:
         """Cheap validation before any process group or model exists (dataset paths, columns), so
         a bad recipe fails in a second with a one-line SpoxlError. Called by `spoxl train` and

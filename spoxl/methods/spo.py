@@ -182,6 +182,14 @@ class SPOObjective(Objective):
         self.rollout: RolloutStream | None = None  # built by setup()
         self._position = None  # a state loaded before setup()
 
+    @classmethod
+    def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
+        # A pair's winner and loser leave the same x_t: one source row (two without share_sources),
+        # doubled by CFG's uncond half when the means are trained with guidance (pair_means).
+        p = recipe.method.params
+        cfg_rows = 2 if p.train_cfg and p.cfg_scale != 1.0 else 1
+        return cfg_rows * (1 if p.share_sources else 2), p.resolution
+
     # ---- setup ---------------------------------------------------------------------------------
 
     def check(self, config) -> None:

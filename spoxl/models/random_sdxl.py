@@ -1,6 +1,11 @@
 """The REAL SDXL base architecture with random weights ("sdxl-random[:SEED]"): for memory and speed
 measurements at real size without a download (benchmarks/real_size.py).
 
+"sdxl-half[:SEED]" is the same layout (blocks, transformer depths 1/2/10, text_time conditioning,
+the real text encoders and VAE) with half the UNet's channels (160/320/640; 32-dim heads): about a
+quarter of the parameters, so that full fine-tuning with its frozen reference (~16 bytes per
+trained parameter) can be measured on a CPU host that cannot hold the full-width states.
+
 The UNet, VAE and both text encoders come from the real configs bundled in spoxl/resources (the
 UNet: 2,567,463,684 parameters; the text encoders 123 M and 695 M). The tokenizers are the tiny
 byte-level ones (spoxl.models.tiny): the real BPE files are not shipped, and random weights make
@@ -24,7 +29,18 @@ def bundled_config(name: str) -> dict:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def build_random_sdxl(seed: int = 0, *, with_unet: bool = True) -> SDXLComponents:
+UNET_WIDTHS = {"sdxl-random": 1, "sdxl-half": 2}  # built-in name -> channel divisor
+
+
+def unet_config(name: str = "sdxl-random") -> dict:
+    """The UNet config of a built-in real-layout model (UNET_WIDTHS)."""
+    config = bundled_config("unet")
+    divisor = UNET_WIDTHS[name]
+    config["block_out_channels"] = [c // divisor for c in config["block_out_channels"]]
+    return config
+
+
+def build_random_sdxl(seed: int = 0, *, with_unet: bool = True, name: str = "sdxl-random") -> SDXLComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -39,7 +55,7 @@ def build_random_sdxl(seed: int = 0, *, with_unet: bool = True) -> SDXLComponent
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the UNet first, as in the tiny factories (spoxl.engine.sharded relies on it)
-        unet = UNet2DConditionModel(**bundled_config("unet")).eval() if with_unet else None
+        unet = UNet2DConditionModel(**unet_config(name)).eval() if with_unet else None
         vae = AutoencoderKL(**bundled_config("vae")).eval()
         text_encoder = CLIPTextModel(text_config("text_encoder")).eval()
         text_encoder_2 = CLIPTextModelWithProjection(text_config("text_encoder_2")).eval()

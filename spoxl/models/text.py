@@ -61,6 +61,11 @@ def encode_prompts(components, prompts: list[str]) -> PromptEmbeds:
     """Encode prompts with the model's text encoders (no grad; the encoders are frozen)."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    with components.text_encoders_ready():
+        return _encode(components, prompts)
+
+
+def _encode(components, prompts: list[str]) -> PromptEmbeds:
     te1, te2 = components.text_encoder, components.text_encoder_2
     device = te1.device
     if te2 is None:  # SD1.5: the final layer (clip_skip None in StableDiffusionPipeline), no pooled input

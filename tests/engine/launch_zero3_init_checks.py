@@ -8,7 +8,10 @@ the partitions (spoxl.engine.sharded), and the trainer uses that path. Checked o
     tensor, and the gathered values are exactly the folder's (read here independently);
   * build_training (LoRA, and full fine-tuning with its frozen reference) never loads a whole UNet
     (UNet2DConditionModel.from_pretrained is made to fail) and hands out partitioned UNets whose
-    gathered weights are the folder's.
+    gathered weights are the folder's;
+  * a single-file UNet in the original LDM layout (A1111 / ComfyUI; written by the test from other
+    weights) loads into the partitions the same way, directly and through model.unet_file, with
+    neither from_pretrained nor from_single_file ever building a whole UNet.
 Prints "ZERO3 INIT OK world=2" on rank 0 at the end; any failed assert exits non-zero.
 """
 
@@ -57,7 +60,7 @@ def assert_equals_folder(unet, expected: dict, what: str) -> None:
             assert torch.equal(params[key].data.float(), value.float()), f"{what}: {name} differs from the folder"
 
 
-def main(folder: Path, out: Path) -> None:
+def main(folder: Path, out: Path, ldm_file: Path) -> None:
     cfg = load_config(None, [f"run.output_dir={out / 'lora'}", *FAST, f"model.path={folder}",
                              f"deepspeed.config={ds_json('zero3', out)}"])  # fmt: skip
     rank, world, _ = init_distributed(cfg)
@@ -81,6 +84,7 @@ def main(folder: Path, out: Path) -> None:
         raise AssertionError("a rank loaded the whole UNet (UNet2DConditionModel.from_pretrained) under ZeRO-3")
 
     UNet2DConditionModel.from_pretrained = full_load
+    UNet2DConditionModel.from_single_file = full_load
     for lora in (True, False):
         cfg = load_config(None, [f"run.output_dir={out / str(lora)}", *FAST, f"model.path={folder}",
                                  f"deepspeed.config={ds_json('zero3', out)}", f"lora.enabled={str(lora).lower()}"])  # fmt: skip
@@ -94,10 +98,24 @@ def main(folder: Path, out: Path) -> None:
             assert reference is not trainer.unet
             assert_partitioned(reference, world)
             assert_equals_folder(reference, expected, "the frozen reference")
+
+    # A single-file LDM checkpoint of OTHER weights: built directly, and as the recipe's unet_file.
+    from safetensors.torch import load_file
+
+    other = load_file(str(ldm_file.with_suffix(".expected.safetensors")))
+    unet, stats = build_sharded_unet(config, ds, weights=ldm_file)
+    assert_partitioned(unet, world)
+    assert stats.max_gathered == largest, stats
+    assert_equals_folder(unet, other, "build_sharded_unet(single LDM file)")
+    cfg = load_config(None, [f"run.output_dir={out / 'single'}", *FAST, f"model.path={folder}",
+                             f"model.unet_file={ldm_file}", f"deepspeed.config={ds_json('zero3', out)}"])  # fmt: skip
+    trainer = build_training(cfg, build_objective(cfg))
+    assert_partitioned(trainer.unet, world)
+    assert_equals_folder(trainer.unet, other, "the trainer's UNet from model.unet_file")
     if rank == 0:
         print(f"ZERO3 INIT OK world={world}", flush=True)
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(Path(args[0]), Path(args[1]))
+    main(Path(args[0]), Path(args[1]), Path(args[2]))

@@ -38,6 +38,8 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["method.name=nosuch"], "unknown method 'nosuch'"),
     (["train"], "expected section.key=value"),
     (["export.formats=[kohya]", "lora.enabled=false"], "LoRA format"),
+    (["train.host_mmap_threshold_mib=64"], "train.host_mmap_threshold_mib must be in (0, 32]"),
+    (["train.host_mmap_threshold_mib=0"], "train.host_mmap_threshold_mib must be in (0, 32]"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(SpoxlError) as e:

@@ -42,7 +42,18 @@ def test_zero_trains_lora_and_full_with_frozen_reference(stage, tmp_path):
 
 def test_zero3_builds_the_unet_partitioned_and_loads_the_folder_into_the_partitions(tmp_path, tiny_dir):
     """No rank holds the whole UNet at load time under ZeRO-3 (issue 16): see launch_zero3_init_checks.py."""
-    out = ok(launch([str(REPO / "tests/engine/launch_zero3_init_checks.py"), str(tiny_dir), str(tmp_path)]))
+    from safetensors.torch import save_file
+
+    from spoxl.models.tiny import build_tiny_sdxl
+    from tests.engine.ldm_keys import to_ldm
+
+    other = build_tiny_sdxl(7).unet  # other weights than the folder's, as an A1111-layout single file
+    state = {k: v.contiguous() for k, v in other.state_dict().items()}
+    ldm_file = tmp_path / "unet_ldm.safetensors"
+    save_file(to_ldm(state, dict(other.config)), str(ldm_file))
+    save_file(state, str(ldm_file.with_suffix(".expected.safetensors")))
+    out = ok(launch([str(REPO / "tests/engine/launch_zero3_init_checks.py"), str(tiny_dir), str(tmp_path),
+                     str(ldm_file)]))
     assert "ZERO3 INIT OK world=2" in out
 
 

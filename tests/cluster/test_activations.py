@@ -1,0 +1,73 @@
+"""One micro-step's activation memory (spoxl.cluster.activations), measured on the meta device."""
+
+import pytest
+import torch
+
+from spoxl.cluster.activations import StoragePeak, activation_peak_bytes
+from spoxl.config import LoraConfig, load_config
+from spoxl.models.tiny import tiny_unet_config
+from spoxl.registry import objective_class
+
+LORA = LoraConfig(enabled=True, rank=4)
+
+
+def test_storage_peak_counts_new_storages_until_freed_and_never_views_or_preexisting():
+    x = torch.zeros(1000)  # 4,000 B, created before: never counted
+    with StoragePeak(ignore=[x]) as m:
+        x.view(10, 100).t()  # views of a pre-existing storage: nothing new
+        a = x + 1  # 4,000
+        b = a * 2  # 8,000 live
+        b.view(-1)  # a view of b: nothing new
+        del a  # 4,000 live
+        c = b + 1  # 8,000 live
+        d = torch.ones(3000, dtype=torch.float16)  # 6,000 -> 14,000 live: the peak
+        del b, c, d
+    assert m.peak == 14_000
+    assert m.live == 0
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_meta_measurement_matches_real_cpu_tensors(checkpointing):
+    """The meta device runs no kernel: what it holds for attention is the flash-like stand-in.
+    The real CPU run (flash_attention_for_cpu) must hold the same within a few percent; the math
+    path meta would otherwise take (L x L fp32 weights, saved) is what this would catch."""
+    cfg = dict(tiny_unet_config())
+    kw = dict(rows=2, resolution=64, gradient_checkpointing=checkpointing, dtype=torch.bfloat16)
+    meta = activation_peak_bytes(cfg, LORA, **kw)
+    real = activation_peak_bytes(cfg, LORA, device="cpu", **kw)
+    assert real > 100_000
+    assert meta == pytest.approx(real, rel=0.08)
+
+
+def test_activation_memory_follows_rows_resolution_and_checkpointing():
+    cfg = dict(tiny_unet_config())
+
+    def peak(**kw):
+        base = dict(rows=2, resolution=64, gradient_checkpointing=False, dtype=torch.bfloat16)
+        return activation_peak_bytes(cfg, LORA, **{**base, **kw})
+
+    two = peak()
+    assert peak(rows=4) == pytest.approx(2 * two, rel=0.1)  # linear in rows
+    assert peak(resolution=128) > 3 * two  # 4x the latent pixels
+    assert peak(gradient_checkpointing=True) < 0.5 * two
+    assert peak(dtype=torch.float32) == pytest.approx(2 * two, rel=0.1)
+
+
+def test_bad_resolution_is_refused():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        activation_peak_bytes(dict(tiny_unet_config()), LORA, rows=1, resolution=60)
+
+
+@pytest.mark.parametrize("method, sets, rows, resolution", [
+    ("spo", [], 2, None),  # one shared x_t per pair, cond + uncond halves (train_cfg)
+    ("spo", ["method.train_cfg=false"], 1, None),
+    ("spo", ["method.share_sources=false", "method.resolution=512"], 4, 512),
+    ("spo", ["method.cfg_scale=1.0"], 1, None),
+    ("diffusion_dpo", ["data.resolution=256"], 2, 256),  # winner + loser
+    ("mapo", [], 2, 64),
+    ("ncp", [], 2, 64),
+    ("sft", [], 1, 64),
+])
+def test_each_method_states_its_micro_step_unet_batch(method, sets, rows, resolution):
+    cfg = load_config(None, [f"method.name={method}", *sets])
+    assert objective_class(method).micro_step_unet_batch(cfg) == (rows, resolution)

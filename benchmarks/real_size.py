@@ -4,7 +4,7 @@ Runs `spoxl.train` through the deepspeed launcher on the REAL SDXL architecture 
 `model.path=sdxl-random`, or a local SDXL folder with --model), LoRA (the SDXL recipe's rank 64)
 under ZeRO-3 in bf16 with gradient checkpointing -- the UNet partitioned from construction
 (spoxl.engine.sharded) -- or under ZeRO-2 (--zero 2), or full fine-tuning with the method's
-frozen reference (--full; on CPU at half width, --model sdxl-half), for a few optimizer steps of
+frozen reference (--full; on CPU at reduced width, --model sdxl-narrow), for a few optimizer steps of
 each method asked for:
 
   spo   configs/spo_sdxl.yaml: 4 DDIM steps, k = 2, one prompt per rank, threshold 0 (every pool
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                         "not fit 2 ranks in 24 GB -- and zero2.json for stage 2)")
     p.add_argument("--full", action="store_true",
                    help="full fine-tuning (with the method's frozen reference) instead of LoRA rank 64; on CPU use "
-                        "--model sdxl-half: full width needs ~16 B/param, more than a 24 GB host")
+                        "--model sdxl-narrow: full width needs ~16 B/param, more than a 24 GB host")
     p.add_argument("--host-mmap-mib", default=None,
                    help="train.host_mmap_threshold_mib (spoxl.engine.host_memory; default: the recipe's, 16); "
                         "null: glibc's defaults")
@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     args.ds_config = args.ds_config or f"ds_configs/{'zero3_lowmem' if args.zero == 3 else 'zero2'}.json"
+    stage = json.loads((REPO / args.ds_config).read_text())["zero_optimization"]["stage"]
+    if stage != args.zero:
+        p.error(f"--ds-config {args.ds_config} is ZeRO stage {stage}, not --zero {args.zero}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -181,7 +184,9 @@ def main(argv=None) -> int:
     out = Path(args.out_dir) / f"real_size_{device_label()}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = [*rows[0], "device", "host"]
-    append = args.append and out.is_file() and out.read_text().splitlines()[:1] == [",".join(fields)]
+    append = args.append and out.is_file()
+    if append and out.read_text().splitlines()[:1] != [",".join(fields)]:
+        sys.exit(f"real_size: --append: {out} has other columns than this run's; write to another --out-dir")
     with open(out, "a" if append else "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if not append:

@@ -3,8 +3,8 @@
 DeepSpeed's estimators (spoxl.cluster.memory) size the model states; what a micro-step's forward
 and backward hold on top of them -- saved activations, the recomputation of a checkpointed block,
 the activation gradients -- depends on resolution, batch and gradient checkpointing, and at SDXL
-size it decides whether a recipe fits (1024 px, 2 rows: 4.5 GiB with checkpointing, 37 GiB
-without). It is measured here, not taken from a table: the UNet (with the recipe's LoRA) runs
+size it decides whether a recipe fits (1024 px, 2 rows: 1.2 GiB with checkpointing, 11.7 GiB
+without; SPO's sampling round decodes its pool through the fp32 VAE: 3 GiB per 1024 px image). It is measured here, not taken from a table: the UNet (with the recipe's LoRA) runs
 forward and backward on META tensors -- shapes only, no weights, no arithmetic, seconds on a login
 node -- under a dispatch mode that adds up the bytes of every storage the ops create while it is
 alive and records the peak.
@@ -13,7 +13,9 @@ Counted: every tensor created by the forward and backward of the policy UNet on 
 (input gradients only: parameter gradients belong to the model states). Not counted: the weights
 and inputs (created before), allocator rounding and fragmentation, CUDA/NCCL workspaces, and what
 a method runs besides the policy UNet (a frozen reference's forward under no_grad, which saves
-nothing; NCP's frozen feature encoder; the VAE/text encoders when not cached).
+nothing; NCP's frozen feature encoder; the text encoders). A method that samples (SPO) also states
+its sampling batch, measured the same way under no_grad: the UNet's CFG forward on the pool and
+the VAE decode of the pool's images; the larger of the two phases is the figure.
 """
 
 from __future__ import annotations
@@ -30,34 +32,41 @@ from torch.utils._pytree import tree_flatten
 
 class StoragePeak(TorchDispatchMode):
     """Live bytes of the storages created by ops inside the mode, and their peak. Storages that
-    existed before (passed to `ignore`) are never counted, also when an op returns a view of them."""
+    existed before (passed to `ignore`) are never counted, also when an op returns a view of them;
+    a counted storage that an op grows (resize_, out= into an empty tensor) is counted at its new size."""
 
     def __init__(self, ignore=()):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: dict[int, object] = {}  # id(storage) -> weakref (None: pre-existing, ignored)
-        for t in ignore:
-            self._seen[id(t.untyped_storage())] = None
-        self._keep_ignored = [t.untyped_storage() for t in ignore]  # keep their ids from being reused
+        self._size: dict[int, int] = {}  # id(storage) -> bytes counted for it
+        self._refs: dict[int, object] = {}  # id(storage) -> weakref that uncounts it when freed
+        self._ignored = [t.untyped_storage() for t in ignore]  # kept alive: their ids are never reused
+        self._ignored_ids = {id(st) for st in self._ignored}
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.pop(key, None)
+    def _freed(self, key: int) -> None:
+        self.live -= self._size.pop(key, 0)
+        self._refs.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        for t in tree_flatten((out, args, kwargs))[0]:  # args/kwargs too: in-place growth, out=
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self._seen:
+            if key in self._ignored_ids:
                 continue
-            nbytes = storage.nbytes()
-            self._seen[key] = weakref.ref(storage, lambda _ref, key=key, n=nbytes: self._freed(key, n))
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
+            if key not in self._refs:
+                if not any(t is o for o in tree_flatten(out)[0]):
+                    continue  # an input created before the mode (or outside it): not ours to count
+                self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._freed(key))
+                self._size[key] = 0
+            grown = storage.nbytes() - self._size[key]
+            if grown:
+                self._size[key] += grown
+                self.live += grown
+                self.peak = max(self.peak, self.live)
         return out
 
 
@@ -136,31 +145,70 @@ def activation_peak_bytes(unet_config: dict, lora=None, *, rows: int, resolution
     return tracker.peak
 
 
+def no_grad_peak_bytes(module_fn, existing) -> int:
+    """Peak bytes a no_grad call creates (module_fn() under StoragePeak, `existing` not counted)."""
+    with torch.no_grad(), patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa), \
+            StoragePeak(ignore=[t for t in existing if isinstance(t, torch.Tensor)]) as tracker:
+        module_fn()
+    return tracker.peak
+
+
+def sampling_peak_bytes(unet_config: dict, lora, *, unet_rows: int, images: int, resolution: int,
+                        dtype: torch.dtype, vae_dtype: torch.dtype, vae_config: dict | None = None) -> int:  # fmt: skip
+    """max(a no_grad UNet forward on `unet_rows` latents, the VAE decode of `images` latents), on
+    the meta device: the two phases of a sampling step never overlap."""
+    from diffusers import AutoencoderKL
+
+    from spoxl.cluster.memory import bundled_config, meta_unet
+
+    unet = meta_unet(unet_config, lora).to(dtype).eval()
+    kw = unet_inputs(unet_config, unet_rows, resolution, dtype)
+    unet_peak = no_grad_peak_bytes(lambda: unet(**kw), [*unet.parameters(), *unet.buffers(), *tree_flatten(kw)[0]])
+    config = {k: v for k, v in (vae_config or bundled_config("vae")).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config).to(vae_dtype).eval()
+        z = torch.randn(images, config.get("latent_channels", 4), resolution // 8, resolution // 8, dtype=vae_dtype)
+    vae_peak = no_grad_peak_bytes(lambda: vae.decode(z), [*vae.parameters(), *vae.buffers(), z])
+    return max(unet_peak, vae_peak)
+
+
 @dataclass(frozen=True)
 class MicroStepActivations:
     method: str
     rows: int  # UNet rows through the policy's forward+backward
     resolution: int
     checkpointing: bool
-    bytes: int
+    training_bytes: int
+    sampling: tuple[int, int] | None = None  # (UNet rows, decoded images) of a sampling step
+    sampling_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return max(self.training_bytes, self.sampling_bytes)
 
     def describe(self) -> str:
-        return (f"one {self.method} micro-step, forward+backward of {self.rows} UNet row(s) at {self.resolution} px, "
+        text = (f"one {self.method} micro-step, forward+backward of {self.rows} UNet row(s) at {self.resolution} px, "
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}")
+        return text
 
 
 def micro_step_activations(cfg, unet_config: dict) -> MicroStepActivations:
-    """The activation memory of one micro-step of the recipe (spoxl.cluster.activations)."""
-    import torch
-
-    from spoxl.cluster.activations import activation_peak_bytes
+    """The activation memory of one micro-step of the recipe, and of its sampling step if it samples."""
+    from spoxl.engine.ds_config import compute_dtype
     from spoxl.registry import objective_class
 
-    per_sample, resolution = objective_class(cfg.method.name).micro_step_unet_batch(cfg)
+    objective = objective_class(cfg.method.name)
+    per_sample, resolution = objective.micro_step_unet_batch(cfg)
     resolution = resolution or 8 * int(unet_config.get("sample_size", 128))  # None: the model's native size
     rows = per_sample * cfg.train.micro_batch_size
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
+    dtype = compute_dtype(cfg.deepspeed.precision)
     checkpointing = cfg.train.gradient_checkpointing
-    peak = activation_peak_bytes(unet_config, cfg.lora, rows=rows, resolution=resolution, dtype=dtype,
-                                 gradient_checkpointing=checkpointing)  # fmt: skip
-    return MicroStepActivations(cfg.method.name, rows, resolution, checkpointing, peak)
+    training = activation_peak_bytes(unet_config, cfg.lora, rows=rows, resolution=resolution, dtype=dtype,
+                                     gradient_checkpointing=checkpointing)  # fmt: skip
+    sampling = objective.sampling_batch(cfg)
+    sampling_bytes = 0
+    if sampling is not None:
+        vae_dtype = torch.float32 if cfg.model.vae_dtype == "fp32" else dtype
+        sampling_bytes = sampling_peak_bytes(unet_config, cfg.lora, unet_rows=sampling[0], images=sampling[1],
+                                             resolution=resolution, dtype=dtype, vae_dtype=vae_dtype)  # fmt: skip
+    return MicroStepActivations(cfg.method.name, rows, resolution, checkpointing, training, sampling, sampling_bytes)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 GiB = 2**30
 CUDA_HEADROOM_GIB = 3.0  # context (~0.5-1 GiB), NCCL buffers, workspaces, fragmentation
+# A "24/40/80 GB" card holds that many GiB (an A100 80GB: 81,920 MiB); every figure here is GiB.
 RANKS_PER_NODE = 8
 BASE_RECIPE = "configs/spo_sdxl.yaml"
 
@@ -31,23 +32,25 @@ class CardRecipe:
 
 CARD_RECIPES = [
     CardRecipe(24, "LoRA", ("deepspeed.config=zero2", "train.micro_batch_size=1", "train.grad_accum=4",
-                            "train.gradient_checkpointing=true"),
-               "the frozen base replicated in bf16 (5.1 GB); checkpointing keeps 1024 px activations small"),
+                            "train.gradient_checkpointing=true", "method.prompts_per_rank=1", "model.vae_dtype=compute"),
+               "the frozen base replicated in bf16; checkpointing, and a pool of 2 decoded by a bf16 VAE "
+               "(the fp32 decode of 4 images at 1024 px alone takes 12 GiB)"),
     CardRecipe(24, "full", ("lora.enabled=false", "deepspeed.config=zero3", "train.micro_batch_size=1",
-                            "train.grad_accum=4", "train.gradient_checkpointing=true"),
-               "ZeRO-3 shards policy, reference copy and optimizer over the 8 cards"),
+                            "train.grad_accum=4", "train.gradient_checkpointing=true", "method.prompts_per_rank=1",
+                            "model.vae_dtype=compute"),
+               "ZeRO-3 shards policy, reference copy and optimizer over the 8 cards; the 24 GB LoRA sampling settings"),
     CardRecipe(40, "LoRA", ("deepspeed.config=zero2", "train.micro_batch_size=1", "train.grad_accum=4",
                             "train.gradient_checkpointing=false"),
-               "no checkpointing (faster): one pair's activations, ~13 GB"),
+               "no checkpointing (faster): one pair's 4 UNet rows keep their activations"),
     CardRecipe(40, "full", ("lora.enabled=false", "deepspeed.config=zero2", "train.micro_batch_size=1",
                             "train.grad_accum=4", "train.gradient_checkpointing=true"),
                "ZeRO-2: optimizer and gradients sharded, the bf16 policy and reference copy whole (no gathers)"),
     CardRecipe(80, "LoRA", ("deepspeed.config=zero2", "train.micro_batch_size=2", "train.grad_accum=2",
                             "train.gradient_checkpointing=false"),
                "two pairs per micro-step without checkpointing"),
-    CardRecipe(80, "full", ("lora.enabled=false", "deepspeed.config=zero2", "train.micro_batch_size=2",
-                            "train.grad_accum=2", "train.gradient_checkpointing=false"),
-               "ZeRO-2, two pairs per micro-step without checkpointing"),
+    CardRecipe(80, "full", ("lora.enabled=false", "deepspeed.config=zero2", "train.micro_batch_size=1",
+                            "train.grad_accum=4", "train.gradient_checkpointing=false"),
+               "ZeRO-2 without checkpointing"),
 ]
 
 
@@ -55,7 +58,7 @@ CARD_RECIPES = [
 class CardPrediction:
     recipe: CardRecipe
     model_states: int  # bytes per rank (DeepSpeed's estimators, the recipe's stage and offload)
-    activations: int  # bytes: one micro-step, meta device
+    activations: int  # bytes: the larger of one micro-step and one sampling step, meta device
     preference_model: int  # bytes: SPO's step-aware preference model
     host_per_node: int  # bytes of host memory per node (offload buffers), DeepSpeed's estimate
 
@@ -65,7 +68,7 @@ class CardPrediction:
 
     @property
     def fits(self) -> bool:
-        return self.per_rank + CUDA_HEADROOM_GIB * GiB <= self.recipe.card_gb * 1e9
+        return self.per_rank + CUDA_HEADROOM_GIB * GiB <= self.recipe.card_gb * GiB
 
 
 def step_aware_preference_model_params() -> int:
@@ -104,15 +107,15 @@ def predict(recipe: CardRecipe, *, root=None) -> CardPrediction:
 
 
 def markdown_table(predictions: list[CardPrediction]) -> str:
-    gb = lambda n: f"{n / 1e9:.1f}"  # noqa: E731
-    lines = ["| card | training | overrides of configs/spo_sdxl.yaml | model states (GB) | activations (GB) "
-             "| preference model (GB) | predicted per rank | host RAM per node |",
+    gb = lambda n: f"{n / GiB:.1f}"  # noqa: E731
+    lines = ["| card | training | overrides of configs/spo_sdxl.yaml | model states (GiB) | activations (GiB) "
+             "| preference model (GiB) | predicted per rank | host RAM per node |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in predictions:
         r = p.recipe
         sets = " ".join(f"`{o}`" for o in r.overrides)
         lines.append(f"| {r.card_gb} GB | {r.name} | {sets} | {gb(p.model_states)} | {gb(p.activations)} | "
-                     f"{gb(p.preference_model)} | **{gb(p.per_rank)} GB** | {gb(p.host_per_node)} GB |")
+                     f"{gb(p.preference_model)} | **{gb(p.per_rank)} GiB** | {gb(p.host_per_node)} GiB |")
     return "\n".join(lines)
 
 

@@ -180,8 +180,8 @@ def estimate(
             num_nodes=num_nodes,
             cpu_offload=offload_optimizer,
             cpu_offload_params=offload_param and offload_optimizer,
-            # spoxl builds the UNet under deepspeed.zero.Init (spoxl.engine.sharded; except a
-            # single-file model.unet_file), so no rank materialises it whole on the host.
+            # spoxl builds the UNet under deepspeed.zero.Init (spoxl.engine.sharded, a folder or
+            # a single file alike), so no rank materialises it whole on the host.
             zero_init=True,
         )
     elif stage == 0:

@@ -62,15 +62,12 @@ def unet_config_for(cfg, explicit: str | None) -> tuple[dict, str]:
     if explicit:
         return read_json_config(explicit), explicit
     model = cfg.model.path
-    if model == "tiny" or model.startswith("tiny:"):
-        from spoxl.models.tiny import tiny_unet_config
+    from spoxl.models.loading import BUILT_IN, resolve_model_path
 
-        return dict(tiny_unet_config()), "the tiny test model"
-    from spoxl.models.random_sdxl import UNET_WIDTHS, unet_config
+    if model.split(":", 1)[0] in BUILT_IN:
+        from spoxl.engine.sharded import unet_source
 
-    if model.split(":", 1)[0] in UNET_WIDTHS:
-        return unet_config(model.split(":", 1)[0]), f"{model.split(':', 1)[0]} (built in)"
-    from spoxl.models.loading import resolve_model_path
+        return unet_source(model)[0], f"{model.split(':', 1)[0]} (built in)"
 
     folder_config = Path(resolve_model_path(model)) / "unet" / "config.json"
     if folder_config.is_file():
@@ -141,7 +138,8 @@ def run(args) -> int:
     print(f"precision  {cfg.deepspeed.precision}; method {cfg.method.name}; ZeRO stage {stage} "
           f"from {cfg.deepspeed.config}")
     print()
-    print("Per-rank memory of model states, GiB (DeepSpeed estimators; activations below)")
+    print("Per-rank memory of model states, GiB (DeepSpeed estimators; "
+          + ("activations not measured: --no-activations)" if args.no_activations else "activations below)"))
     header = f"{'':2}{'ZeRO':>4}  {'offload':<17}{'trained states':>15}{'frozen weights':>15}" \
              f"{'GPU per rank':>14}{'CPU per node':>14}"
     print(header)
@@ -161,8 +159,12 @@ def run(args) -> int:
     if not args.no_activations:
         print()
         activations = micro_step_activations(cfg, unet_config)
-        print(f"activations  {activations.describe()}: {gib(activations.bytes)} GiB "
+        print(f"activations  {activations.describe()}: {gib(activations.training_bytes)} GiB "
               "(measured on the meta device, attention as a flash kernel holds it)")
+        if activations.sampling is not None:
+            rows, images = activations.sampling
+            print(f"sampling     no_grad forward of {rows} UNet row(s), then the VAE decode of {images} image(s) "
+                  f"({cfg.model.vae_dtype} VAE): {gib(activations.sampling_bytes)} GiB at the larger")
         print(f"per rank     this recipe's model states {gib(chosen.gpu_per_rank)} + activations "
               f"{gib(activations.bytes)} = {gib(chosen.gpu_per_rank + activations.bytes)} GiB")
     return 0

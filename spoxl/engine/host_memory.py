@@ -10,8 +10,9 @@ every allocation at or above it its own mmap, returned to the OS the moment it i
 is a page fault per page each time such a block is allocated again. Measured on the real-size SDXL
 UNet (Diffusion-DPO, LoRA, ZeRO-3, 2 CPU ranks, 2 steps; docs/training.md#host-memory): glibc's
 defaults 9.10 GB / 70.1 s per step, 16 MiB 7.98 GB / 69.7 s, 4 MiB 7.88 GB / 74.8 s, 1 MiB
-6.26 GB / 93.6 s. 16 MiB, the recipe default (train.host_mmap_threshold_mib), costs nothing
-measurable; SPO with glibc's defaults peaked at 11.45 GB, over one fp32 UNet.
+6.31 GB / 85.3 s. 16 MiB, the recipe default (train.host_mmap_threshold_mib), costs nothing
+measurable there; SPO peaked at 10.89 GB with glibc's defaults (over one fp32 UNet) and at
+9.35 GB with 16 MiB.
 
   bound_host_heap(threshold_mib) -- fix glibc's mmap threshold at threshold_mib MiB (above).
       Returns whether it took effect (False off glibc).

@@ -15,7 +15,7 @@ per rank: its share of the model plus the largest module's parameters plus one t
       and the real-size benchmark without a checkpoint)
   load_components_sharded(cfg, ds) -> (components, build): the frozen parts loaded as usual, the
       UNet built as above from the recipe's model (a folder, "toy", "tiny[:SEED]", "tiny-sd15",
-      "sdxl-random", "sdxl-half") or its model.unet_file;
+      "sdxl-random", "sdxl-narrow") or its model.unet_file;
       `build()` builds another such UNet (full fine-tuning's frozen reference)
 
 A single-file UNet (model.unet_file: diffusers-keyed, or the original LDM layout of A1111 / ComfyUI /
@@ -122,7 +122,8 @@ def build_sharded_unet(config: dict, ds: dict, *, weights: Path | None = None, v
     stats = LoadStats()
     if weights is not None:
         weights = Path(weights)
-        sources = single_file_sources(weights, unet) if weights.is_file() else weight_files(weights, variant)
+        single = weights.suffix == ".safetensors"  # a file; a unet/ folder otherwise
+        sources = single_file_sources(weights, unet) if single else weight_files(weights, variant)
         _load_into_partitions(unet, sources, stats)
     return unet.eval(), stats
 
@@ -188,7 +189,7 @@ def unet_source(model: str) -> tuple[dict, Path | None, int]:
         # the factories build the UNet first after seeding: the same init here
         config = {"tiny": tiny.tiny_unet_config, "tiny-sd15": tiny.tiny_sd15_unet_config,
                   "sdxl-random": lambda: random_sdxl.unet_config("sdxl-random"),
-                  "sdxl-half": lambda: random_sdxl.unet_config("sdxl-half")}[name]()  # fmt: skip
+                  "sdxl-narrow": lambda: random_sdxl.unet_config("sdxl-narrow")}[name]()  # fmt: skip
         return config, None, seed
     folder = Path(resolve_model_path(model)).expanduser()
     check_sdxl_folder(folder)
@@ -218,7 +219,10 @@ def load_components_sharded(cfg, ds):
     release_freed_memory()
     config, weights, seed = unet_source(m.path)
     if m.unet_file is not None:  # a single file replaces the folder's UNet weights (its config stays)
+        from spoxl.models.loading import _check_file
+
         weights = Path(m.unet_file).expanduser()
+        _check_file(weights, "unet")  # before anything is built: a typo fails in a second
 
     def build():
         unet, _ = build_sharded_unet(config, ds, weights=weights, variant=m.variant, seed=seed)

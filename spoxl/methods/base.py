@@ -65,6 +65,12 @@ class Objective:
         activation memory by. Default: one image per sample at data.resolution."""
         return 1, recipe.data.resolution
 
+    @classmethod
+    def sampling_batch(cls, recipe) -> tuple[int, int] | None:
+        """(UNet rows of one no_grad sampling forward, images decoded at once) for a method that
+        samples during training (SPO); None for the rest. Sized by `spoxl preflight` too."""
+        return None
+
     def check(self, config: Any) -> None:
         """Cheap validation before any process group or model exists (dataset paths, columns), so
         a bad recipe fails in a second with a one-line SpoxlError. Called by `spoxl train` and

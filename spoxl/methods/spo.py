@@ -184,11 +184,21 @@ class SPOObjective(Objective):
 
     @classmethod
     def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
-        # A pair's winner and loser leave the same x_t: one source row (two without share_sources),
-        # doubled by CFG's uncond half when the means are trained with guidance (pair_means).
+        # Only the branching step's pair leaves ONE x_t (PairBatch.shared); the inner steps' winner
+        # and loser continue from different latents: two source rows per pair at worst, doubled by
+        # CFG's uncond half when the means are trained with guidance (pair_means).
         p = recipe.method.params
         cfg_rows = 2 if p.train_cfg and p.cfg_scale != 1.0 else 1
-        return cfg_rows * (1 if p.share_sources else 2), p.resolution
+        sources = 1 if p.share_sources and p.num_inner_step == 0 else 2  # 0: every pair branches (shared)
+        return cfg_rows * sources, p.resolution
+
+    @classmethod
+    def sampling_batch(cls, recipe) -> tuple[int, int]:
+        # Each step denoises the pool's prompts_per_rank x pool_size candidates in one CFG call and
+        # decodes them all for the preference model (PoolSampler.sample / score).
+        p = recipe.method.params
+        pool = p.prompts_per_rank * p.pool_size
+        return (2 if p.cfg_scale != 1.0 else 1) * pool, pool
 
     # ---- setup ---------------------------------------------------------------------------------
 

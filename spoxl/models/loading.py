@@ -4,7 +4,7 @@ Accepted sources:
   * "tiny" (optionally "tiny:SEED"): the toy SDXL architecture built in code (spoxl.models.tiny);
     "tiny-sd15[:SEED]" the same for the SD1.5 architecture (one text encoder, no added conditioning);
     "sdxl-random[:SEED]" the REAL SDXL architecture with random weights (spoxl.models.random_sdxl);
-    "sdxl-half[:SEED]"   the same layout at half the UNet's width (full fine-tuning measured on CPU);
+    "sdxl-narrow[:SEED]" the same layout at 0.4 of the UNet's width (full fine-tuning measured on CPU);
   * "toy": the pretrained toy-world model shipped in the package (spoxl/toy/weights/), loaded as
     the diffusers folder it is, by the same code as a real checkpoint;
   * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/,
@@ -129,7 +129,7 @@ def check_sdxl_folder(path: Path) -> None:
             raise SpoxlError(f"model folder {path} has an empty {sub}/ subfolder")
 
 
-BUILT_IN = ("tiny", "tiny-sd15", "sdxl-random", "sdxl-half")  # models built in code: NAME or NAME:SEED
+BUILT_IN = ("tiny", "tiny-sd15", "sdxl-random", "sdxl-narrow")  # models built in code: NAME or NAME:SEED
 
 
 def built_in_model(model: str) -> tuple[str, int]:

@@ -1,10 +1,11 @@
 """The REAL SDXL base architecture with random weights ("sdxl-random[:SEED]"): for memory and speed
 measurements at real size without a download (benchmarks/real_size.py).
 
-"sdxl-half[:SEED]" is the same layout (blocks, transformer depths 1/2/10, text_time conditioning,
-the real text encoders and VAE) with half the UNet's channels (160/320/640; 32-dim heads): about a
-quarter of the parameters, so that full fine-tuning with its frozen reference (~16 bytes per
-trained parameter) can be measured on a CPU host that cannot hold the full-width states.
+"sdxl-narrow[:SEED]" is the same layout (blocks, transformer depths 1/2/10, text_time conditioning,
+64-dim attention heads, the real text encoders and VAE) at 0.4 of the UNet's width (128/256/512
+channels, 2/4/8 heads): 494 M parameters, so that full fine-tuning with its frozen reference
+(~16 bytes per trained parameter) can be measured on a 24 GB CPU host with 2 ranks (half width,
+0.73 B, was OOM-killed there).
 
 The UNet, VAE and both text encoders come from the real configs bundled in spoxl/resources (the
 UNet: 2,567,463,684 parameters; the text encoders 123 M and 695 M). The tokenizers are the tiny
@@ -29,15 +30,13 @@ def bundled_config(name: str) -> dict:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-UNET_WIDTHS = {"sdxl-random": 1, "sdxl-half": 2}  # built-in name -> channel divisor
+# built-in name -> UNet config overrides of the real SDXL config
+UNET_VARIANTS = {"sdxl-random": {}, "sdxl-narrow": {"block_out_channels": [128, 256, 512], "attention_head_dim": [2, 4, 8]}}
 
 
 def unet_config(name: str = "sdxl-random") -> dict:
-    """The UNet config of a built-in real-layout model (UNET_WIDTHS)."""
-    config = bundled_config("unet")
-    divisor = UNET_WIDTHS[name]
-    config["block_out_channels"] = [c // divisor for c in config["block_out_channels"]]
-    return config
+    """The UNet config of a built-in real-layout model (UNET_VARIANTS)."""
+    return {**bundled_config("unet"), **UNET_VARIANTS[name]}
 
 
 def build_random_sdxl(seed: int = 0, *, with_unet: bool = True, name: str = "sdxl-random") -> SDXLComponents:

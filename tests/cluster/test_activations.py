@@ -59,10 +59,12 @@ def test_bad_resolution_is_refused():
 
 
 @pytest.mark.parametrize("method, sets, rows, resolution", [
-    ("spo", [], 2, None),  # one shared x_t per pair, cond + uncond halves (train_cfg)
-    ("spo", ["method.train_cfg=false"], 1, None),
-    ("spo", ["method.share_sources=false", "method.resolution=512"], 4, 512),
-    ("spo", ["method.cfg_scale=1.0"], 1, None),
+    # SPO's inner steps give pairs whose winner and loser left different x_t: 2 sources, x2 for CFG
+    ("spo", [], 4, None),
+    ("spo", ["method.num_inner_step=0"], 2, None),  # per-step branching: every pair shares its x_t
+    ("spo", ["method.num_inner_step=0", "method.train_cfg=false"], 1, None),
+    ("spo", ["method.num_inner_step=0", "method.share_sources=false", "method.resolution=512"], 4, 512),
+    ("spo", ["method.cfg_scale=1.0"], 2, None),
     ("diffusion_dpo", ["data.resolution=256"], 2, 256),  # winner + loser
     ("mapo", [], 2, 64),
     ("ncp", [], 2, 64),
@@ -71,3 +73,35 @@ def test_bad_resolution_is_refused():
 def test_each_method_states_its_micro_step_unet_batch(method, sets, rows, resolution):
     cfg = load_config(None, [f"method.name={method}", *sets])
     assert objective_class(method).micro_step_unet_batch(cfg) == (rows, resolution)
+
+
+def test_spo_states_its_sampling_batch_and_offline_methods_none():
+    cfg = load_config(None, ["method.name=spo", "method.prompts_per_rank=3", "method.pool_size=4"])
+    assert objective_class("spo").sampling_batch(cfg) == (24, 12)  # CFG halves of 12 candidates; 12 decodes
+    cfg = load_config(None, ["method.name=spo", "method.cfg_scale=1.0"])
+    assert objective_class("spo").sampling_batch(cfg) == (4, 4)
+    assert objective_class("diffusion_dpo").sampling_batch(load_config(None, ["method.name=diffusion_dpo"])) is None
+
+
+def test_storage_peak_counts_growth_of_a_counted_storage():
+    with StoragePeak() as m:
+        a = torch.empty(0)
+        a.resize_(1000)  # 4,000 B
+        b = torch.empty(0)
+        torch.cat([a, a], out=b)  # 8,000 B more, through out=
+    assert m.peak == 12_000
+
+
+def test_sampling_peak_is_the_larger_of_the_unet_forward_and_the_vae_decode():
+    from spoxl.cluster.activations import sampling_peak_bytes
+    from spoxl.models.tiny import build_tiny_sdxl
+
+    vae_config = dict(build_tiny_sdxl(0).vae.config)
+    kw = dict(resolution=64, dtype=torch.float32, vae_config=vae_config)
+    one = sampling_peak_bytes(dict(tiny_unet_config()), LORA, unet_rows=1, images=1, vae_dtype=torch.float32, **kw)
+    many_images = sampling_peak_bytes(dict(tiny_unet_config()), LORA, unet_rows=1, images=8,
+                                      vae_dtype=torch.float32, **kw)  # fmt: skip
+    half_vae = sampling_peak_bytes(dict(tiny_unet_config()), LORA, unet_rows=1, images=8,
+                                   vae_dtype=torch.bfloat16, **kw)  # fmt: skip
+    assert many_images > 4 * one  # the decode dominates and grows with the images
+    assert half_vae == pytest.approx(many_images / 2, rel=0.15)

@@ -61,7 +61,7 @@ def ds_for(tmp_path, ds: dict, overrides=(), world=2):
     return build_ds_config(cfg, world)
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload", "zero3_lowmem"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload", "zero3_lowmem", "zero3_lowmem_full"])
 def test_shipped_ds_configs_resolve_every_auto(name):
     cfg = load_config(None, [f"deepspeed.config=ds_configs/{name}.json", "train.micro_batch_size=3",
                              "train.grad_accum=2", "train.grad_clip=0.5", "deepspeed.precision=bf16"])

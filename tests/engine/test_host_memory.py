@@ -64,22 +64,30 @@ def test_build_training_bounds_the_heap_with_the_recipes_threshold(tmp_path, mon
 
 
 def test_offloaded_text_encoders_visit_the_device_only_while_encoding(tiny_components, monkeypatch):
-    """model.offload_text_encoders: each encode moves both encoders to the compute device and back
-    to the CPU, with the same embeddings as resident encoders."""
+    """model.offload_text_encoders: each encode moves both encoders to the compute device, encodes,
+    and moves them home to the CPU -- in that order, also when encoding fails -- with the same
+    embeddings as resident encoders. The moves are recorded against a device this machine lacks."""
     import torch
 
     from spoxl.models.text import encode_prompts
 
     resident = encode_prompts(tiny_components, ["a red circle"])
-    moves = []
+    events = []
     for name in ("text_encoder", "text_encoder_2"):
         part = getattr(tiny_components, name)
-        original = part.to
-        monkeypatch.setattr(part, "to", lambda *a, _n=name, _o=original, **k: moves.append((_n, str(a[0]))) or _o(*a, **k))
-    monkeypatch.setattr(tiny_components, "text_encoder_device", torch.device("cpu"), raising=False)
+        monkeypatch.setattr(part, "to", lambda device, _n=name: events.append((_n, str(device))))
+        original = part.forward
+        monkeypatch.setattr(part, "forward", lambda *a, _n=name, _o=original, **k: events.append((_n, "encode")) or _o(*a, **k))
+    monkeypatch.setattr(tiny_components, "text_encoder_device", torch.device("cuda", 3), raising=False)
     offloaded = encode_prompts(tiny_components, ["a red circle"])
-    assert moves == [("text_encoder", "cpu"), ("text_encoder_2", "cpu")] * 2  # to the device, then home
+    assert events == [("text_encoder", "cuda:3"), ("text_encoder_2", "cuda:3"), ("text_encoder", "encode"),
+                      ("text_encoder_2", "encode"), ("text_encoder", "cpu"), ("text_encoder_2", "cpu")]
     assert torch.equal(offloaded.embeds, resident.embeds) and torch.equal(offloaded.pooled, resident.pooled)
+    events.clear()
+    monkeypatch.setattr(tiny_components.text_encoder, "forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        encode_prompts(tiny_components, ["a red circle"])
+    assert events[-2:] == [("text_encoder", "cpu"), ("text_encoder_2", "cpu")]  # home even on failure
 
 
 def test_build_training_offloads_the_text_encoders_when_asked(tmp_path):

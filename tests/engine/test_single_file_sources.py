@@ -62,3 +62,21 @@ def test_bad_single_files_are_one_line_errors(tmp_path, other):
     with pytest.raises(SpoxlError) as e:
         single_file_sources(foreign, unet)
     assert "neither diffusers- nor LDM-keyed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_conversion_that_computes_a_tensor_is_refused(tmp_path, other, monkeypatch):
+    """A converter step that builds a new tensor (a reshape, a concatenation) has no stored key to
+    read lazily: refused, naming the parameter, instead of loading something else."""
+    import diffusers.loaders.single_file_utils as single_file_utils
+
+    f = _save(tmp_path / "ldm.safetensors", to_ldm(other.state_dict(), dict(other.config)))
+    real = single_file_utils.convert_ldm_unet_checkpoint
+
+    def reshaping(checkpoint, config, **kw):
+        out = real(checkpoint, config, **kw)
+        out["conv_in.weight"] = out["conv_in.weight"].reshape(out["conv_in.weight"].shape)  # a new tensor
+        return out
+
+    monkeypatch.setattr(single_file_utils, "convert_ldm_unet_checkpoint", reshaping)
+    with pytest.raises(SpoxlError, match=r"conv_in\.weight is computed from the file's tensors"):
+        single_file_sources(f, build_tiny_sdxl(0).unet)

@@ -239,6 +239,8 @@ def test_max_minutes_must_be_positive(tmp_path):
         make(tmp_path, ["train.max_minutes=0"])
 
 
+@pytest.mark.skipif(not __import__("spoxl.engine.ds_config", fromlist=["x"]).fp16_supported_on_cpu(),
+                    reason="this CPU has no mkldnn fp16 (spoxl refuses fp16 there: test_fp16_is_refused_on_a_cpu_without_it)")
 def test_fp16_runs_keep_fp32_master_weights_for_the_lora(tmp_path):
     """`deepspeed.precision: fp16` is the official runs' "fp16 mixed precision with fp32 LoRA
     weights": the LoRA parameters the forward uses are fp16 (as autocast would cast them for every
@@ -252,3 +254,14 @@ def test_fp16_runs_keep_fp32_master_weights_for_the_lora(tmp_path):
     before = [m.clone() for m in masters]
     ctx.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, masters))
+
+
+def test_fp16_is_refused_on_a_cpu_without_it(monkeypatch):
+    """Where mkldnn has no fp16 kernels, an fp16 recipe on CPU is a one-line error, not a crash mid-step."""
+    from spoxl.config import load_config
+    from spoxl.engine import ds_config
+    from spoxl.errors import SpoxlError
+
+    monkeypatch.setattr(ds_config, "fp16_supported_on_cpu", lambda: False)
+    with pytest.raises(SpoxlError, match="fp16 is not supported by this CPU"):
+        ds_config.build_ds_config(load_config(None, ["deepspeed.precision=fp16"]), 1, on_cpu=True)

@@ -65,7 +65,8 @@ def test_sd15_unet_is_called_without_added_conditioning(sd15_dir):
         t = torch.tensor([400, 400])
         uncond = parts.unet(x, t, encoder_hidden_states=neg.embeds).sample
         cond = parts.unet(x, t, encoder_hidden_states=pos.embeds).sample
-    torch.testing.assert_close(got, uncond + 7.5 * (cond - uncond), rtol=1e-5, atol=1e-6)
+    # fp32; the batched call may take other SIMD paths than two single calls (4.7e-6 seen on one CPU)
+    torch.testing.assert_close(got, uncond + 7.5 * (cond - uncond), rtol=1e-5, atol=2e-5)
     assert sampling.added_conditioning(pos.pooled, make_time_ids(2, (64, 64))) is None
     sdxl_pooled = torch.zeros(2, 32)
     assert set(sampling.added_conditioning(sdxl_pooled, make_time_ids(2, (64, 64)))) == {"text_embeds", "time_ids"}

@@ -9,6 +9,7 @@ with LoRA and with full fine-tuning, on a fixed batch with fixed noise, and chec
 Prints "CHECKS OK <stage>" on rank 0 at the end; any failed assert exits non-zero.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,11 @@ def ds_json(stage: str, out_dir: Path) -> str:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = out_dir / f"{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds))
+    # Every rank writes the same file: write aside and rename, so no rank ever reads another
+    # rank's half-written (truncated) copy (seen in CI as "not valid JSON: line 1 column 1").
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(ds))
+    os.replace(tmp, path)
     return str(path)
 
 

@@ -11,6 +11,16 @@ from spoxl.errors import SpoxlError
 
 # The pretrained toy-world model shipped in the package (a diffusers SDXL folder; spoxl.toy.model).
 TOY_WEIGHTS_DIR = Path(__file__).parent / "toy" / "weights"
+# The toy world's latent reward model (LPO), trained by `spoxl train-preference-model --kind lrm`.
+TOY_LRM_DIR = Path(__file__).parent / "toy" / "lrm"
+
+
+def toy_lrm_path() -> Path:
+    """The shipped toy LRM folder, or a one-line error saying how to make it."""
+    if not (TOY_LRM_DIR / "lrm_head.safetensors").is_file():
+        raise SpoxlError(f"the toy latent reward model is missing from {TOY_LRM_DIR} (reinstall spoxl, or rebuild it "
+                         f"with `spoxl toy lrm --out {TOY_LRM_DIR}`)")
+    return TOY_LRM_DIR
 
 
 def toy_model_path() -> Path:

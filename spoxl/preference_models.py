@@ -4,6 +4,9 @@
                              (or "tiny") plus its step-aware weights
   pickscore, laion_aesthetic, hpsv2, hpsv2.1, imagereward
                              real reward models from local paths (spoxl.models.rewards)
+  lrm                        LPO's latent reward model (spoxl.models.lrm): scores noisy latents;
+                             path an LRM folder (the released layout or ours) or "toy" (the
+                             toy world's, shipped); untrained from the policy with allow_untrained
   colour, color, brightness  programmatic scorers (spoxl.models.scorers)
   fidelity, aesthetic, toy_* the toy world's exact scorers (spoxl.toy.scorers)
 
@@ -19,8 +22,8 @@ from spoxl.toy.scorers import build as _toy_scorer
 
 # Preference models that are networks loaded from a path: they take no `scale` from the recipe or
 # `spoxl eval --scorer-scale` (their own scale is part of the model).
-MODEL_KINDS = ("clip", "step_aware_clip", *("pickscore", "laion_aesthetic", "hpsv2", "hpsv2.1", "imagereward"))
-REWARD_KINDS = MODEL_KINDS[2:]  # build_reward_model
+REWARD_KINDS = ("pickscore", "laion_aesthetic", "hpsv2", "hpsv2.1", "imagereward")  # build_reward_model
+MODEL_KINDS = ("clip", "step_aware_clip", "lrm", *REWARD_KINDS)
 
 
 # Programmatic scorers by name: the built-in ones and the toy world's exact ones ("fidelity", the
@@ -53,6 +56,8 @@ def build_preference_model(kind: str, *, path: str | None = None, weights: str |
                 model.load(weights)
             return model
         return StepAwareCLIP.from_pretrained(path, weights)
+    if kind == "lrm":
+        return build_lrm(path, allow_untrained=allow_untrained, components=kwargs.get("components"))
     if kind in REWARD_KINDS:
         return build_reward_model(kind, path=path, weights=weights)
     if kind in SCORERS:
@@ -87,3 +92,26 @@ def build_reward_model(kind: str, *, path=None, weights=None):
 
         return ImageReward(path, weights)
     raise SpoxlError(f"unknown reward model {kind!r}")
+
+
+def build_lrm(path, *, allow_untrained: bool = False, components=None):
+    """LPO's latent reward model: from an LRM folder (the released layout takes its tokenizers
+    from `components`, the policy's SDXL), "toy" (the toy world's trained LRM), or, with
+    allow_untrained, a fresh one initialised from the policy (`components`), as LRM training
+    starts; an untrained LRM scores at random, so a run would train against noise."""
+    from spoxl.models.lrm import LatentRewardModel
+
+    if not path:
+        if not allow_untrained:
+            raise SpoxlError("preference model 'lrm' needs a path: an LRM folder (unet/, text_encoder/, text_encoder_2/ "
+                             "and state_dict.pt or lrm_head.safetensors), or 'toy'; an untrained one from the policy "
+                             "needs preference.allow_untrained: true")
+        if components is None:
+            raise SpoxlError("preference model 'lrm' without a path is built from the policy's components: none given")
+        return LatentRewardModel.from_components(components)
+    if path == "toy":
+        from spoxl.paths import toy_lrm_path
+
+        path = toy_lrm_path()
+    tokenizers = None if components is None else (components.tokenizer, components.tokenizer_2)
+    return LatentRewardModel.from_folder(path, tokenizers=tokenizers)

@@ -16,6 +16,7 @@ from spoxl.errors import SpoxlError
 METHOD_MODULES = {
     "sft": "spoxl.methods.sft",
     "spo": "spoxl.methods.spo",
+    "lpo": "spoxl.methods.lpo",
     "dpo": "spoxl.methods.diffusion_dpo",
     "diffusion_dpo": "spoxl.methods.diffusion_dpo",
     "mapo": "spoxl.methods.mapo",

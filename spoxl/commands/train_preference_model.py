@@ -1,4 +1,5 @@
-"""Training the step-aware preference model (SPM, methods.md 1.6) on preference pairs.
+"""Training a step-aware preference model on preference pairs: SPO's step-aware CLIP (SPM,
+methods.md 1.6; `--kind spm`, the default) or LPO's latent reward model (LRM, lpo.md 2; `--kind lrm`).
 
 Per batch of Pick-a-Pic-layout pairs (spoxl.data.pairs.PreferencePairDataset, ties kept):
   1. t ~ U{0..T-1}, one per pair;
@@ -11,6 +12,16 @@ Per batch of Pick-a-Pic-layout pairs (spoxl.data.pairs.PreferencePairDataset, ti
 
     python -m spoxl.commands.train_preference_model --pairs pairs.jsonl --model tiny --clip tiny \
         --steps 200 --out runs/spm/spm.safetensors
+
+LRM (`--kind lrm`): both images VAE-encoded (posterior samples), noised with INDEPENDENT noise at
+one t per pair drawn from the 20-step DDIM grid {1, 51, ..., 951}; the LRM scores the noisy latents
+at t; the same pair loss. It starts from the base model (`--model`: UNet up to its mid block, both
+text encoders, a fresh projection) or an LRM folder (`--init`), trains all of it, and writes an LRM
+folder (`--out`). `--score-table CSV` applies the official data filter (multi-preference
+consistent filtering, `--filter-strategy` 1/2/3, default 2) from a table with one row per pair, in
+the pair file's order: different_flag, aesthetic_gap, clipscore_gap, vqascore_gap.
+`--preset lrm-sdxl`: lr 1e-5, 1000 warmup steps, 8000 steps, the decay horizon of the official
+8-GPU run (the lr ends at 0.89x). `--eval-pairs` measures accuracy on held-out pairs.
 
 The whole SPM is trained (as the official recipe), with AdamW (weight decay 0.3, gradient clip 1),
 each pair weighted 1/(pairs with its caption); `--preset sd15|sdxl` takes the official lr, 500
@@ -68,6 +79,30 @@ def predicted_x0_images(components, pixels_w, pixels_l, prompts, t, *, cfg_scale
     return images[:n], images[n:]
 
 
+@torch.no_grad()
+def noisy_latents(components, pixels_w, pixels_l, prompts, t, *, cfg_scale: float = 5.0,
+                  generator: torch.Generator | None = None):  # fmt: skip
+    """(z_w, z_l): the LRM's training inputs (lpo.md 2). Both images VAE-encoded (a posterior
+    sample each) and noised at the pair's t with INDEPENDENT noise per image, as the official
+    LRM trainer; `prompts` and `cfg_scale` are unused (the signature of predicted_x0_images)."""
+    vae, sched = components.vae, components.scheduler
+    device = next(vae.parameters()).device
+    vae_dtype = next(vae.parameters()).dtype
+    n = pixels_w.shape[0]
+    dist = vae.encode(torch.cat([pixels_w, pixels_l]).to(device, vae_dtype)).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    a = sampling.alpha_bar(sched, torch.as_tensor(t).long().repeat(2)).to(device)
+    z = sampling.add_noise(latents, noise, a)
+    return z[:n], z[n:]
+
+
+def grid_timesteps(scheduler, steps: int = 20) -> torch.Tensor:
+    """The DDIM inference grid the LRM is trained on (SDXL, 20 steps: 1, 51, ..., 951)."""
+    return sampling.inference_timesteps(scheduler, steps).flip(0)
+
+
 def spm_loss(model, images_w, images_l, prompts, t, tie: torch.Tensor, examples_per_prompt=None):
     """(loss, accuracy on non-tie pairs): the PickScore pair loss at timestep(s) t. With
     examples_per_prompt ([B], how many pairs the dataset holds for each pair's caption) the
@@ -115,8 +150,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, components, dataset, timesteps=EVAL_TIMESTEPS, seed: int = 1234) -> dict[int, float]:
-    """Pairwise accuracy (non-tie pairs) of the SPM at fixed timesteps, same noise per pair."""
+def evaluate(model, components, dataset, timesteps=EVAL_TIMESTEPS, seed: int = 1234, to_inputs=None) -> dict[int, float]:
+    """Pairwise accuracy (non-tie pairs) of the model at fixed timesteps, the same noise draws for
+    every model. to_inputs None: the SPM's (predicted x0 images; the clean images at t = 0);
+    else to_inputs(components, pixels_w, pixels_l, prompts, t, generator=) (the LRM's noisy_latents)."""
     model.eval()
     items = [dataset[i] for i in range(len(dataset))]
     pw = torch.stack([it["pixels_w"] for it in items])
@@ -125,10 +162,12 @@ def evaluate(model, components, dataset, timesteps=EVAL_TIMESTEPS, seed: int = 1
     tie = torch.tensor([bool(it["tie"]) for it in items])
     out = {}
     for t in timesteps:
-        if t == 0:  # the official evaluation scores the clean images at t = 0
+        gen = torch.Generator().manual_seed(seed + t)
+        if to_inputs is not None:
+            iw, il = to_inputs(components, pw, pl, prompts, torch.full((len(items),), t), generator=gen)
+        elif t == 0:  # the official evaluation scores the clean images at t = 0
             iw, il = pw, pl
         else:
-            gen = torch.Generator().manual_seed(seed + t)
             iw, il = predicted_x0_images(components, pw, pl, prompts, torch.full((len(items),), t), generator=gen)
         out[t] = float(spm_loss(model, iw, il, prompts, t, tie)[1])
     return out
@@ -137,27 +176,35 @@ def evaluate(model, components, dataset, timesteps=EVAL_TIMESTEPS, seed: int = 1
 def train_spm(model, components, dataset, *, steps: int, batch_size: int = 4, lr: float = 1e-5,
               weight_decay: float = 0.3, cfg_scale: float = 5.0, seed: int = 0, log=None,
               to_images=None, warmup_steps: int = 0, decay: bool = False,
-              weight_by_prompt: bool = True) -> list[dict]:  # fmt: skip
-    """Train `model` (a StepAwareCLIP) in place; returns per-step {loss, acc, t, lr}.
+              weight_by_prompt: bool = True, timestep_grid: torch.Tensor | None = None,
+              decay_steps: int | None = None) -> list[dict]:  # fmt: skip
+    """Train `model` (a StepAwareCLIP or a LatentRewardModel) in place; returns per-step {loss, acc, t, lr}.
 
     `to_images(components, pixels_w, pixels_l, prompts, t, cfg_scale=, generator=)` makes the SPM's
     inputs; default predicted_x0_images (tests pass the clean pixels through instead).
     warmup_steps / decay: linear warmup, then (decay) linear decay to 0 at `steps` (the official
-    schedule); weight_by_prompt: each pair weighted 1/(pairs with its caption), as the official."""
+    schedule); weight_by_prompt: each pair weighted 1/(pairs with its caption), as the official.
+    timestep_grid: each pair's t drawn from these (the LRM's DDIM grid), else U{0..T-1};
+    decay_steps: where the linear decay reaches 0 (default `steps`; the official LRM run's is
+    steps x 8 GPUs, so its lr ends at 0.89x)."""
     to_images = to_images or predicted_x0_images
     if len(dataset) < batch_size:
         raise SpoxlError(f"SPM training: {len(dataset)} pairs is fewer than one batch of {batch_size}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, warmup_steps, steps) if decay else min(1.0, (step + 1) / max(1, warmup_steps)))
+        opt, lambda step: lr_factor(step, warmup_steps, decay_steps or steps) if decay
+        else min(1.0, (step + 1) / max(1, warmup_steps)))
     history = []
     batches = _batches(dataset, batch_size, gen, examples_per_prompt(dataset) if weight_by_prompt else None)
     T = components.scheduler.config.num_train_timesteps
     for step in range(steps):
         model.train()
         pw, pl, prompts, tie, counts = next(batches)
-        t = torch.randint(0, T, (pw.shape[0],), generator=gen)
+        if timestep_grid is None:
+            t = torch.randint(0, T, (pw.shape[0],), generator=gen)
+        else:
+            t = timestep_grid[torch.randint(0, len(timestep_grid), (pw.shape[0],), generator=gen)]
         iw, il = to_images(components, pw, pl, prompts, t, cfg_scale=cfg_scale, generator=gen)
         loss, acc = spm_loss(model, iw, il, prompts, t, tie, counts)
         opt.zero_grad(set_to_none=True)
@@ -213,19 +260,32 @@ def examples_source_captions(dataset) -> list[str]:
     return dataset.captions() if hasattr(dataset, "captions") else [dataset[i]["caption"] for i in range(len(dataset))]
 
 
-# The official recipes (official-differences.md 9): lr, warmup then linear decay, steps.
-PRESETS = {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000}}
+# The official recipes (official-differences.md 9; lpo.md 2): lr, warmup then linear decay, steps.
+# lrm-sdxl: DeepSpeed's WarmupDecayLR over max_steps x 8 GPUs (decay_horizon), so the lr ends at 0.89x.
+PRESETS = {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000},
+           "lrm-sdxl": {"lr": 1e-5, "warmup": 1000, "steps": 8000, "decay_horizon": 8}}
+LRM_EVAL_TIMESTEPS = (1, 251, 501, 751, 951)  # on the 20-step grid the LRM is trained on
 
 
 def add_arguments(p) -> None:
     """The trainer's flags (`spoxl train-preference-model` and `python -m spoxl.commands.train_preference_model`)."""
+    p.add_argument("--kind", choices=("spm", "lrm"), default="spm",
+                   help="spm (default): SPO's step-aware CLIP; lrm: LPO's latent reward model")
     p.add_argument("--pairs", required=True, help="Pick-a-Pic-layout pair table (.jsonl / .parquet)")
+    p.add_argument("--eval-pairs", default=None,
+                   help="held-out pairs to report accuracy on before and after (default: the training pairs)")
+    p.add_argument("--init", default=None, help="lrm: an LRM folder to continue from (default: a fresh one from --model)")
+    p.add_argument("--score-table", default=None,
+                   help="lrm: the official data filter's score table (CSV, one row per pair: different_flag, "
+                        "aesthetic_gap, clipscore_gap, vqascore_gap)")
+    p.add_argument("--filter-strategy", type=int, choices=(1, 2, 3), default=2,
+                   help="lrm: the score-table rule (default 2, the released recipe)")
     p.add_argument("--model", default="tiny", help="the frozen base model: tiny or a local SDXL folder")
     p.add_argument("--clip", default="tiny", help="CLIPModel folder to start from (e.g. PickScore_v1), or tiny")
     p.add_argument("--resolution", type=int, default=64, help="image side the pairs are cropped to (default 64)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the official recipe's lr, warmup (then linear decay) and steps: sd15 3e-6/500/8000, "
-                        "sdxl 1e-6/500/7000 (explicit flags override)")
+                        "sdxl 1e-6/500/7000, lrm-sdxl 1e-5/1000/8000 (explicit flags override)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100, or the preset's)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (default 4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, or the preset's)")
@@ -234,7 +294,7 @@ def add_arguments(p) -> None:
                    help="a PickScore CLIPModel folder: relabel the pairs by it first (softmax gap > 0.1, else a tie), "
                         "as the official SDXL SPM data")
     p.add_argument("--seed", type=int, default=0, help="seed of the order, timesteps and noise (default 0)")
-    p.add_argument("--out", required=True, help="where to write the SPM weights (.safetensors)")
+    p.add_argument("--out", required=True, help="where to write the SPM weights (.safetensors), or the LRM folder")
 
 
 def main(argv=None) -> int:
@@ -260,21 +320,68 @@ def run(args) -> int:
     warmup = args.warmup if args.warmup is not None else preset.get("warmup", 0)
     if steps < 1 or lr <= 0 or warmup < 0:
         raise SpoxlError(f"--steps must be >= 1, --lr > 0 and --warmup >= 0 (got {steps}, {lr}, {warmup})")
+    if (args.kind == "lrm") != (args.preset == "lrm-sdxl") and args.preset is not None:
+        raise SpoxlError(f"--preset {args.preset} is for --kind {'lrm' if args.preset == 'lrm-sdxl' else 'spm'}")
+    if args.kind == "spm" and (args.init or args.score_table):
+        raise SpoxlError("--init and --score-table are for --kind lrm")
     dataset = PreferencePairDataset(args.pairs, args.resolution, drop_ties=False, seed=args.seed)
+    eval_set = PreferencePairDataset(args.eval_pairs, args.resolution, drop_ties=False) if args.eval_pairs else dataset
+    if args.kind == "lrm":
+        return _run_lrm(args, dataset, eval_set, steps=steps, lr=lr, warmup=warmup, preset=preset)
     if args.relabel_with:
         dataset = RelabelledPairs(dataset, build_preference_model("pickscore", path=args.relabel_with))
     components = load_sdxl(args.model)
     model = build_preference_model("clip", path=args.clip, allow_untrained=True)  # what training starts from
-    before = evaluate(model, components, dataset)
+    before = evaluate(model, components, eval_set)
     train_spm(model, components, dataset, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
               warmup_steps=warmup, decay=args.preset is not None,
               log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f} lr {h['lr']:.2e}")
               if (s + 1) % 10 == 0 else None)  # fmt: skip
-    after = evaluate(model, components, dataset)
+    after = evaluate(model, components, eval_set)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model.save(args.out)
     print("pairwise accuracy by timestep, before -> after: "
           + ", ".join(f"t={t}: {before[t]:.2f} -> {after[t]:.2f}" for t in before))  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
+def train_lrm(model, components, dataset, eval_set, *, steps: int, batch_size: int = 4, lr: float = 1e-5,
+              warmup: int = 0, decay: bool = False, decay_horizon: int = 1, seed: int = 0, log=None) -> dict:  # fmt: skip
+    """Train an LRM in place on `dataset` (lpo.md 2); accuracy on `eval_set` by timestep before
+    and after, and the per-step history."""
+    grid = grid_timesteps(components.scheduler)
+    acc = lambda: evaluate(model, components, eval_set, LRM_EVAL_TIMESTEPS, to_inputs=noisy_latents)  # noqa: E731
+    before = acc()
+    history = train_spm(model, components, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                        to_images=noisy_latents, warmup_steps=warmup, decay=decay, timestep_grid=grid,
+                        decay_steps=steps * decay_horizon, log=log)  # fmt: skip
+    return {"before": before, "after": acc(), "history": history}
+
+
+def _run_lrm(args, dataset, eval_set, *, steps: int, lr: float, warmup: int, preset: dict) -> int:
+    from spoxl.data.score_filter import ScoreFilteredPairs
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.lrm import LatentRewardModel
+    from spoxl.paths import check_can_create
+
+    check_can_create(Path(args.out), "--out")
+    if args.score_table:
+        n = len(dataset)
+        dataset = ScoreFilteredPairs(dataset, args.score_table, args.filter_strategy)
+        print(f"score table: strategy {args.filter_strategy} keeps {len(dataset)} of {n} pairs")
+    components = load_sdxl(args.model)
+    if args.init:
+        model = LatentRewardModel.from_folder(args.init, tokenizers=(components.tokenizer, components.tokenizer_2))
+    else:
+        model = LatentRewardModel.from_components(components)
+    out = train_lrm(model, components, dataset, eval_set, steps=steps, batch_size=args.batch_size, lr=lr, warmup=warmup,
+                    decay=args.preset is not None, decay_horizon=preset.get("decay_horizon", 1), seed=args.seed,
+                    log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f} lr {h['lr']:.2e}")
+                    if (s + 1) % 10 == 0 else None)  # fmt: skip
+    model.save(args.out)
+    print("pairwise accuracy by timestep, before -> after: "
+          + ", ".join(f"t={t}: {out['before'][t]:.2f} -> {out['after'][t]:.2f}" for t in out["before"]))  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -35,8 +35,8 @@ DEFAULT_PROMPTS = ["a red circle", "a green square", "a blue cat", "a yellow dog
 
 @dataclass
 class PreferenceConfig:
-    kind: str = "colour"  # "clip" (step-aware CLIP), "colour", "brightness"
-    path: Optional[str] = None  # clip: a local CLIPModel folder, or "tiny"
+    kind: str = "colour"  # "clip" (step-aware CLIP), "lrm" (LPO's latent reward model), "colour", ... (preference_models)
+    path: Optional[str] = None  # clip: a local CLIPModel folder, or "tiny"; lrm: an LRM folder, or "toy"
     weights: Optional[str] = None  # clip: trained time-conditioning weights (safetensors)
     allow_untrained: bool = False  # clip without weights ignores t: an error unless this is set
     scale: float = 100.0  # programmatic scorers: score = scale * similarity (see spoxl.models.scorers)
@@ -221,6 +221,9 @@ class SPOObjective(Objective):
             raise SpoxlError("method.preference: kind 'clip' has no weights: an untrained step-aware CLIP ignores the "
                              "timestep; give method.preference.weights (from `spoxl train-preference-model`) or set "
                              "method.preference.allow_untrained: true for an experiment")
+        if pc.kind == "lrm" and not pc.path and not pc.allow_untrained:
+            raise SpoxlError("method.preference: kind 'lrm' needs a path (an LRM folder, or 'toy'); an untrained LRM "
+                             "from the policy scores at random: set method.preference.allow_untrained: true for an experiment")
         read_prompts(cfg)
 
     def setup(self, run: RunView) -> None:
@@ -233,8 +236,9 @@ class SPOObjective(Objective):
             raise SpoxlError(f"SPO cannot sample with prediction_type {run.prediction_type!r}")
         self.prompts = read_prompts(cfg)
         pc = cfg.preference
+        extra = {"components": run.components} if pc.kind == "lrm" else {} if pc.kind in MODEL_KINDS else {"scale": pc.scale}
         self.scorer = build_preference_model(pc.kind, path=pc.path, weights=pc.weights, allow_untrained=pc.allow_untrained,
-                                             **({} if pc.kind in MODEL_KINDS else {"scale": pc.scale}))  # fmt: skip
+                                             **extra)  # fmt: skip
         if hasattr(self.scorer, "check_prompts"):
             self.scorer.check_prompts(self.prompts)  # every rank has every prompt: all fail alike
         if hasattr(self.scorer, "to"):

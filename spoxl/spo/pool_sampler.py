@@ -15,6 +15,13 @@ DDIM with eta = 1 and CFG over N inference steps:
   4. the trajectory continues from a uniformly random candidate, drawn independently of the scores
      (the step-wise resampler), reusing that candidate's UNet output from the scoring call.
 
+LPO's mode (`score_candidates`, lpo.md 3): per-step branching from the first step; the k
+candidates x_{t-1} THEMSELVES are scored by a latent preference model (the LRM, input "latents")
+conditioned on the CURRENT t: no x0 prediction, no VAE decode, and only the continued candidate
+goes through the UNet next step. `threshold_max` makes the threshold grow linearly with the
+step's DDIM(eta = 1) std, from `threshold` at the smallest std of the grid to `threshold_max` at
+the largest (LPO's dynamic threshold, computed from the scheduler for any step count).
+
 Batching: all prompts and all k candidates go through ONE UNet call per denoising step, with the
 CFG halves in the same call (spoxl.sampling.guided_output). All diffusion math is spoxl.sampling's
 and spoxl.kernels'; nothing is re-derived here.
@@ -23,6 +30,7 @@ and spoxl.kernels'; nothing is re-derived here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -41,6 +49,10 @@ class PoolSamplerConfig:
     num_inner_step: int = 3  # 0: per-step branching (SD1.5 recipe); 3: SDXL recipe
     divert_start_step: int = 4
     threshold: float = 0.4  # softmax(best, worst) gap needed to keep a pair
+    # LPO (module docstring): score the candidates themselves at the current t, no decode
+    score_candidates: bool = False
+    # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest
+    threshold_max: Optional[float] = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -55,6 +67,11 @@ class PoolSamplerConfig:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
             raise SpoxlError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
+            raise SpoxlError(f"threshold_max must be in [threshold={self.threshold}, 1), got {self.threshold_max}")
+        if self.score_candidates and self.num_inner_step != 0:
+            raise SpoxlError("score_candidates (LPO) branches at every step: num_inner_step must be 0, "
+                             f"got {self.num_inner_step}")
 
 
 @dataclass
@@ -88,6 +105,20 @@ def _seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
+def step_thresholds(scheduler, steps: int, low: float, high: float) -> dict[int, float]:
+    """LPO's dynamic threshold per grid timestep t (the timestep the pool branches at):
+    low + (high - low) (sigma_t - sigma_min) / (sigma_max - sigma_min), sigma_t the DDIM(eta = 1)
+    std of the step from t, min and max over the grid. The official code hard-codes sigma for
+    SDXL's 20-step grid (0.0206 at t = 1 ... 0.6444 at t = 951); this computes it for any grid."""
+    ts = [int(t) for t in sampling.inference_timesteps(scheduler, steps)]
+    sigma = {t: float(sampling.ddim_std(sampling.alpha_bar(scheduler, t),
+                                        sampling.alpha_bar(scheduler, sampling.prev_timestep(scheduler, t, steps)), 1.0))
+             for t in ts}  # fmt: skip
+    lo, hi = min(sigma.values()), max(sigma.values())
+    span = (hi - lo) or 1.0  # one step: the grid's only sigma is both ends
+    return {t: low + (high - low) * (s - lo) / span for t, s in sigma.items()}
+
+
 def pair_gap(best: torch.Tensor, worst: torch.Tensor) -> torch.Tensor:
     """softmax([best, worst])[0] - softmax([best, worst])[1] per prompt (methods.md 1.3)."""
     probs = torch.softmax(torch.stack([best.float(), worst.float()], dim=-1), dim=-1)
@@ -99,11 +130,20 @@ class PoolSampler:
 
     def __init__(self, config: PoolSamplerConfig, scheduler, vae, scorer, *, prediction_type: str = "epsilon"):
         config.validate()
+        if config.score_candidates and getattr(scorer, "input", "images") != "latents":
+            raise SpoxlError(f"score_candidates (LPO) scores noisy latents: the preference model "
+                             f"{type(scorer).__name__} takes {getattr(scorer, 'input', 'images')} (use a latent reward model)")
         self.config = config
         self.scheduler = scheduler
         self.vae = vae
         self.scorer = scorer
         self.prediction_type = prediction_type
+        self.thresholds = (step_thresholds(scheduler, config.steps, config.threshold, config.threshold_max)
+                           if config.threshold_max is not None else None)  # fmt: skip
+
+    def threshold(self, t: int) -> float:
+        """The softmax gap a pool branching at t must exceed to give a pair."""
+        return self.config.threshold if self.thresholds is None else self.thresholds[t]
 
     # ---- pieces --------------------------------------------------------------------------------
 
@@ -183,6 +223,14 @@ class PoolSampler:
             # Each record: (x_t [B, k], x_prev [B, k], t, t_prev, std [B], logp [B, k]).
             records = [(x.unsqueeze(1).expand_as(samples), samples, t, self._prev(t), std, logp)]
             cur = samples.reshape(B * k, *x.shape[1:])
+            if c.score_candidates:  # LPO: the candidates x_{t-1} themselves, at the current t
+                scores = self.scorer.score(cur, prompts_k, t).float().view(B, k).cpu()
+                x = self._select(result, kept, records, scores, t, cond, generator, cur.view(B, k, *x.shape[1:]))
+                if end < c.steps:  # only the continued candidate goes through the UNet
+                    _, eps = denoise(x, timesteps[end], 1)
+                else:
+                    final_scores = scores
+                continue
             for j in range(start + 1, end):  # inner steps: every chain on its own
                 tj = timesteps[j]
                 aj, aj_prev = self._alpha(tj)
@@ -202,18 +250,9 @@ class PoolSampler:
             else:  # the final latents are the images; the preference model sees t = 0
                 t_score, x0, eps_all = 0, cur, None
             scores = self.score(x0, prompts_k, t_score).view(B, k).cpu()  # tiny; selection on the host
-            best, worst = scores.argmax(1), scores.argmin(1)
-            gap = pair_gap(scores[arange, best], scores[arange, worst])
-            keep = (gap > c.threshold) & (best != worst)
-            result.offered[t] = result.offered.get(t, 0) + B
-            result.accepted[t] = result.accepted.get(t, 0) + int(keep.sum())
-            if keep.any():
-                kept.append(self._pairs(records, keep, best, worst, cond))
-            # The resampler: a uniformly random candidate, drawn whatever the scores are.
-            choice = torch.randint(0, k, (B,), generator=generator)
-            result.choices.append(choice)
-            x = cur.view(B, k, *x.shape[1:])[arange, choice]
+            x = self._select(result, kept, records, scores, t, cond, generator, cur.view(B, k, *x.shape[1:]))
             if eps_all is not None:
+                choice = result.choices[-1]
                 eps = eps_all.view(B, k, *x.shape[1:])[arange, choice]
             else:
                 final_scores = scores
@@ -222,6 +261,23 @@ class PoolSampler:
         result.final_latents = x
         result.unet_calls = calls
         return result
+
+    def _select(self, result: RoundResult, kept: list, records, scores, t: int, cond, generator, chains):
+        """Keep the best/worst pair of each prompt's pool when their softmax gap beats the
+        threshold at t, then continue every prompt from a uniformly random candidate (drawn
+        whatever the scores are: the step-wise resampler). Returns the continued latents [B, ...]."""
+        B, k = scores.shape
+        arange = torch.arange(B)
+        best, worst = scores.argmax(1), scores.argmin(1)
+        gap = pair_gap(scores[arange, best], scores[arange, worst])
+        keep = (gap > self.threshold(t)) & (best != worst)
+        result.offered[t] = result.offered.get(t, 0) + B
+        result.accepted[t] = result.accepted.get(t, 0) + int(keep.sum())
+        if keep.any():
+            kept.append(self._pairs(records, keep, best, worst, cond))
+        choice = torch.randint(0, k, (B,), generator=generator)
+        result.choices.append(choice)
+        return chains[arange, choice]
 
     def _pairs(self, records, keep, best, worst, cond: PromptEmbeds) -> PairBatch:
         """The kept prompts' winner and loser transitions of every record of the segment."""

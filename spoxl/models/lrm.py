@@ -15,6 +15,12 @@ The UNet context is the penultimate hidden states of both text encoders, concate
 SDXL pipeline); `add_time_ids` are fixed at the native resolution, (H, W, 0, 0, H, W), 1024 for
 SDXL. The empty prompt is ENCODED "" (not zeros), as the official model (its tokenizers' "").
 
+SD1.5 (LRM-1.5, lrm/lrm_15 of the official code): one text encoder; the context is its last hidden
+state, T = text_projection(its pooled output), a bias-free Linear the LRM owns (the official
+initialises it from CLIP ViT-L/14's text_projection, which is not part of an SD1.5 folder: a
+fresh one starts at the identity here); four down blocks, so the features are down residuals 2,
+5, 8, 11 and the mid block (4800 dims); no added conditioning.
+
 Weights: `LatentRewardModel.from_folder(path)` reads the released layout (casiatao/LRM: unet/,
 text_encoder/, text_encoder_2/, state_dict.pt holding {"visual_projection": {"weight"},
 "logit_scale"}) or the one `save` writes (lrm_head.safetensors instead of state_dict.pt, plus the
@@ -93,15 +99,14 @@ def unet_down_and_mid(unet, x, t, encoder_hidden_states, added_cond_kwargs):
 
 
 class LatentRewardModel(nn.Module):
-    """score(latents, prompts, timesteps) -> [N] (the PreferenceModel interface, input "latents")."""
+    """score(latents, prompts, timesteps) -> [N] (the PreferenceModel interface, input "latents").
+    text_encoder_2 None: the SD1.5 LRM (module docstring)."""
 
     input = "latents"
 
     def __init__(self, unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, *,
                  guidance_scale: float = GUIDANCE_SCALE, vae_scale_factor: int = 8):  # fmt: skip
         super().__init__()
-        if text_encoder_2 is None:
-            raise SpoxlError("LRM: needs SDXL's two text encoders (the text feature is text_encoder_2's pooled output)")
         self.unet = truncate_unet(unet)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
@@ -109,7 +114,13 @@ class LatentRewardModel(nn.Module):
         self.indices = feature_indices(unet.config)
         channels = list(unet.config["block_out_channels"])
         feature_dim = sum(channels) + channels[-1]  # one per down block, plus the mid block
-        text_dim = text_encoder_2.config.projection_dim
+        if text_encoder_2 is not None:  # SDXL: text_encoder_2's projected pooled output
+            text_dim = text_encoder_2.config.projection_dim
+            self.text_projection = None
+        else:  # SD1.5: a projection of the one encoder's pooled output (module docstring)
+            text_dim = text_encoder.config.hidden_size
+            self.text_projection = nn.Linear(text_dim, text_dim, bias=False)
+            nn.init.eye_(self.text_projection.weight)
         self.visual_projection = nn.Linear(feature_dim, text_dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=0.02)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
@@ -125,8 +136,9 @@ class LatentRewardModel(nn.Module):
         policy's own modules are never trained through the LRM)."""
         unet = truncate_unet(copy.deepcopy(components.unet))
         vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1) if components.vae is not None else 8
-        return cls(unet, copy.deepcopy(components.text_encoder), copy.deepcopy(components.text_encoder_2),
-                   components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float()  # fmt: skip
+        te2 = copy.deepcopy(components.text_encoder_2) if components.text_encoder_2 is not None else None
+        return cls(unet, copy.deepcopy(components.text_encoder), te2,
+                   components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float().eval()  # fmt: skip
 
     @classmethod
     def from_folder(cls, path, *, tokenizers=None, vae_scale_factor: int = 8) -> "LatentRewardModel":
@@ -136,24 +148,25 @@ class LatentRewardModel(nn.Module):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         folder = Path(path).expanduser()
-        for part in ("unet", "text_encoder", "text_encoder_2"):
+        sdxl = (folder / "text_encoder_2").is_dir()
+        for part in ("unet", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
             if not (folder / part / "config.json").is_file():
                 raise SpoxlError(f"LRM folder {folder}: no {part}/config.json (unet/, text_encoder/, text_encoder_2/ "
                                  f"and {RELEASED_HEAD_FILE} or {HEAD_FILE} are expected)")
         kw = dict(local_files_only=True)
         try:
             te1 = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw)
+            te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw) if sdxl else None
             if (folder / "tokenizer").is_dir():
                 tokenizers = (AutoTokenizer.from_pretrained(folder / "tokenizer", **kw),
-                              AutoTokenizer.from_pretrained(folder / "tokenizer_2", **kw))  # fmt: skip
+                              AutoTokenizer.from_pretrained(folder / "tokenizer_2", **kw) if sdxl else None)  # fmt: skip
         except (OSError, ValueError) as e:
             raise SpoxlError(f"LRM folder {folder}: {str(e).splitlines()[0]}") from None
         if tokenizers is None:
             raise SpoxlError(f"LRM folder {folder} has no tokenizer/ and tokenizer_2/: pass the SDXL model's tokenizers")
         model = cls(load_truncated_unet(folder / "unet"), te1, te2, *tokenizers, vae_scale_factor=vae_scale_factor)
         model.load_head(folder)
-        return model.float()
+        return model.float().eval()
 
     def load_head(self, folder: Path) -> None:
         """The projection and logit scale: ours (safetensors) or the released state_dict.pt
@@ -166,21 +179,30 @@ class LatentRewardModel(nn.Module):
             try:
                 raw = torch.load(folder / RELEASED_HEAD_FILE, map_location="cpu", weights_only=True)
                 state = {"visual_projection.weight": raw["visual_projection"]["weight"],
-                         "logit_scale": torch.as_tensor(raw["logit_scale"])}  # fmt: skip
+                         "logit_scale": torch.as_tensor(raw["logit_scale"], dtype=torch.float32)}  # fmt: skip
+                if "text_projection" in raw:  # LRM-1.5
+                    state["text_projection.weight"] = raw["text_projection"]["weight"]
             except (KeyError, TypeError, RuntimeError) as e:
                 raise SpoxlError(f"LRM: {folder / RELEASED_HEAD_FILE} is not the released head layout "
                                  f"({{'visual_projection': {{'weight'}}, 'logit_scale'}}): {e}") from None
         else:
             raise SpoxlError(f"LRM folder {folder} has neither {HEAD_FILE} nor {RELEASED_HEAD_FILE}")
-        if set(state) != {"visual_projection.weight", "logit_scale"}:
-            raise SpoxlError(f"LRM head in {folder}: keys {sorted(state)} (need visual_projection.weight, logit_scale)")
-        want = tuple(self.visual_projection.weight.shape)
-        if tuple(state["visual_projection.weight"].shape) != want:
-            raise SpoxlError(f"LRM head in {folder}: projection {tuple(state['visual_projection.weight'].shape)}, "
-                             f"this UNet's features need {want}")
+        need = self._head_keys()
+        if set(state) != set(need):
+            raise SpoxlError(f"LRM head in {folder}: keys {sorted(state)} (need {', '.join(need)})")
+        for key in need[:-1]:
+            want = tuple(self.get_parameter(key).shape)
+            if tuple(state[key].shape) != want:
+                raise SpoxlError(f"LRM head in {folder}: {key.split('.')[0]} {tuple(state[key].shape)}, "
+                                 f"this model needs {want}")
         with torch.no_grad():
-            self.visual_projection.weight.copy_(state["visual_projection.weight"])
+            for key in need[:-1]:
+                self.get_parameter(key).copy_(state[key])
             self.logit_scale.copy_(state["logit_scale"].reshape(()))
+
+    def _head_keys(self) -> tuple[str, ...]:
+        return ("visual_projection.weight",) + (("text_projection.weight",) if self.text_projection is not None else ()) \
+            + ("logit_scale",)
 
     def save(self, folder) -> None:
         """Write our layout: unet/ (config + the truncated weights), text encoders, tokenizers, head."""
@@ -192,26 +214,48 @@ class LatentRewardModel(nn.Module):
         unet_state = {k: v.detach().contiguous() for k, v in self.unet.state_dict().items()}
         save_file(unet_state, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
         for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            getattr(self, name).save_pretrained(folder / name)
-        save_file({"visual_projection.weight": self.visual_projection.weight.detach().contiguous(),
-                   "logit_scale": self.logit_scale.detach().reshape(1).contiguous()}, str(folder / HEAD_FILE))  # fmt: skip
+            if getattr(self, name) is not None:
+                getattr(self, name).save_pretrained(folder / name)
+        head = {k: self.get_parameter(k).detach().reshape(-1 if k == "logit_scale" else self.get_parameter(k).shape)
+                .contiguous() for k in self._head_keys()}  # fmt: skip
+        save_file(head, str(folder / HEAD_FILE))
 
     # ---- scoring -------------------------------------------------------------------------------
 
     def _tokens(self, prompts: list[str], device):
         out = []
-        for tok in (self.tokenizer, self.tokenizer_2):
+        for tok in (self.tokenizer, self.tokenizer_2)[: 1 if self.text_encoder_2 is None else 2]:
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids  # fmt: skip
             out.append(ids.to(device))
         return out
 
     def encode_text(self, prompts: list[str]):
-        """(context [N, L, D1 + D2], pooled text_embeds [N, P]) of the prompts."""
-        ids1, ids2 = self._tokens(prompts, self.visual_projection.weight.device)
+        """(UNet context [N, L, D], the UNet's pooled input [N, P] or None, text features T [N, P])."""
+        ids = self._tokens(prompts, self.visual_projection.weight.device)
+        if self.text_encoder_2 is None:  # SD1.5: last hidden state; T = text_projection(pooled)
+            out = self.text_encoder(ids[0])
+            return out.last_hidden_state, None, self.text_projection(out.pooler_output)
+        ids1, ids2 = ids
         out1 = self.text_encoder(ids1, output_hidden_states=True)
         out2 = self.text_encoder_2(ids2, output_hidden_states=True)
-        return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
+        return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds, out2.text_embeds
+
+    def train(self, mode: bool = True):
+        self._text_cache = None  # the text encoders may change from here on
+        return super().train(mode)
+
+    def _encoded(self, texts: list[str]):
+        """encode_text, remembered for the last list of texts while no gradient is taken: a
+        sampling round scores the same prompts at every one of its steps (20 for LPO)."""
+        if torch.is_grad_enabled() or self.training:
+            return self.encode_text(texts)
+        key = (tuple(texts), self.visual_projection.weight.device, self.visual_projection.weight.dtype)
+        cached = getattr(self, "_text_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.encode_text(texts))
+            self._text_cache = cached
+        return cached[1]
 
     def features(self, latents: torch.Tensor, prompts: list[str], timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, T): the projected visual features [N, P] and the text features [N, P], unnormalised."""
@@ -219,17 +263,19 @@ class LatentRewardModel(nn.Module):
         n = latents.shape[0]
         dtype = self.visual_projection.weight.dtype
         t = as_timesteps(timesteps, n, latents.device).long()
-        context, pooled = self.encode_text(list(prompts) + [""])  # the empty prompt once, last
+        context, pooled, text = self._encoded(list(prompts) + [""])  # the empty prompt once, last
         ctx = torch.cat([context[:n], context[n:].expand(n, -1, -1)])
-        pool = torch.cat([pooled[:n], pooled[n:].expand(n, -1)])
         z = latents.to(dtype)
-        added = {"text_embeds": pool.to(dtype), "time_ids": self.time_ids.to(dtype).expand(2 * n, -1)}
+        added = {}
+        if pooled is not None:  # SDXL's text_time conditioning
+            pool = torch.cat([pooled[:n], pooled[n:].expand(n, -1)])
+            added = {"text_embeds": pool.to(dtype), "time_ids": self.time_ids.to(dtype).expand(2 * n, -1)}
         mid, residuals = unet_down_and_mid(self.unet, torch.cat([z, z]), torch.cat([t, t]), ctx.to(dtype), added)
         pooled_feats = [residuals[i].mean(dim=(2, 3))[:n] for i in self.indices]  # the prompt branch
         m = mid.mean(dim=(2, 3))
         m_c, m_u = m[:n], m[n:]
         pooled_feats.append(m_u + self.guidance_scale * (m_c - m_u))
-        return self.visual_projection(torch.cat(pooled_feats, dim=-1)), pooled[:n]
+        return self.visual_projection(torch.cat(pooled_feats, dim=-1)), text[:n]
 
     def score(self, latents: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor:
         v, t = self.features(latents, prompts, timesteps)

@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["spoxl", "spoxl.*"]),
     # The pretrained toy-world model ships inside the package (spoxl/toy/weights, a diffusers folder).
-    package_data={"spoxl": ["resources/*.json"], "spoxl.toy": ["weights/*.json", "weights/*/*", "lrm/*.safetensors", "lrm/*/*"]},
+    package_data={"spoxl": ["resources/*.json"], "spoxl.toy": ["weights/*.json", "weights/*/*", "lrm/*.safetensors", "lrm/*.json", "lrm/*/*"]},
     install_requires=requirements,
     extras_require={"dev": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["spoxl=spoxl.cli:main"]},

@@ -1,6 +1,7 @@
-"""Every method at equal compute on the toy world: base vs SPO vs Diffusion-DPO vs MaPO vs NCP.
+"""Every method at equal compute on the toy world: base vs SPO vs LPO vs Diffusion-DPO vs MaPO vs NCP.
 
-    python benchmarks/alignment.py [--budgets 2 5] [--methods spo dpo mapo ncp ncp_cpo] [--seeds 4]
+    python benchmarks/alignment.py [--budgets 2 5] [--methods spo lpo dpo mapo ncp_dpo ncp_cpo] [--seeds 4]
+    python benchmarks/alignment.py --methods lpo --merge      # add or redo methods' rows in the CSV
     python benchmarks/alignment.py --pair-source counterfactual --methods dpo mapo ncp_dpo ncp_cpo --budgets 2
 
 For each method and each wall-clock budget B (minutes), one training run through the deepspeed
@@ -21,6 +22,9 @@ Writes benchmarks/results/alignment_<device>.csv (method, budget, score, paired 
 with its standard error, win rate with its 95% interval, peak memory, optimizer steps, UNet sample
 evaluations, seconds, and each LoRA's held-out preference accuracy on 64 counterfactual pairs of
 held-out captions: learned preference, as against better samples) and alignment_<device>.png (held-out fidelity vs wall-clock per method).
+`--merge` keeps the rows already in the CSV for the methods not run now and replaces (or adds)
+those of the methods run: the evaluation is deterministic (same captions, seeds and sampler), so
+the base and every earlier row stay comparable; the .json records which methods each run added.
 Runs in runs/alignment/ (kept: the LoRAs, logs, eval grid). Needs `make venv`; about
 (sum of budgets) x (methods) + 15 minutes on 2 cores.
 """
@@ -40,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # name in the CSV -> (recipe, trains on the offline pair set)
     "spo": ("configs/toy_spo.yaml", False),
+    "lpo": ("configs/toy_lpo.yaml", False),  # its toy LRM was trained once, beforehand (spoxl/toy/lrm/lrm.json)
     "dpo": ("configs/toy_dpo.yaml", True),
     "mapo": ("configs/toy_mapo.yaml", True),
     "ncp_dpo": ("configs/toy_ncp.yaml", True),
@@ -259,6 +264,8 @@ def main(argv=None) -> int:
                    help="where the runs, pairs and eval go, reused if present (default runs/alignment, "
                         "runs/alignment_counterfactual for counterfactual pairs)")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the CSV's rows of the methods not run now; replace those of the methods run")
     p.add_argument("--memory-steps", type=int, default=20,
                    help="steps of the full fine-tuning memory runs of DPO and MaPO (0: skip them)")
     args = p.parse_args(argv)
@@ -282,10 +289,25 @@ def main(argv=None) -> int:
     results = ROOT / args.results
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / f"alignment_{device}{suffix}.csv"
+    json_path = results / f"alignment_{device}{suffix}.json"
+    merged_from = None
+    if args.merge and csv_path.exists():
+        with open(csv_path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r["method"] not in args.methods]
+        base_before = {float(r["base_score"]) for r in kept}
+        if base_before and any(abs(b - scores["base"]["mean"]) > 1e-3 for b in base_before):
+            sys.exit(f"alignment --merge: the base scores {sorted(base_before)} in {csv_path}, {scores['base']['mean']:.3f} "
+                     f"now: the evaluation changed, rerun every method")
+        order = list(METHODS)
+        table = sorted(kept + table, key=lambda r: (float(r["budget_min"]), order.index(r["method"])))
+        merged_from = json.loads(json_path.read_text()) if json_path.exists() else {}
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(table)
+    ints = ("steps", "unet_samples", "peak_rss_mib", "cuda_peak_mib", "n_eval")
+    table = [{k: ((int(float(v)) if k in ints else float(v)) if k != "method" and isinstance(v, str) else v)
+              for k, v in r.items()} for r in table]  # rows read back from the CSV (--merge) are text
     plot(table, scores["base"]["mean"], results / f"alignment_{device}{suffix}.png", device)
     meta = {"device": device, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "pairs": args.pairs, "pair_source": args.pair_source, "pair_generation_s": round(pair_s, 1), "seeds": args.seeds,
@@ -295,7 +317,12 @@ def main(argv=None) -> int:
                                          "s_per_step": round(r["seconds"] / max(r["steps"], 1), 3),
                                          "unet_samples_per_step": r["unet_samples"] / max(r["steps"], 1)}
                                      for m, r in memory.items()}}
-    (results / f"alignment_{device}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if merged_from is not None:  # the earlier run's record stays; this run's is added under merges
+        merges = merged_from.pop("merges", []) + [{**meta, "methods": args.methods}]
+        meta = {**merged_from, "merges": merges}
+        if not memory:
+            meta["full_finetune_memory"] = merged_from.get("full_finetune_memory", {})
+    json_path.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"base held-out fidelity {scores['base']['mean']:.2f}; pair set: {args.pairs} pairs in {pair_s:.0f} s")
     print(markdown(table))
     for m, r in meta["full_finetune_memory"].items():

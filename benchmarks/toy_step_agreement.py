@@ -11,7 +11,8 @@ finish every candidate deterministically (DDIM eta 0) and score the final images
 step and per scorer: how often the step's best-vs-worst order agrees with the final fidelity
 order, and the mean final fidelity gap (scaled units). Writes
 benchmarks/results/toy_step_agreement_cpu.csv. It explains configs/toy_spo.yaml's
-divert_start_step (docs/toy_world.md).
+divert_start_step (docs/toy_world.md). `--lrm toy` adds LPO's judge: the toy latent reward model
+scoring the candidates themselves at the branching step's t (docs/lpo.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--at", type=int, nargs="+", default=[2, 6, 10, 14, 17], help="steps to branch at")
+    p.add_argument("--lrm", default=None,
+                   help="also judge each pool by this latent reward model (an LRM folder, or toy), as LPO does: "
+                        "the candidates themselves, at the current t (row scorer 'lrm')")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "toy_step_agreement_cpu.csv"))
     args = p.parse_args(argv)
 
@@ -54,6 +58,11 @@ def main(argv=None) -> int:
     sched = comps.scheduler
     grid = [int(t) for t in sampling.inference_timesteps(sched, steps)]
     scorer = ToyScorer()
+    lrm = None
+    if args.lrm:
+        from spoxl.preference_models import build_lrm
+
+        lrm = build_lrm(args.lrm, components=comps)
     arange = torch.arange(n)
 
     def alphas(t):
@@ -82,7 +91,9 @@ def main(argv=None) -> int:
                 y = sampling.ddim_step(guided(y, grid[j], k), y, aj, aj_prev, 0.0, None, "epsilon")[0]
             final = scorer.similarities(sampling.decode_latents(comps.vae, y), per_prompt)
             f = final["fidelity"].view(n, k)
-            for key in KEYS:
+            if lrm is not None:
+                at_step["lrm"] = lrm.score(cand, per_prompt, t)
+            for key in KEYS + (("lrm",) if lrm is not None else ()):
                 s = at_step[key].view(n, k)
                 best, worst = s.argmax(1), s.argmin(1)
                 rows.append({"step": i, "timestep": t, "scorer": key,

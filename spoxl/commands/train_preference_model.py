@@ -347,11 +347,12 @@ def run(args) -> int:
 
 
 def train_lrm(model, components, dataset, eval_set, *, steps: int, batch_size: int = 4, lr: float = 1e-5,
-              warmup: int = 0, decay: bool = False, decay_horizon: int = 1, seed: int = 0, log=None) -> dict:  # fmt: skip
+              warmup: int = 0, decay: bool = False, decay_horizon: int = 1, seed: int = 0, log=None,
+              eval_timesteps=LRM_EVAL_TIMESTEPS) -> dict:  # fmt: skip
     """Train an LRM in place on `dataset` (lpo.md 2); accuracy on `eval_set` by timestep before
     and after, and the per-step history."""
     grid = grid_timesteps(components.scheduler)
-    acc = lambda: evaluate(model, components, eval_set, LRM_EVAL_TIMESTEPS, to_inputs=noisy_latents)  # noqa: E731
+    acc = lambda: evaluate(model, components, eval_set, eval_timesteps, to_inputs=noisy_latents)  # noqa: E731
     before = acc()
     history = train_spm(model, components, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         to_images=noisy_latents, warmup_steps=warmup, decay=decay, timestep_grid=grid,

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULTS = {"pairs": 4096, "held_out_pairs": 256, "steps": 400, "batch_size": 16, "lr": 1e-4, "seed": 0}
+DEFAULTS = {"pairs": 4096, "held_out_pairs": 256, "steps": 600, "batch_size": 16, "lr": 1e-4, "seed": 0}
 
 
 def _cpu_seconds() -> float:

@@ -237,6 +237,10 @@ def plot(table: list[dict], base: float, path: Path, device: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def markdown(table: list[dict]) -> str:
     head = ("| method | budget | steps | s/step | UNet samples | peak RSS | held-out fidelity | vs base | win rate [95%] "
             "| held-out pref. acc. |")
@@ -246,7 +250,7 @@ def markdown(table: list[dict]) -> str:
                      f"{r['unet_samples']:,} | {r['peak_rss_mib']} MiB | {r['score']:.1f} | "
                      f"{r['diff_vs_base']:+.2f} ± {r['diff_stderr']:.2f} | {100 * r['win_rate']:.0f}% "
                      f"[{100 * r['win_ci95_low']:.0f}, {100 * r['win_ci95_high']:.0f}] | "
-                     f"{r['heldout_pref_acc']:.2f} |")  # fmt: skip
+                     f"{_num(r.get('heldout_pref_acc'))} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -306,8 +310,9 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(table)
     ints = ("steps", "unet_samples", "peak_rss_mib", "cuda_peak_mib", "n_eval")
-    table = [{k: ((int(float(v)) if k in ints else float(v)) if k != "method" and isinstance(v, str) else v)
-              for k, v in r.items()} for r in table]  # rows read back from the CSV (--merge) are text
+    # rows read back from the CSV (--merge) are text; a column an older run did not have is empty
+    table = [{k: (None if v == "" else (int(float(v)) if k in ints else float(v)))
+              if k != "method" and isinstance(v, str) else v for k, v in r.items()} for r in table]
     plot(table, scores["base"]["mean"], results / f"alignment_{device}{suffix}.png", device)
     meta = {"device": device, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "pairs": args.pairs, "pair_source": args.pair_source, "pair_generation_s": round(pair_s, 1), "seeds": args.seeds,

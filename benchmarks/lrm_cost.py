@@ -7,7 +7,9 @@ candidate's x0 with the UNet, VAE-decodes it and scores it with the step-aware C
 
 Per scoring of `--candidates` candidates (one prompt's pool), median of `--repeats` timed runs after
 one warm-up, no grad, fp32 on this machine's CPU threads:
-  lrm_s      the LRM: text encoders (prompt and ""), the UNet's down and mid blocks on 2 x k rows
+  lrm_s      the LRM: the UNet's down and mid blocks on 2 x k rows (prompt and "", visual feature
+             enhancement), projection, cosine; its text features are computed once per round
+             (the same prompts at every step) and cached, so they are not in this per-step figure
   decode_s   SPO: VAE decode of the k predicted x0
   clip_s     SPO: the step-aware CLIP on the k decoded images
   unet_x0_s  SPO: the UNet call predicting the k candidates' x0 with CFG (2 x k rows). In SPO's
@@ -49,7 +51,9 @@ def vit_h14_clip():
 
 
 def build(size: str):
-    """(components without the full UNet where not needed, the LRM, the step-aware CLIP)."""
+    """(components, a function making the LRM, the step-aware CLIP). At SDXL size the LRM is made
+    from the policy's own UNet, truncated in place AFTER the UNet is timed: one 10 GB fp32 UNet in
+    memory, not two."""
     from spoxl.models.lrm import LatentRewardModel, truncate_unet
     from spoxl.models.preference import StepAwareCLIP
 
@@ -57,24 +61,20 @@ def build(size: str):
         from spoxl.models.loading import load_sdxl
 
         comps = load_sdxl("toy")
-        try:
-            from spoxl.preference_models import build_lrm
+        from spoxl.preference_models import build_lrm
 
-            lrm = build_lrm("toy", components=comps)
-        except Exception:  # the toy LRM not made yet: the same architecture, untrained
-            lrm = LatentRewardModel.from_components(comps)
-        return comps, lrm, StepAwareCLIP.tiny(image_size=64)
-    from diffusers import UNet2DConditionModel
-
-    from spoxl.models.random_sdxl import build_random_sdxl, bundled_config
+        return comps, lambda: build_lrm("toy", components=comps), StepAwareCLIP.tiny(image_size=64)
+    from spoxl.models.random_sdxl import build_random_sdxl
     from spoxl.models.tiny import tiny_clip_tokenizer
 
     comps = build_random_sdxl(0)
-    config = {k: v for k, v in bundled_config("unet").items() if not k.startswith("_")}
-    with torch.random.fork_rng(devices=[]):
-        lrm_unet = truncate_unet(UNet2DConditionModel.from_config(config))
-    lrm = LatentRewardModel(lrm_unet, comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2)
-    return comps, lrm.float().eval(), StepAwareCLIP(vit_h14_clip(), tiny_clip_tokenizer()).eval()
+
+    def make_lrm():
+        unet, comps.unet = comps.unet, None
+        return LatentRewardModel(truncate_unet(unet), comps.text_encoder, comps.text_encoder_2, comps.tokenizer,
+                                 comps.tokenizer_2).float().eval()  # fmt: skip
+
+    return comps, make_lrm, StepAwareCLIP(vit_h14_clip(), tiny_clip_tokenizer()).eval()
 
 
 def timed(fn, repeats: int) -> float:
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/lrm_cost_cpu.csv)")
     args = p.parse_args(argv)
     k = args.candidates
-    comps, lrm, spm = build(args.size)
+    comps, make_lrm, spm = build(args.size)
     res = args.resolution or 8 * comps.unet.config.sample_size
     prompt = "a small red circle at the top left on a black background" if args.size == "toy" else "a photo of a cat"
     prompts = [prompt] * k
@@ -116,14 +116,13 @@ def main(argv=None) -> int:
         return sampling.split_prediction(out, latents, a)[0]
 
     x0 = unet_x0()
+    row = {"size": args.size, "candidates": k, "resolution": res, "threads": torch.get_num_threads(),
+           "unet_x0_s": timed(unet_x0, args.repeats)}  # fmt: skip
     images = sampling.decode_latents(comps.vae, x0)
-    row = {
-        "size": args.size, "candidates": k, "resolution": res, "threads": torch.get_num_threads(),
-        "lrm_s": timed(lambda: lrm.score(latents, prompts, t), args.repeats),
-        "decode_s": timed(lambda: sampling.decode_latents(comps.vae, x0), args.repeats),
-        "clip_s": timed(lambda: spm.score(images, prompts, t), args.repeats),
-        "unet_x0_s": timed(unet_x0, args.repeats),
-    }  # fmt: skip
+    row["decode_s"] = timed(lambda: sampling.decode_latents(comps.vae, x0), args.repeats)
+    row["clip_s"] = timed(lambda: spm.score(images, prompts, t), args.repeats)
+    lrm = make_lrm()
+    row["lrm_s"] = timed(lambda: lrm.score(latents, prompts, t), args.repeats)
     row["spo_decode_clip_over_lrm"] = (row["decode_s"] + row["clip_s"]) / row["lrm_s"]
     row["spo_step_extra_over_lrm"] = (row["decode_s"] + row["clip_s"] + row["unet_x0_s"] * (k - 1) / k) / row["lrm_s"]
     for key, value in row.items():

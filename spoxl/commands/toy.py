@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
 
     lrm = sub.add_parser("lrm", help="train the toy world's latent reward model (LPO) on exact counterfactual pairs")
     lrm.add_argument("--out", required=True, help="the LRM folder to write (must be empty or absent)")
-    from spoxl.toy.lrm import DEFAULTS
+    from spoxl.commands.toy_lrm import DEFAULTS
 
     for name, value in DEFAULTS.items():
         lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default {value})")
@@ -136,7 +136,7 @@ def _pairs(args) -> int:
 def _lrm(args) -> int:
     from spoxl.errors import SpoxlError
     from spoxl.paths import check_can_create
-    from spoxl.toy.lrm import DEFAULTS, make_toy_lrm
+    from spoxl.commands.toy_lrm import DEFAULTS, make_toy_lrm
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -263,7 +263,8 @@ def examples_source_captions(dataset) -> list[str]:
 # The official recipes (official-differences.md 9; lpo.md 2): lr, warmup then linear decay, steps.
 # lrm-sdxl: DeepSpeed's WarmupDecayLR over max_steps x 8 GPUs (decay_horizon), so the lr ends at 0.89x.
 PRESETS = {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000},
-           "lrm-sdxl": {"lr": 1e-5, "warmup": 1000, "steps": 8000, "decay_horizon": 8}}
+           "lrm-sdxl": {"lr": 1e-5, "warmup": 1000, "steps": 8000, "decay_horizon": 8, "resolution": 1024}}
+LRM_EVAL_SUBSET = 256  # training pairs the LRM is evaluated on when no --eval-pairs are given
 LRM_EVAL_TIMESTEPS = (1, 251, 501, 751, 951)  # on the 20-step grid the LRM is trained on
 
 
@@ -282,7 +283,11 @@ def add_arguments(p) -> None:
                    help="lrm: the score-table rule (default 2, the released recipe)")
     p.add_argument("--model", default="tiny", help="the frozen base model: tiny or a local SDXL folder")
     p.add_argument("--clip", default="tiny", help="CLIPModel folder to start from (e.g. PickScore_v1), or tiny")
-    p.add_argument("--resolution", type=int, default=64, help="image side the pairs are cropped to (default 64)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side the pairs are centre-cropped to (default 64; the lrm-sdxl preset's 1024)")
+    p.add_argument("--device", default=None, help="lrm: where to train (default cuda when available, else cpu)")
+    p.add_argument("--freeze-text-encoders", action="store_true",
+                   help="lrm: train the UNet part and the head only (the official trains the text encoders too)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the official recipe's lr, warmup (then linear decay) and steps: sd15 3e-6/500/8000, "
                         "sdxl 1e-6/500/7000, lrm-sdxl 1e-5/1000/8000 (explicit flags override)")
@@ -324,8 +329,13 @@ def run(args) -> int:
         raise SpoxlError(f"--preset {args.preset} is for --kind {'lrm' if args.preset == 'lrm-sdxl' else 'spm'}")
     if args.kind == "spm" and (args.init or args.score_table):
         raise SpoxlError("--init and --score-table are for --kind lrm")
-    dataset = PreferencePairDataset(args.pairs, args.resolution, drop_ties=False, seed=args.seed)
-    eval_set = PreferencePairDataset(args.eval_pairs, args.resolution, drop_ties=False) if args.eval_pairs else dataset
+    if args.kind == "lrm" and (args.relabel_with or args.clip != "tiny"):
+        raise SpoxlError("--relabel-with and --clip are for --kind spm (the LRM is built from --model)")
+    if args.kind == "spm" and (args.device or args.freeze_text_encoders):
+        raise SpoxlError("--device and --freeze-text-encoders are for --kind lrm")
+    resolution = args.resolution or preset.get("resolution", 64)
+    dataset = PreferencePairDataset(args.pairs, resolution, drop_ties=False, seed=args.seed)
+    eval_set = PreferencePairDataset(args.eval_pairs, resolution, drop_ties=False) if args.eval_pairs else dataset
     if args.kind == "lrm":
         return _run_lrm(args, dataset, eval_set, steps=steps, lr=lr, warmup=warmup, preset=preset)
     if args.relabel_with:
@@ -371,11 +381,23 @@ def _run_lrm(args, dataset, eval_set, *, steps: int, lr: float, warmup: int, pre
         n = len(dataset)
         dataset = ScoreFilteredPairs(dataset, args.score_table, args.filter_strategy)
         print(f"score table: strategy {args.filter_strategy} keeps {len(dataset)} of {n} pairs")
+    if eval_set is dataset and len(dataset) > LRM_EVAL_SUBSET:  # evaluate() holds its set in memory at once
+        from torch.utils.data import Subset
+
+        eval_set = Subset(dataset, range(LRM_EVAL_SUBSET))
+        print(f"no --eval-pairs: accuracy reported on the first {LRM_EVAL_SUBSET} training pairs")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components = load_sdxl(args.model)
+    components.to(device)
     if args.init:
         model = LatentRewardModel.from_folder(args.init, tokenizers=(components.tokenizer, components.tokenizer_2))
+        if args.freeze_text_encoders:
+            for part in (model.text_encoder, model.text_encoder_2):
+                if part is not None:
+                    part.requires_grad_(False)
     else:
-        model = LatentRewardModel.from_components(components)
+        model = LatentRewardModel.from_components(components, train_text_encoders=not args.freeze_text_encoders)
+    model.to(device)
     out = train_lrm(model, components, dataset, eval_set, steps=steps, batch_size=args.batch_size, lr=lr, warmup=warmup,
                     decay=args.preset is not None, decay_horizon=preset.get("decay_horizon", 1), seed=args.seed,
                     log=lambda s, h: print(f"step {s + 1} loss {h['loss']:.4f} acc {h['acc']:.2f} lr {h['lr']:.2e}")

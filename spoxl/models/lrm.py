@@ -131,14 +131,22 @@ class LatentRewardModel(nn.Module):
     # ---- building ------------------------------------------------------------------------------
 
     @classmethod
-    def from_components(cls, components, **kw) -> "LatentRewardModel":
+    def from_components(cls, components, *, train_text_encoders: bool = True, **kw) -> "LatentRewardModel":
         """A fresh LRM initialised from a loaded model's UNet and text encoders (copies: the
-        policy's own modules are never trained through the LRM)."""
+        policy's own modules are never trained through the LRM). Every part is trainable, as the
+        official LRM (freeze_text_encoder: False), unless train_text_encoders=False (the loader
+        froze the policy's encoders; the copies are unfrozen here)."""
         unet = truncate_unet(copy.deepcopy(components.unet))
         vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1) if components.vae is not None else 8
         te2 = copy.deepcopy(components.text_encoder_2) if components.text_encoder_2 is not None else None
-        return cls(unet, copy.deepcopy(components.text_encoder), te2,
-                   components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float().eval()  # fmt: skip
+        model = cls(unet, copy.deepcopy(components.text_encoder), te2,
+                    components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float().eval()  # fmt: skip
+        model.requires_grad_(True)
+        if not train_text_encoders:
+            for part in (model.text_encoder, model.text_encoder_2):
+                if part is not None:
+                    part.requires_grad_(False)
+        return model
 
     @classmethod
     def from_folder(cls, path, *, tokenizers=None, vae_scale_factor: int = 8) -> "LatentRewardModel":
@@ -199,6 +207,7 @@ class LatentRewardModel(nn.Module):
             for key in need[:-1]:
                 self.get_parameter(key).copy_(state[key])
             self.logit_scale.copy_(state["logit_scale"].reshape(()))
+        self._text_cache = None  # the text projection may have changed
 
     def _head_keys(self) -> tuple[str, ...]:
         return ("visual_projection.weight",) + (("text_projection.weight",) if self.text_projection is not None else ()) \
@@ -260,6 +269,10 @@ class LatentRewardModel(nn.Module):
     def features(self, latents: torch.Tensor, prompts: list[str], timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, T): the projected visual features [N, P] and the text features [N, P], unnormalised."""
         check_inputs(latents, prompts)
+        channels = self.unet.config["in_channels"]
+        if latents.shape[1] != channels:
+            raise SpoxlError(f"the latent reward model scores {channels}-channel latents, got {latents.shape[1]} channels "
+                             f"(decoded images? it is LPO's judge of noisy latents, not an image scorer)")
         n = latents.shape[0]
         dtype = self.visual_projection.weight.dtype
         t = as_timesteps(timesteps, n, latents.device).long()
@@ -321,10 +334,11 @@ def load_truncated_unet(folder: Path):
 
 
 def _unet_weight_files(folder: Path) -> list[Path]:
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
+    for name in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.fp16.json"):
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
         if (folder / name).is_file():
             return [folder / name]

@@ -173,3 +173,35 @@ def test_lrm_is_built_by_name_and_refuses_what_it_cannot_be(tiny_components):
     assert fresh.input == "latents"
     with pytest.raises(SpoxlError, match="no unet/config.json"):
         build_preference_model("lrm", path="/nonexistent/lrm", components=tiny_components)
+
+
+def test_a_fresh_lrm_trains_every_part_unless_its_text_encoders_are_frozen(tiny_components):
+    """The loader freezes the policy's text encoders; the LRM's copies must be trainable (the
+    official trains them), or the optimizer silently skips them."""
+    model = LatentRewardModel.from_components(tiny_components)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in tiny_components.text_encoder.parameters())  # the policy's untouched
+    frozen = LatentRewardModel.from_components(tiny_components, train_text_encoders=False)
+    assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
+    assert all(p.requires_grad for p in frozen.unet.parameters()) and frozen.visual_projection.weight.requires_grad
+
+
+def test_images_are_refused_with_a_one_line_error(tiny_components):
+    model = LatentRewardModel.from_components(tiny_components)
+    with pytest.raises(SpoxlError, match="4-channel latents, got 3"):
+        model.score(torch.zeros(1, 3, 64, 64), ["a red circle"], 0)
+
+
+def test_sd15_lrm_round_trips_with_its_text_projection(tmp_path):
+    from spoxl.models.loading import load_sdxl
+
+    comps = load_sdxl("tiny-sd15")
+    model = _lrm(comps, seed=6)
+    with torch.no_grad():
+        model.text_projection.weight.mul_(0.5)
+    model.save(tmp_path / "sd15")
+    again = LatentRewardModel.from_folder(tmp_path / "sd15")
+    torch.testing.assert_close(again.text_projection.weight, model.text_projection.weight)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(again.score(latents, PROMPTS[:2], 51), model.score(latents, PROMPTS[:2], 51))

@@ -133,7 +133,9 @@ def test_relabelling_by_a_reward_model_swaps_and_ties(tmp_path):
 def test_cli_with_the_official_preset(tmp_path, capsys):
     from spoxl.commands.train_preference_model import PRESETS, main
 
-    assert PRESETS == {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000}}
+    assert PRESETS == {"sd15": {"lr": 3e-6, "warmup": 500, "steps": 8000}, "sdxl": {"lr": 1e-6, "warmup": 500, "steps": 7000},
+                       # LPO's LRM-XL (lpo.md 2): 8 GPUs of WarmupDecayLR over max_steps x world size, 1024 px
+                       "lrm-sdxl": {"lr": 1e-5, "warmup": 1000, "steps": 8000, "decay_horizon": 8, "resolution": 1024}}
     pairs = write_pair_table(tmp_path / "pairs.jsonl", 8)
     out = tmp_path / "spm.safetensors"
     assert main(["--pairs", str(pairs), "--model", "tiny", "--clip", "tiny", "--resolution", "32", "--preset", "sdxl",

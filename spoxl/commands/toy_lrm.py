@@ -4,7 +4,7 @@
      rendering against the same rendering with one attribute wrong; and, for the report,
      counterfactual pairs of the HELD-OUT captions (combinations the LRM never sees);
   2. an LRM initialised from the toy model (its UNet up to the mid block, both text encoders, a
-     fresh projection), trained by the LRM trainer (spoxl.commands.train_preference_model: noisy
+     fresh projection), its UNet part and head (the text encoders stay the toy model's) trained by the LRM trainer (spoxl.commands.train_preference_model: noisy
      latents on the 20-step grid, the pair loss) on the training pairs;
   3. DIR: the LRM folder, plus lrm.json (settings, held-out pairwise accuracy by timestep before
      and after, seconds, CPU seconds).
@@ -46,14 +46,17 @@ def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batc
         resolution = 8 * components.unet.config.sample_size
         train_set = PreferencePairDataset(train_file, resolution, drop_ties=False, seed=seed)
         held_set = PreferencePairDataset(held_file, resolution, drop_ties=False)
-        model = LatentRewardModel.from_components(components)
+        # The toy text encoders stay as the toy model has them (frozen at their random init, shared
+        # with the policy); the official LRM trains its encoders too (`--kind lrm` does).
+        model = LatentRewardModel.from_components(components, train_text_encoders=False)
         result = train_lrm(model, components, train_set, held_set, steps=steps, batch_size=batch_size, lr=lr,
                            seed=seed, log=lambda s, h: log(f"step {s + 1}/{steps} loss {h['loss']:.4f} acc {h['acc']:.2f}")
                            if (s + 1) % 50 == 0 else None)  # fmt: skip
     model.save(out)
     record = {
         "settings": {"pairs": pairs, "held_out_pairs": held_out_pairs, "steps": steps, "batch_size": batch_size, "lr": lr,
-                     "seed": seed, "data": "counterfactual pairs of the training captions (exact renderings)"},
+                     "seed": seed, "data": "counterfactual pairs of the training captions (exact renderings)",
+                     "text_encoders": "frozen (the toy model's)"},
         "held_out_accuracy_before": {str(t): round(v, 4) for t, v in result["before"].items()},
         "held_out_accuracy_after": {str(t): round(v, 4) for t, v in result["after"].items()},
         "seconds": round(time.time() - start, 1),

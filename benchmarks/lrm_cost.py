@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=4, help="k, the pool scored per step (default 4)")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the model's native)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/lrm_cost_cpu.csv)")
+    p.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/lrm_cost_cpu.csv; the committed figures: lrm_cost_cpu2.csv)")
     args = p.parse_args(argv)
     k = args.candidates
     comps, make_lrm, spm = build(args.size)

@@ -13,11 +13,10 @@ import torch
 from spoxl import sampling
 from spoxl.config import load_config
 from spoxl.errors import SpoxlError
-from spoxl.models.text import encode_with_negative, make_time_ids
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig, pair_gap, step_thresholds
+from pool_inputs import PROMPTS, CountingUNet, setup  # noqa: F401  (setup: a fixture)
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
-PROMPTS = ["a red circle", "a green square", "a blue cat"]
 # The official code's hard-coded DDIM(eta=1) sigma of SDXL's 20-step grid, indexed t // 50
 # (Kwai-Kolors/LPO lpo/lpo/preference_models/compare_funcs.py).
 OFFICIAL_SIGMA_20 = [0.0206, 0.0406, 0.1673, 0.2144, 0.2509, 0.2836, 0.3144, 0.3442, 0.3732, 0.4016, 0.4293, 0.4565,
@@ -42,24 +41,6 @@ class LatentScorer:
     def score(self, x, prompts, timesteps):
         self.calls.append((torch.as_tensor(timesteps).flatten().tolist(), x.clone()))
         return self.fn(x)
-
-
-class CountingUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.batches = unet, []
-
-    def forward(self, x, *args, **kwargs):
-        self.batches.append(x.shape[0])
-        return self.unet(x, *args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_components):
-    cond, uncond = encode_with_negative(tiny_components, PROMPTS)
-    time_ids = make_time_ids(len(PROMPTS), (64, 64))
-    latents = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    return tiny_components, cond, uncond, time_ids, latents
 
 
 def lpo_run(setup, scorer, **cfg):

@@ -6,24 +6,9 @@ import torch
 from spoxl import kernels, sampling
 from spoxl.errors import SpoxlError
 from spoxl.models.scorers import ColourScorer
-from spoxl.models.text import encode_with_negative, make_time_ids
 from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig, pair_gap
+from pool_inputs import PROMPTS, CountingUNet, setup  # noqa: F401  (setup: a fixture)
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
-
-PROMPTS = ["a red circle", "a green square", "a blue cat"]
-
-
-class CountingUNet(torch.nn.Module):
-    """Wraps the UNet and counts forward calls (and the batch each call sees)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        self.batches = []
-
-    def forward(self, x, *args, **kwargs):
-        self.batches.append(x.shape[0])
-        return self.unet(x, *args, **kwargs)
 
 
 class FixedScorer:
@@ -39,14 +24,6 @@ class FixedScorer:
         s = self.fn(x)
         self.calls.append((int(torch.as_tensor(timesteps).flatten()[0]), s.clone()))
         return s
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_components):
-    cond, uncond = encode_with_negative(tiny_components, PROMPTS)
-    time_ids = make_time_ids(len(PROMPTS), (64, 64))
-    latents = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    return tiny_components, cond, uncond, time_ids, latents
 
 
 def run(setup, scorer, seed=0, **cfg):

@@ -23,8 +23,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Two pytest-xdist workers: in-process tests run one thread each, and all multi-rank tests share
+# one worker (tests/conftest.py groups them), so the pair of cores is busy without oversubscribing.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 demo: venv
 	bash launch/demo.sh

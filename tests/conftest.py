@@ -5,6 +5,12 @@ import socket
 
 # Must happen before anything imports triton-decorated modules (decoration-time choice).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`make test`: 2 workers on 2 cores, one of them often running a 2-rank launch)
+# every process gets one intra-op thread: two spinning BLAS threads per process on a shared pair of
+# cores make the tiny models' matmuls 10-20x slower. Set before torch is imported, and inherited by
+# the launches the tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,23 +19,66 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _remove_leaked_deepspeed_shm():
-    """Remove DeepSpeed CPU all-reduce /dev/shm segments that appeared during the session.
-
-    spoxl skips that op (spoxl.engine.setup.skip_shared_memory_allreduce_op), but DeepSpeed never
-    unlinks the segments when something does create them, and each holds RAM until reboot.
-    """
+def _deepspeed_shm_segments() -> set[str]:
     import glob
 
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
-    before = set(glob.glob(pattern))
-    yield
-    for path in set(glob.glob(pattern)) - before:
+    return set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    session.config._shm_before = _deepspeed_shm_segments()
+
+
+def pytest_sessionfinish(session):
+    """Remove DeepSpeed CPU all-reduce /dev/shm segments that appeared during the run.
+
+    spoxl skips that op (spoxl.engine.setup.skip_shared_memory_allreduce_op), but DeepSpeed never
+    unlinks the segments when something does create them, and each holds RAM until reboot. Done by
+    the controlling process only: an xdist worker that finishes first must not unlink a segment of
+    a launch the other worker is still running.
+    """
+    if _is_xdist_worker(session.config):
+        return
+    for path in _deepspeed_shm_segments() - getattr(session.config, "_shm_before", set()):
         try:
             os.unlink(path)
         except OSError:
             pass
+
+
+# Tests that start several rank processes: under xdist they all run in ONE worker, one at a time,
+# so no more than one multi-rank job (plus one in-process test) shares the two cores and no
+# launch's timeouts see a doubly loaded machine.
+MULTI_PROCESS_MODULES = {"test_watchdog.py", "test_export_errors.py"}
+# Scheduled first (with the multi-process group): the longest units, so that no worker is left
+# alone with a long module at the end.
+LONG_MODULES = ["test_toy_spo.py", "test_toy_offline.py", "test_lpo.py", "test_cards.py", "test_toy_model.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """xdist groups (`--dist loadgroup`): the multi-process tests form one group, every other
+    module is its own group (its module-scoped fixtures, such as the toy SPO runs, are then built
+    once, not once per worker). Without xdist the marks do nothing but order the run."""
+
+    def group(item) -> str:
+        name = item.path.name
+        if item.get_closest_marker("launcher") or name in MULTI_PROCESS_MODULES:
+            return "multi-process"
+        return str(item.path.relative_to(config.rootpath))
+
+    def rank(item) -> int:
+        g = group(item)
+        if g == "multi-process":
+            return 0
+        return 1 + LONG_MODULES.index(item.path.name) if item.path.name in LONG_MODULES else 1 + len(LONG_MODULES)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # stable: the order within a rank is the collection order
 
 
 @pytest.fixture(autouse=True)

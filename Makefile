@@ -23,11 +23,12 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Two pytest-xdist workers: in-process tests run one thread each, and all multi-rank tests share
-# one worker (tests/conftest.py groups them), so the pair of cores is busy without oversubscribing.
+# Two pytest-xdist workers, a test module per unit, in the order tests/conftest.py sets: in-process
+# tests run one thread each and the multi-rank modules take turns (a lock in tests/conftest.py),
+# so the pair of cores is busy without being oversubscribed.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 demo: venv
 	bash launch/demo.sh

@@ -50,35 +50,46 @@ def pytest_sessionfinish(session):
             pass
 
 
-# Tests that start several rank processes: under xdist they all run in ONE worker, one at a time,
-# so no more than one multi-rank job (plus one in-process test) shares the two cores and no
-# launch's timeouts see a doubly loaded machine.
+# Under xdist (`make test`: `-n 2 --dist loadfile`) a test module is the unit a worker takes, so
+# module-scoped fixtures (the toy SPO runs, say) are built once. Modules whose tests start several
+# rank processes hold one lock while they run (below): one multi-rank job at a time shares the two
+# cores with one in-process test, and no launch's timeouts see a doubly loaded machine.
 MULTI_PROCESS_MODULES = {"test_watchdog.py", "test_export_errors.py"}
-# Scheduled first (with the multi-process group): the longest units, so that no worker is left
-# alone with a long module at the end.
-LONG_MODULES = ["test_toy_spo.py", "test_toy_offline.py", "test_lpo.py", "test_cards.py", "test_toy_model.py"]
+# The order workers take modules in (`--no-loadscope-reorder`): the longest first, multi-rank and
+# in-process modules alternating, so that the two workers rarely wait for the lock and no worker
+# is left alone with a long module at the end.
+FIRST_MODULES = ["test_engine_launcher.py", "test_toy_spo.py", "test_spo_launcher.py", "test_toy_offline.py",
+                 "test_two_node_loopback.py", "test_lpo.py", "test_engine_errors.py", "test_cards.py",
+                 "test_zero3_launcher.py", "test_toy_model.py", "test_watchdog.py", "test_export_errors.py"]  # fmt: skip
+
+
+def _starts_ranks(item) -> bool:
+    return item.get_closest_marker("launcher") is not None or item.path.name in MULTI_PROCESS_MODULES
 
 
 def pytest_collection_modifyitems(config, items):
-    """xdist groups (`--dist loadgroup`): the multi-process tests form one group, every other
-    module is its own group (its module-scoped fixtures, such as the toy SPO runs, are then built
-    once, not once per worker). Without xdist the marks do nothing but order the run."""
-
-    def group(item) -> str:
-        name = item.path.name
-        if item.get_closest_marker("launcher") or name in MULTI_PROCESS_MODULES:
-            return "multi-process"
-        return str(item.path.relative_to(config.rootpath))
+    """Orders the modules (FIRST_MODULES, then the collection order) and records which modules
+    start rank processes. Without xdist this only orders the run."""
+    config._multi_rank_modules = {item.path for item in items if _starts_ranks(item)}
 
     def rank(item) -> int:
-        g = group(item)
-        if g == "multi-process":
-            return 0
-        return 1 + LONG_MODULES.index(item.path.name) if item.path.name in LONG_MODULES else 1 + len(LONG_MODULES)
+        name = item.path.name
+        return FIRST_MODULES.index(name) if name in FIRST_MODULES else len(FIRST_MODULES)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=rank)  # stable: the order within a rank is the collection order
+    items.sort(key=rank)  # stable: the order within a module is the collection order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_multi_rank_module_at_a_time(request, tmp_path_factory):
+    """Under xdist, a module that starts rank processes runs holding a lock file shared by the
+    workers (module-scoped, so it also covers module fixtures that launch)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.path not in request.config._multi_rank_modules:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "multi-rank-modules.lock")):
+        yield
 
 
 @pytest.fixture(autouse=True)

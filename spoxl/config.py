@@ -76,6 +76,10 @@ class TrainConfig:
     host_mmap_threshold_mib: Optional[float] = 16.0
 
 
+# glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit (spoxl.engine.host_memory applies the setting).
+MAX_HOST_MMAP_THRESHOLD_MIB = 32
+
+
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -405,8 +409,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_minutes is not None and not (0 < cfg.train.max_minutes < float("inf")):
         raise SpoxlError(f"config: train.max_minutes must be a number > 0 (or null), got {cfg.train.max_minutes}")
     mmap_mib = cfg.train.host_mmap_threshold_mib
-    if mmap_mib is not None and not (0 < mmap_mib <= 32):
-        raise SpoxlError(f"config: train.host_mmap_threshold_mib must be in (0, 32] MiB (glibc's range) or null, got {mmap_mib}")
+    if mmap_mib is not None and not (0 < mmap_mib <= MAX_HOST_MMAP_THRESHOLD_MIB):
+        raise SpoxlError(f"config: train.host_mmap_threshold_mib must be in (0, {MAX_HOST_MMAP_THRESHOLD_MIB}] MiB "
+                         f"(glibc's range) or null, got {mmap_mib}")
     if len(cfg.optim.betas) != 2:
         raise SpoxlError(f"config: optim.betas must be two numbers, got {cfg.optim.betas}")
     if not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -25,8 +25,9 @@ from __future__ import annotations
 import ctypes
 import gc
 
+from spoxl.config import MAX_HOST_MMAP_THRESHOLD_MIB
+
 _M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-_GLIBC_MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit
 
 
 def _libc():
@@ -39,8 +40,9 @@ def _libc():
 
 def bound_host_heap(threshold_mib: float) -> bool:
     """Serve allocations of >= threshold_mib MiB by mmap (returned to the OS on free); see the module docstring."""
-    if not 0 < threshold_mib * 2**20 <= _GLIBC_MAX_MMAP_THRESHOLD:
-        raise ValueError(f"host mmap threshold must be in (0, 32] MiB (glibc's range), got {threshold_mib}")
+    if not 0 < threshold_mib <= MAX_HOST_MMAP_THRESHOLD_MIB:
+        raise ValueError(f"host mmap threshold must be in (0, {MAX_HOST_MMAP_THRESHOLD_MIB}] MiB (glibc's range), "
+                         f"got {threshold_mib}")
     libc = _libc()
     if libc is None:
         return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -194,7 +195,11 @@ def build_training(cfg, objective, *, components=None):
     from spoxl.models.loading import load_sdxl
 
     if cfg.train.host_mmap_threshold_mib is not None:  # before anything large is allocated
-        bound_host_heap(cfg.train.host_mmap_threshold_mib)
+        if not bound_host_heap(cfg.train.host_mmap_threshold_mib) and int(os.environ.get("RANK", "0")) == 0:
+            # Not glibc (musl, macOS): the setting cannot be applied; say so rather than pretend.
+            print(f"[spoxl] warning: train.host_mmap_threshold_mib={cfg.train.host_mmap_threshold_mib} not applied: "
+                  "this C library has no glibc mallopt (host memory may grow as with glibc's defaults)",
+                  file=sys.stderr, flush=True)  # fmt: skip
     rank, world, device = init_distributed(cfg)
     ds = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     dtype = compute_dtype(cfg.deepspeed.precision)

@@ -63,6 +63,14 @@ def test_build_training_bounds_the_heap_with_the_recipes_threshold(tmp_path, mon
     assert seen == [2.5]  # null: glibc's defaults, no call
 
 
+def test_a_threshold_the_c_library_cannot_apply_is_reported(tmp_path, monkeypatch, capsys):
+    from tests.engine.inprocess import make
+
+    monkeypatch.setattr(host_memory, "_libc", lambda: None)  # not glibc: mallopt unavailable
+    make(tmp_path, ["train.host_mmap_threshold_mib=8", "train.max_steps=1"])
+    assert "train.host_mmap_threshold_mib=8.0 not applied" in capsys.readouterr().err
+
+
 def test_offloaded_text_encoders_visit_the_device_only_while_encoding(tiny_components, monkeypatch):
     """model.offload_text_encoders: each encode moves both encoders to the compute device, encodes,
     and moves them home to the CPU -- in that order, also when encoding fails -- with the same

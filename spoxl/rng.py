@@ -17,6 +17,8 @@ purposes get their own multiplier here, never an inline `manual_seed(seed + some
     PROMPT_ORDER      -      epoch        SPO's prompt permutation per pass over the prompt set
     ROUND_SAMPLING    yes    round        SPO's sampling noise of one round
     ROUND_SHUFFLE     -      round        SPO's shuffle of a round's gathered pairs (same on every rank)
+    PAIR_REPLAY       -      (round, pass) SPO's order of a round's pairs in each extra pass over them
+                                          (method.num_inner_epochs > 1)
     SAMPLE_LATENTS    -      image        `spoxl sample`/eval starting noise, one generator per image
     SAMPLE_STEP_NOISE -      first image  the eta > 0 noise of one sampling batch
 """
@@ -33,6 +35,7 @@ AUGMENT = "augment"
 PROMPT_ORDER = "prompt_order"
 ROUND_SAMPLING = "round_sampling"
 ROUND_SHUFFLE = "round_shuffle"
+PAIR_REPLAY = "pair_replay"
 SAMPLE_LATENTS = "sample_latents"
 SAMPLE_STEP_NOISE = "sample_step_noise"
 
@@ -53,6 +56,7 @@ _DERIVE = {
     PROMPT_ORDER: lambda seed, rank, counter: seed * 7919 + counter,
     ROUND_SAMPLING: lambda seed, rank, counter: (seed * 1_000_003 + counter) * 4099 + rank,
     ROUND_SHUFFLE: lambda seed, rank, counter: seed + counter,
+    PAIR_REPLAY: lambda seed, rank, counter: (seed * 0x27D4EB2F + counter[0] * 0x165667B1 + counter[1] * 0x9E3779B1) % _MASK,
     SAMPLE_LATENTS: lambda seed, rank, counter: seed + counter,
     SAMPLE_STEP_NOISE: lambda seed, rank, counter: seed + 1_000_003 + counter,
 }

@@ -3,13 +3,20 @@
 import os
 import socket
 
+
+def _is_xdist_worker() -> bool:
+    """Whether this process is a pytest-xdist worker (xdist sets the variable before the worker
+    imports this file, so it also serves the module-level settings below)."""
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
 # Must happen before anything imports triton-decorated modules (decoration-time choice).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Under pytest-xdist (`make test`: 2 workers on 2 cores, one of them often running a 2-rank launch)
 # every process gets one intra-op thread: two spinning BLAS threads per process on a shared pair of
 # cores make the tiny models' matmuls 10-20x slower. Set before torch is imported, and inherited by
 # the launches the tests start.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if _is_xdist_worker():
     os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,10 +32,6 @@ def _deepspeed_shm_segments() -> set[str]:
     return set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
 
 
-def _is_xdist_worker(config) -> bool:
-    return hasattr(config, "workerinput")
-
-
 def pytest_sessionstart(session):
     session.config._shm_before = _deepspeed_shm_segments()
 
@@ -41,7 +44,7 @@ def pytest_sessionfinish(session):
     the controlling process only: an xdist worker that finishes first must not unlink a segment of
     a launch the other worker is still running.
     """
-    if _is_xdist_worker(session.config):
+    if _is_xdist_worker():
         return
     for path in _deepspeed_shm_segments() - getattr(session.config, "_shm_before", set()):
         try:
@@ -83,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
 def _one_multi_rank_module_at_a_time(request, tmp_path_factory):
     """Under xdist, a module that starts rank processes runs holding a lock file shared by the
     workers (module-scoped, so it also covers module fixtures that launch)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.path not in request.config._multi_rank_modules:
+    if not _is_xdist_worker() or request.node.path not in request.config._multi_rank_modules:
         yield
         return
     from filelock import FileLock

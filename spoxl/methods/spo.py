@@ -64,6 +64,10 @@ class SPOConfig(PoolSamplerConfig):
     # prompts_per_rank x ranks - 1 prompts of the next pass (a round is never cut short).
     # None: train.max_steps alone (the cap either way).
     epochs: Optional[int] = None
+    # Passes over each round's pairs (DDPO's and the official SPO code's train.num_inner_epochs,
+    # official 1): E passes make E optimizer steps of every micro-batch a round yields, so the
+    # sampling, which costs most of a round on small models, is spent on E times as many updates.
+    num_inner_epochs: int = 1
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def sampler_config(self) -> PoolSamplerConfig:
@@ -214,6 +218,8 @@ class SPOObjective(Objective):
             raise SpoxlError(f"method.clip must be in (0, 1), got {cfg.clip}")
         if cfg.prompts_per_rank < 1:
             raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
+        if cfg.num_inner_epochs < 1:  # the type (an integer) is the config loader's check
+            raise SpoxlError(f"method.num_inner_epochs must be >= 1, got {cfg.num_inner_epochs}")
         if cfg.epochs is not None and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 1):
             raise SpoxlError(f"method.epochs must be a positive integer or null, got {cfg.epochs!r}")
         pc = cfg.preference
@@ -252,7 +258,8 @@ class SPOObjective(Objective):
         self.rollout = RolloutStream(run, self.sampler, self.prompts, prompts_per_rank=cfg.prompts_per_rank,
                                      micro_batch_size=self.recipe.train.micro_batch_size, seed=self.recipe.run.seed,
                                      resolution=self.resolution, time_ids=self.time_ids, epochs=cfg.epochs,
-                                     max_empty_rounds=cfg.max_empty_rounds)  # fmt: skip
+                                     max_empty_rounds=cfg.max_empty_rounds,
+                                     inner_epochs=cfg.num_inner_epochs)  # fmt: skip
         if self._position is not None:
             self.rollout.load_state_dict(self._position)
 

@@ -9,7 +9,12 @@ short, every rank samples a round together:
   2. the pool sampler (spoxl.spo.pool_sampler) with the current policy, from noise that depends on
      (run seed, rank, round) only (spoxl.rng.ROUND_SAMPLING);
   3. the kept pairs of all ranks are all-gathered, permuted once (spoxl.rng.ROUND_SHUFFLE) and dealt
-     in equal shares; what does not fill a micro-batch on every rank waits for the next round.
+     in equal shares; what does not fill a micro-batch on every rank waits for the next round;
+  4. with `inner_epochs` E > 1 (method.num_inner_epochs, DDPO's and the official SPO code's
+     train.num_inner_epochs, official 1) this rank's share is trained on E times: the share, then
+     E - 1 reorderings of it (spoxl.rng.PAIR_REPLAY), so each sampling round feeds E times as many
+     optimizer steps. The loss compares the policy with the frozen reference, not with the policy
+     that sampled, so a replayed pair's loss means what a fresh pair's does.
 
 Why shuffle instead of only averaging gradients (DeepSpeed averages them anyway): the number of
 kept pairs differs per rank and per round, and under ZeRO-3 every rank must run the same number of
@@ -32,12 +37,16 @@ from spoxl.spo.pairs import PairBatch, all_gather_pairs, deal, shared_permutatio
 
 class RolloutStream:
     def __init__(self, run, sampler, prompts: list[str], *, prompts_per_rank: int, micro_batch_size: int, seed: int,
-                 resolution: int, time_ids: torch.Tensor, epochs: int | None = None, max_empty_rounds: int = 50):  # fmt: skip
+                 resolution: int, time_ids: torch.Tensor, epochs: int | None = None, max_empty_rounds: int = 50,
+                 inner_epochs: int = 1):  # fmt: skip
         self.run = run  # spoxl.engine.view.RunView: sampling(), components, device, rank, world size, log
         self.sampler, self.prompts = sampler, prompts
         self.prompts_per_rank, self.micro_batch_size, self.seed = prompts_per_rank, micro_batch_size, seed
         self.resolution, self.time_ids = resolution, time_ids
         self.epochs, self.max_empty_rounds = epochs, max_empty_rounds
+        if inner_epochs < 1:
+            raise SpoxlError(f"SPO: inner_epochs must be >= 1, got {inner_epochs}")
+        self.inner_epochs = inner_epochs
         self.round = 0  # sampling rounds done (all ranks in step)
         self.buffer: PairBatch | None = None  # this rank's dealt pairs not yet trained on
         self.leftover: PairBatch | None = None  # pairs that did not fill a micro-batch on every rank
@@ -127,8 +136,22 @@ class RolloutStream:
             everyone = PairBatch.cat([self.leftover, everyone])
         perm = shared_permutation(len(everyone), rng.generator(rng.ROUND_SHUFFLE, self.seed, counter=self.round), run.device)
         mine, self.leftover = deal(everyone, perm, run.rank, run.world_size, self.micro_batch_size)
+        mine = self.replayed(mine)
         self.round += 1
         return mine
+
+    def replayed(self, mine: PairBatch) -> PairBatch:
+        """This rank's share followed by inner_epochs - 1 reorderings of it (a function of the run
+        seed and the round only, so a resumed run replays exactly what the uninterrupted one did).
+        Every pass is a whole number of micro-batches (deal gives a multiple of one), so no
+        micro-batch holds a pair twice."""
+        if self.inner_epochs == 1 or not len(mine):
+            return mine
+        passes = [mine]
+        for p in range(1, self.inner_epochs):
+            order = torch.randperm(len(mine), generator=rng.generator(rng.PAIR_REPLAY, self.seed, counter=(self.round, p)))
+            passes.append(mine.index(order))
+        return PairBatch.cat(passes)
 
     def _log_round(self, result) -> None:
         """Acceptance per timestep and the mean final-image score, summed over ranks."""

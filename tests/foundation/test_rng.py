@@ -17,6 +17,7 @@ from spoxl import rng
     (rng.PROMPT_ORDER, 1, 4, 42 * 7919 + 4),
     (rng.ROUND_SAMPLING, 1, 6, (42 * 1_000_003 + 6) * 4099 + 1),
     (rng.ROUND_SHUFFLE, 1, 6, 42 + 6),
+    (rng.PAIR_REPLAY, 1, (6, 2), (42 * 0x27D4EB2F + 6 * 0x165667B1 + 2 * 0x9E3779B1) % (2**63 - 1)),
     (rng.SAMPLE_LATENTS, 0, 2, 44),
     (rng.SAMPLE_STEP_NOISE, 0, 8, 42 + 1_000_003 + 8),
 ])  # fmt: skip
@@ -26,7 +27,7 @@ def test_each_purpose_is_its_documented_formula(purpose, rank, counter, expected
 
 def test_per_rank_purposes_differ_between_ranks_and_shared_ones_do_not():
     for purpose in rng.PURPOSES:
-        counter = (1, 2) if purpose == rng.AUGMENT else 3
+        counter = (1, 2) if purpose in (rng.AUGMENT, rng.PAIR_REPLAY) else 3
         a, b = (rng.seed(purpose, 7, rank=r, counter=counter) for r in (0, 1))
         assert (a != b) == (purpose in rng.PER_RANK), purpose
 

@@ -205,3 +205,54 @@ def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
     # the check can fail: the reference (adapters off) does not reproduce the policy's samples
     gap = (kernels.transition_logprob(batch.x_w, ref_w, std) - batch.logp_w).abs().max()
     assert gap > 1e-3
+
+
+def _round_share(tmp_path, inner_epochs: int) -> tuple[PairBatch, SPOObjective]:
+    """One sampling round of the tiny SPO recipe through the objective's own rollout stream."""
+    from spoxl.config import load_config
+    from spoxl.engine.setup import build_training
+
+    cfg = load_config("configs/tiny_spo.yaml", [
+        f"run.output_dir={tmp_path}", "logging.tensorboard=false", "method.steps=4", "method.divert_start_step=1",
+        "method.pool_size=2", "method.num_inner_step=0", "method.threshold=0.0", "method.preference.scale=1e6",
+        "method.prompts_per_rank=4", "train.micro_batch_size=2", f"method.num_inner_epochs={inner_epochs}"])  # fmt: skip
+    objective = SPOObjective.from_recipe(cfg)
+    objective.setup(build_training(cfg, objective).view)
+    return objective.sample_round(objective.rollout.run), objective
+
+
+def test_inner_epochs_replay_each_rounds_share_in_new_orders(tmp_path):
+    """num_inner_epochs = 3: the round's share (the same pairs the default serves), then two
+    reorderings of it, each pass whole micro-batches; the stream then serves three times as many
+    micro-batches before it samples again. A replay that dropped or duplicated pairs, repeated the
+    first order, or was not served at all fails here."""
+    once, _ = _round_share(tmp_path / "once", 1)
+    thrice, objective = _round_share(tmp_path / "thrice", 3)
+    n = len(once)
+    assert n >= 4 and n % 2 == 0 and len(thrice) == 3 * n
+    torch.testing.assert_close(thrice.index(slice(0, n)).x_w, once.x_w)  # the first pass is the default's
+
+    def rows(b):
+        return sorted(map(tuple, torch.cat([b.x_w.flatten(1), b.x_l.flatten(1)], 1).tolist()))
+
+    for p in (1, 2):
+        replay = thrice.index(slice(p * n, (p + 1) * n))
+        assert rows(replay) == rows(once)  # the same pairs, each once
+        assert not torch.equal(replay.x_w, once.x_w)  # in a new order
+    assert not torch.equal(thrice.index(slice(n, 2 * n)).x_w, thrice.index(slice(2 * n, 3 * n)).x_w)
+
+    stream = objective.rollout
+    stream.buffer, rounds = None, stream.round
+    served = [next(stream) for _ in range(3 * n // 2)]
+    assert stream.round == rounds + 1 and all(len(b) == 2 for b in served)  # one round fed all of them
+
+
+def test_inner_epochs_below_one_or_fractional_are_refused(tmp_path):
+    from spoxl.config import load_config
+
+    for bad in ("0", "-2"):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", f"method.num_inner_epochs={bad}"])
+        with pytest.raises(SpoxlError, match=f"num_inner_epochs must be >= 1, got {bad}"):
+            SPOObjective.from_recipe(cfg).check(cfg)
+    with pytest.raises(SpoxlError, match="num_inner_epochs must be an integer"):
+        load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.num_inner_epochs=1.5"])

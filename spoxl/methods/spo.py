@@ -64,8 +64,8 @@ class SPOConfig(PoolSamplerConfig):
     # prompts_per_rank x ranks - 1 prompts of the next pass (a round is never cut short).
     # None: train.max_steps alone (the cap either way).
     epochs: Optional[int] = None
-    # Passes over each round's pairs (DDPO's and the official SPO code's train.num_inner_epochs,
-    # official 1): E passes make E optimizer steps of every micro-batch a round yields, so the
+    # Passes over each round's pairs (as DDPO's train.num_inner_epochs; the official SPO code has no
+    # such setting and trains each round's pairs once, as 1 does): E passes make E optimizer steps of every micro-batch a round yields, so the
     # sampling, which costs most of a round on small models, is spent on E times as many updates.
     num_inner_epochs: int = 1
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)

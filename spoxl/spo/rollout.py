@@ -10,8 +10,8 @@ short, every rank samples a round together:
      (run seed, rank, round) only (spoxl.rng.ROUND_SAMPLING);
   3. the kept pairs of all ranks are all-gathered, permuted once (spoxl.rng.ROUND_SHUFFLE) and dealt
      in equal shares; what does not fill a micro-batch on every rank waits for the next round;
-  4. with `inner_epochs` E > 1 (method.num_inner_epochs, DDPO's and the official SPO code's
-     train.num_inner_epochs, official 1) this rank's share is trained on E times: the share, then
+  4. with `inner_epochs` E > 1 (method.num_inner_epochs, as DDPO's train.num_inner_epochs; the
+     official SPO code trains each round's pairs once, which E = 1 is) this rank's share is trained on E times: the share, then
      E - 1 reorderings of it (spoxl.rng.PAIR_REPLAY), so each sampling round feeds E times as many
      optimizer steps. The loss compares the policy with the frozen reference, not with the policy
      that sampled, so a replayed pair's loss means what a fresh pair's does.

@@ -7,6 +7,8 @@
     spoxl toy pairs --source counterfactual --n N --out pairs.parquet
                                      exact renderings against one-attribute-wrong ones (no model)
     spoxl toy lrm --out DIR          train the toy world's latent reward model (LPO's preference model)
+    spoxl toy lrm --source candidates --out DIR
+                                     ... taught on pool candidates ordered by the exact scorer
     spoxl toy captions [--split train|held-out]   print the world's captions
 """
 
@@ -53,12 +55,19 @@ def add_arguments(p) -> None:
     pairs.add_argument("--seed", type=int, default=0, help="seed of captions, noise and order (default 0)")
     pairs.add_argument("--out", required=True, help="the .parquet file to write")
 
-    lrm = sub.add_parser("lrm", help="train the toy world's latent reward model (LPO) on exact counterfactual pairs")
+    lrm = sub.add_parser("lrm", help="train the toy world's latent reward model (LPO) on exact counterfactual pairs, "
+                                     "or on pool candidates ordered by the exact scorer")
     lrm.add_argument("--out", required=True, help="the LRM folder to write (must be empty or absent)")
-    from spoxl.commands.toy_lrm import DEFAULTS
+    lrm.add_argument("--source", choices=("counterfactual", "candidates"), default="counterfactual",
+                     help="counterfactual (default; the shipped spoxl/toy/lrm): exact renderings against one-attribute-"
+                          "wrong ones; candidates: best vs worst candidate of the toy model's own pools, ordered by the "
+                          "exact fidelity scorer (spoxl.toy.candidate_lrm)")
+    from spoxl.commands.toy_lrm import CANDIDATE_DEFAULTS, DEFAULTS
 
-    for name, value in DEFAULTS.items():
-        lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default {value})")
+    for name in dict.fromkeys([*DEFAULTS, *CANDIDATE_DEFAULTS]):  # each source's own default when not given
+        value = DEFAULTS.get(name, CANDIDATE_DEFAULTS.get(name))
+        where = [f"{src} {d[name]}" for src, d in (("counterfactual", DEFAULTS), ("candidates", CANDIDATE_DEFAULTS)) if name in d]
+        lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"(default: {', '.join(where)})")
 
     caps = sub.add_parser("captions", help="print the toy world's captions")
     caps.add_argument("--split", choices=("train", "held-out"), default="held-out",
@@ -136,18 +145,31 @@ def _pairs(args) -> int:
 def _lrm(args) -> int:
     from spoxl.errors import SpoxlError
     from spoxl.paths import check_can_create
-    from spoxl.commands.toy_lrm import DEFAULTS, make_toy_lrm
+    from spoxl.commands.toy_lrm import CANDIDATE_DEFAULTS, DEFAULTS, make_toy_lrm, make_toy_lrm_from_candidates
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpoxlError(f"{out} exists and is not an empty folder")
     check_can_create(out, "--out")
-    for name in ("pairs", "held_out_pairs", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SpoxlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise SpoxlError(f"--lr must be > 0, got {args.lr}")
-    record = make_toy_lrm(out, **{k: getattr(args, k) for k in DEFAULTS})
+    defaults = CANDIDATE_DEFAULTS if args.source == "candidates" else DEFAULTS
+    other = CANDIDATE_DEFAULTS if args.source != "candidates" else DEFAULTS
+    for name in other:
+        if name not in defaults and getattr(args, name) is not None:
+            raise SpoxlError(f"--{name.replace('_', '-')} does not apply to --source {args.source}")
+    settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+    for name in ("pairs", "held_out_pairs", "steps", "batch_size", "passes"):
+        if name in settings and settings[name] < 1:
+            raise SpoxlError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    if settings["lr"] <= 0:
+        raise SpoxlError(f"--lr must be > 0, got {settings['lr']}")
+    if args.source == "candidates":
+        if not 0 <= settings["divert_start_step"] < 20:
+            raise SpoxlError(f"--divert-start-step must be in [0, 20), got {settings['divert_start_step']}")
+        if not 0 <= settings["min_gap"] < 1:
+            raise SpoxlError(f"--min-gap must be in [0, 1), got {settings['min_gap']}")
+        record = make_toy_lrm_from_candidates(out, **settings)
+    else:
+        record = make_toy_lrm(out, **settings)
     after = record["held_out_accuracy_after"]
     print("held-out pairwise accuracy by t, after training: " + ", ".join(f"t={t}: {v:.2f}" for t, v in after.items()))
     print(f"wrote the toy LRM to {out} ({record['seconds']:.0f} s)")

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 DEFAULTS = {"pairs": 4096, "held_out_pairs": 256, "steps": 600, "batch_size": 16, "lr": 1e-4, "seed": 0}
+# --source candidates (spoxl.toy.candidate_lrm): pool candidates of the toy model's own samples,
+# ordered by the exact fidelity scorer, from the shipped counterfactual LRM (`init`).
+CANDIDATE_DEFAULTS = {"passes": 2, "divert_start_step": 15, "min_gap": 0.2, "steps": 1000, "batch_size": 16,
+                      "lr": 1e-4, "seed": 0, "init": "toy"}  # fmt: skip
 
 
 def _cpu_seconds() -> float:
@@ -59,6 +63,58 @@ def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batc
                      "text_encoders": "frozen (the toy model's)"},
         "held_out_accuracy_before": {str(t): round(v, 4) for t, v in result["before"].items()},
         "held_out_accuracy_after": {str(t): round(v, 4) for t, v in result["after"].items()},
+        "seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
+    }  # fmt: skip
+    (Path(out) / "lrm.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: int, min_gap: float, steps: int,
+                                 batch_size: int, lr: float, seed: int, init: str, log=print) -> dict:  # fmt: skip
+    """The toy LRM taught to rank the candidates of one pool (spoxl.toy.candidate_lrm): `passes`
+    passes over the TRAINING captions sampled with pools from `divert_start_step`, one pass over the
+    HELD-OUT captions for the report (pairwise accuracy by the pool's t, before and after)."""
+    import random
+
+    from spoxl.models.loading import load_sdxl
+    from spoxl.models.lrm import LatentRewardModel
+    from spoxl.preference_models import build_lrm
+    from spoxl.toy import world
+    from spoxl.toy.candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
+
+    start, cpu0 = time.time(), _cpu_seconds()
+    components = load_sdxl("toy")
+    captions = [s.caption() for s in world.train_scenes()] * passes
+    random.Random(seed).shuffle(captions)
+    held = [s.caption() for s in world.held_out_scenes()]
+    kw = dict(divert_start_step=divert_start_step, min_gap=min_gap)
+    train_pairs, train_captions = sample_candidate_pairs(components, captions, seed=seed, **kw)
+    held_pairs, held_captions = sample_candidate_pairs(components, held, seed=seed + 1, **kw)
+    log(f"{len(train_pairs)} training pairs from {len(captions)} pools' rounds, {len(held_pairs)} held-out pairs")
+    if init == "fresh":
+        model = LatentRewardModel.from_components(components, train_text_encoders=False)
+    else:  # "toy" (the shipped counterfactual LRM) or an LRM folder
+        model = build_lrm(init, components=components)
+        for encoder in (model.text_encoder, model.text_encoder_2):  # the toy model's, frozen (as `spoxl toy lrm`)
+            if encoder is not None:
+                encoder.requires_grad_(False)
+    before = pair_accuracy(model, held_pairs, held_captions)
+    train_on_candidates(model, train_pairs, train_captions, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                        log=lambda s, h: log(f"step {s + 1}/{steps} loss {h['loss']:.4f} acc {h['acc']:.2f}")
+                        if (s + 1) % 100 == 0 else None)  # fmt: skip
+    after = pair_accuracy(model, held_pairs, held_captions)
+    model.save(out)
+    record = {
+        "settings": {"source": "candidates", "passes": passes, "divert_start_step": divert_start_step, "min_gap": min_gap,
+                     "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
+                     "data": "best vs worst candidate x_{t-1} of each pool of the toy model's own samples, ordered by "
+                             "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)",
+                     "text_encoders": "frozen (the toy model's)"},
+        "train_pairs": len(train_pairs),
+        "held_out_pairs": len(held_pairs),
+        "held_out_accuracy_before": {str(t): round(v, 4) for t, v in before.items()},
+        "held_out_accuracy_after": {str(t): round(v, 4) for t, v in after.items()},
         "seconds": round(time.time() - start, 1),
         "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
     }  # fmt: skip

@@ -1,0 +1,115 @@
+"""spoxl.toy.candidate_lrm: the toy LRM taught on pool candidates of one x_t.
+
+The pairs must be what LPO asks the LRM about (two candidates x_{t-1} of one pool, at the pool's t)
+with the exact judge's order (the winner's decoded predicted x0 scores higher); training on them
+must move the LRM towards their order, and towards the opposite order when the labels are swapped."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spoxl import sampling
+from spoxl.models.loading import load_sdxl
+from spoxl.models.lrm import LatentRewardModel
+from spoxl.models.text import encode_with_negative, make_time_ids
+from spoxl.toy import world
+from spoxl.toy.candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
+from spoxl.toy.scorers import ToyScorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spo"))
+from spo_threads import one_thread  # noqa: F401,E402  (autouse fixture: one intra-op thread)
+
+SCENES = world.train_scenes()[:6]
+CAPTIONS = [s.caption() for s in SCENES]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_sdxl("toy")
+
+
+@pytest.fixture(scope="module")
+def candidate_pairs(toy):
+    return sample_candidate_pairs(toy, CAPTIONS, divert_start_step=16, min_gap=0.0, batch=3, seed=0, progress=False)
+
+
+def test_pairs_are_candidates_of_one_pool_in_the_exact_judges_order(toy, candidate_pairs):
+    pairs, captions = candidate_pairs
+    assert len(pairs) >= 6 and len(captions) == len(pairs)
+    assert set(captions) <= set(CAPTIONS)
+    assert pairs.shared.all()  # per-step pools: winner and loser come from ONE x_t
+    torch.testing.assert_close(pairs.x_t_w, pairs.x_t_l)
+    grid = [int(t) for t in sampling.inference_timesteps(toy.scheduler, 20)]
+    assert set(pairs.timestep.tolist()) <= set(grid[16:])  # the pools' own t, from the divert step on
+    # The exact judge, recomputed here: each candidate's predicted x0 at the next grid timestep
+    # (the final latents themselves after the last step), decoded and scored on its caption.
+    cond, uncond = encode_with_negative(toy, captions)
+    scorer = ToyScorer()
+    scores = []
+    for x in (pairs.x_w, pairs.x_l):
+        x0 = torch.empty_like(x)
+        with torch.no_grad():
+            for i, t in enumerate(pairs.timestep.tolist()):
+                t_next = int(sampling.prev_timestep(toy.scheduler, t, 20))
+                if t_next < 0:
+                    x0[i] = x[i]
+                    continue
+                one = lambda e: e.index(torch.tensor([i]))  # noqa: E731
+                out = sampling.guided_output(toy.unet, x[i : i + 1], t_next, one(cond), one(uncond),
+                                             make_time_ids(1, (64, 64)), 5.0)  # fmt: skip
+                a = sampling.alpha_bar(toy.scheduler, t_next)
+                x0[i] = sampling.split_prediction(out, x[i : i + 1], a, "epsilon")[0][0]
+            scores.append(scorer.score(sampling.decode_latents(toy.vae, x0), captions, 0))
+    assert (scores[0] > scores[1]).all()
+
+
+def test_training_follows_the_pairs_order_and_the_swapped_order(toy, candidate_pairs):
+    pairs, captions = candidate_pairs
+    swapped = pairs.index(torch.arange(len(pairs)))
+    swapped.x_w, swapped.x_l = pairs.x_l.clone(), pairs.x_w.clone()
+
+    def trained(on):
+        model = LatentRewardModel.from_components(toy, train_text_encoders=False)
+        before = pair_accuracy(model, pairs, captions)
+        train_on_candidates(model, on, captions, steps=30, batch_size=len(on), lr=3e-4, seed=0)
+        return before, pair_accuracy(model, pairs, captions)
+
+    mean = lambda acc: sum(acc.values()) / len(acc)  # noqa: E731
+    before, after = trained(pairs)
+    _, after_swapped = trained(swapped)
+    assert mean(after) >= 0.9 and mean(after) > mean(before)
+    assert mean(after_swapped) <= 0.1
+
+
+def test_cli_candidates_source_end_to_end_on_a_few_captions(tmp_path, monkeypatch, capsys):
+    """`spoxl toy lrm --source candidates` on 3 training and 3 held-out scenes: the folder loads as
+    an LRM (the recipe's preference.path) and lrm.json reports what it was taught on."""
+    import json
+
+    from spoxl.cli import main
+    from spoxl.preference_models import build_lrm
+
+    monkeypatch.setattr(world, "train_scenes", lambda: SCENES[:3])
+    monkeypatch.setattr(world, "held_out_scenes", lambda: SCENES[3:6])
+    out = tmp_path / "lrm"
+    assert main(["toy", "lrm", "--source", "candidates", "--out", str(out), "--passes", "1", "--divert-start-step", "17",
+                 "--min-gap", "0", "--steps", "2", "--batch-size", "2"]) == 0  # fmt: skip
+    record = json.loads((out / "lrm.json").read_text())
+    assert record["settings"]["source"] == "candidates" and record["settings"]["steps"] == 2
+    assert record["train_pairs"] >= 2 and set(record["held_out_accuracy_after"]) <= {"101", "51", "1"}
+    assert build_lrm(str(out)).input == "latents"
+
+
+def test_cli_bad_settings_are_one_line_errors(tmp_path, capsys):
+    from spoxl.cli import main
+
+    for argv, message in [(["--source", "candidates", "--pairs", "5"], "--pairs does not apply to --source candidates"),
+                          (["--passes", "2"], "--passes does not apply to --source counterfactual"),
+                          (["--source", "candidates", "--min-gap", "1.5"], "--min-gap must be in [0, 1), got 1.5"),
+                          (["--source", "candidates", "--divert-start-step", "20"], "--divert-start-step must be in [0, 20)"),
+                          (["--source", "candidates", "--passes", "0"], "--passes must be >= 1, got 0")]:  # fmt: skip
+        assert main(["toy", "lrm", "--out", str(tmp_path / "x"), *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

@@ -91,7 +91,7 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     kw = dict(divert_start_step=divert_start_step, min_gap=min_gap)
     train_pairs, train_captions = sample_candidate_pairs(components, captions, seed=seed, **kw)
     held_pairs, held_captions = sample_candidate_pairs(components, held, seed=seed + 1, **kw)
-    log(f"{len(train_pairs)} training pairs from {len(captions)} pools' rounds, {len(held_pairs)} held-out pairs")
+    log(f"{len(train_pairs)} training pairs from {len(captions)} sampled captions, {len(held_pairs)} held-out pairs")
     if init == "fresh":
         model = LatentRewardModel.from_components(components, train_text_encoders=False)
     else:  # "toy" (the shipped counterfactual LRM) or an LRM folder

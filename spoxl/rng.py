@@ -17,8 +17,8 @@ purposes get their own multiplier here, never an inline `manual_seed(seed + some
     PROMPT_ORDER      -      epoch        SPO's prompt permutation per pass over the prompt set
     ROUND_SAMPLING    yes    round        SPO's sampling noise of one round
     ROUND_SHUFFLE     -      round        SPO's shuffle of a round's gathered pairs (same on every rank)
-    PAIR_REPLAY       -      (round, pass) SPO's order of a round's pairs in each extra pass over them
-                                          (method.num_inner_epochs > 1)
+    PAIR_REPLAY       -      (round, pass) SPO's order of a round's pairs in each replay, pass 1 .. E - 1
+                                          (method.num_inner_epochs = E > 1; pass 0 is the order as dealt)
     SAMPLE_LATENTS    -      image        `spoxl sample`/eval starting noise, one generator per image
     SAMPLE_STEP_NOISE -      first image  the eta > 0 noise of one sampling batch
 """

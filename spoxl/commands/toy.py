@@ -67,7 +67,13 @@ def add_arguments(p) -> None:
     for name in dict.fromkeys([*DEFAULTS, *CANDIDATE_DEFAULTS]):  # each source's own default when not given
         value = DEFAULTS.get(name, CANDIDATE_DEFAULTS.get(name))
         where = [f"{src} {d[name]}" for src, d in (("counterfactual", DEFAULTS), ("candidates", CANDIDATE_DEFAULTS)) if name in d]
-        lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"(default: {', '.join(where)})")
+        what = {"init": "candidates: the LRM to start from: toy (the shipped counterfactual LRM), fresh (from the toy "
+                        "model) or an LRM folder; ",
+                "min_gap": "candidates: pools whose best-worst softmax gap is below this are not taught; ",
+                "passes": "candidates: passes over the training captions; ",
+                "divert_start_step": "candidates: the first step with pools (of 20); "}.get(name, "")  # fmt: skip
+        lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+                         help=f"{what}(default: {', '.join(where)})")
 
     caps = sub.add_parser("captions", help="print the toy world's captions")
     caps.add_argument("--split", choices=("train", "held-out"), default="held-out",

@@ -85,6 +85,13 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
 
     start, cpu0 = time.time(), _cpu_seconds()
     components = load_sdxl("toy")
+    if init == "fresh":  # built before the sampling, so that a bad --init fails in seconds, not after it
+        model = LatentRewardModel.from_components(components, train_text_encoders=False)
+    else:  # "toy" (the shipped counterfactual LRM) or an LRM folder
+        model = build_lrm(init, components=components)
+        for encoder in (model.text_encoder, model.text_encoder_2):  # the toy model's, frozen (as `spoxl toy lrm`)
+            if encoder is not None:
+                encoder.requires_grad_(False)
     captions = [s.caption() for s in world.train_scenes()] * passes
     random.Random(seed).shuffle(captions)
     held = [s.caption() for s in world.held_out_scenes()]
@@ -92,13 +99,6 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     train_pairs, train_captions = sample_candidate_pairs(components, captions, seed=seed, **kw)
     held_pairs, held_captions = sample_candidate_pairs(components, held, seed=seed + 1, **kw)
     log(f"{len(train_pairs)} training pairs from {len(captions)} sampled captions, {len(held_pairs)} held-out pairs")
-    if init == "fresh":
-        model = LatentRewardModel.from_components(components, train_text_encoders=False)
-    else:  # "toy" (the shipped counterfactual LRM) or an LRM folder
-        model = build_lrm(init, components=components)
-        for encoder in (model.text_encoder, model.text_encoder_2):  # the toy model's, frozen (as `spoxl toy lrm`)
-            if encoder is not None:
-                encoder.requires_grad_(False)
     before = pair_accuracy(model, held_pairs, held_captions)
     train_on_candidates(model, train_pairs, train_captions, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         log=lambda s, h: log(f"step {s + 1}/{steps} loss {h['loss']:.4f} acc {h['acc']:.2f}")

@@ -65,8 +65,10 @@ class SPOConfig(PoolSamplerConfig):
     # None: train.max_steps alone (the cap either way).
     epochs: Optional[int] = None
     # Passes over each round's pairs (as DDPO's train.num_inner_epochs; the official SPO code has no
-    # such setting and trains each round's pairs once, as 1 does): E passes make E optimizer steps of every micro-batch a round yields, so the
-    # sampling, which costs most of a round on small models, is spent on E times as many updates.
+    # such setting and trains each round's pairs once, as 1 does): every pair of a round is served in
+    # E micro-batches (E orderings of the rank's share), so the sampling, which costs most of a round
+    # on small models, is spent on E times as many updates. With train.grad_accum > 1 one optimizer
+    # step may hold a pair twice (the end of one pass and the start of the next).
     num_inner_epochs: int = 1
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 

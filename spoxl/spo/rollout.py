@@ -11,9 +11,9 @@ short, every rank samples a round together:
   3. the kept pairs of all ranks are all-gathered, permuted once (spoxl.rng.ROUND_SHUFFLE) and dealt
      in equal shares; what does not fill a micro-batch on every rank waits for the next round;
   4. with `inner_epochs` E > 1 (method.num_inner_epochs, as DDPO's train.num_inner_epochs; the
-     official SPO code trains each round's pairs once, which E = 1 is) this rank's share is trained on E times: the share, then
-     E - 1 reorderings of it (spoxl.rng.PAIR_REPLAY), so each sampling round feeds E times as many
-     optimizer steps. The loss compares the policy with the frozen reference, not with the policy
+     official SPO code trains each round's pairs once, which E = 1 is) this rank's share is served
+     E times: as dealt, then E - 1 reorderings of it (spoxl.rng.PAIR_REPLAY), each made when the
+     buffer runs dry, so every pair of a round is in E micro-batches. The loss compares the policy with the frozen reference, not with the policy
      that sampled, so a replayed pair's loss means what a fresh pair's does.
 
 Why shuffle instead of only averaging gradients (DeepSpeed averages them anyway): the number of
@@ -48,7 +48,12 @@ class RolloutStream:
             raise SpoxlError(f"SPO: inner_epochs must be >= 1, got {inner_epochs}")
         self.inner_epochs = inner_epochs
         self.round = 0  # sampling rounds done (all ranks in step)
-        self.buffer: PairBatch | None = None  # this rank's dealt pairs not yet trained on
+        self.buffer: PairBatch | None = None  # this rank's dealt (or replayed) pairs not yet served
+        # The last round's share, kept for its replays (inner_epochs > 1; None when none are left):
+        # one copy, each reordering made only when it is served.
+        self.share: PairBatch | None = None
+        self.share_round = 0  # the round that share came from (its reorderings' seed)
+        self.next_pass = 1  # the share's next pass (passes 1 .. inner_epochs - 1 are replays)
         self.leftover: PairBatch | None = None  # pairs that did not fill a micro-batch on every rank
         self.empty_rounds = 0
 
@@ -62,6 +67,9 @@ class RolloutStream:
         # The buffer length is the same on every rank (equal deals), so every rank decides to
         # sample at the same time and the collectives inside sample_round line up.
         while self.buffer is None or len(self.buffer) < mb:
+            if self.share is not None:  # the last round's replays come before a new round
+                self.buffer = self._cat(self.buffer, self.replay_pass())
+                continue
             if self.epochs_done():
                 raise StopIteration  # every rank at once: the round counter and buffer are the same everywhere
             fresh = self.sample_round()
@@ -74,9 +82,26 @@ class RolloutStream:
                         f"method.preference.scale")  # fmt: skip
                 continue
             self.empty_rounds = 0
-            self.buffer = fresh if self.buffer is None or not len(self.buffer) else PairBatch.cat([self.buffer, fresh])
+            self.buffer = self._cat(self.buffer, fresh)
         batch, self.buffer = self.buffer.index(slice(0, mb)), self.buffer.index(slice(mb, None))
         return batch
+
+    @staticmethod
+    def _cat(buffer: PairBatch | None, more: PairBatch) -> PairBatch:
+        return more if buffer is None or not len(buffer) else PairBatch.cat([buffer, more])
+
+    def replay_pass(self) -> PairBatch:
+        """The share's next pass: a reordering that is a function of (run seed, the share's round,
+        pass) only, so a resumed run replays exactly what the uninterrupted one did, and the same on
+        every rank. A pass is a whole number of micro-batches (deal gives a multiple of one)."""
+        p = self.next_pass
+        order = torch.randperm(len(self.share), generator=rng.generator(rng.PAIR_REPLAY, self.seed,
+                                                                         counter=(self.share_round, p)))  # fmt: skip
+        replay = self.share.index(order)
+        self.next_pass += 1
+        if self.next_pass >= self.inner_epochs:
+            self.share = None  # every pass served: free it
+        return replay
 
     def state_dict(self) -> dict:
         return {
@@ -84,6 +109,9 @@ class RolloutStream:
             "empty_rounds": self.empty_rounds,
             "buffer": self.buffer.state() if self.buffer is not None else None,
             "leftover": self.leftover.state() if self.leftover is not None else None,
+            "share": self.share.state() if self.share is not None else None,
+            "share_round": self.share_round,
+            "next_pass": self.next_pass,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -91,6 +119,9 @@ class RolloutStream:
         self.empty_rounds = int(state.get("empty_rounds", 0))
         self.buffer = PairBatch.from_state(state["buffer"]) if state.get("buffer") is not None else None
         self.leftover = PairBatch.from_state(state["leftover"]) if state.get("leftover") is not None else None
+        self.share = PairBatch.from_state(state["share"]) if state.get("share") is not None else None
+        self.share_round = int(state.get("share_round", 0))
+        self.next_pass = int(state.get("next_pass", 1))
 
     # ---- rounds ----------------------------------------------------------------------------
 
@@ -136,22 +167,10 @@ class RolloutStream:
             everyone = PairBatch.cat([self.leftover, everyone])
         perm = shared_permutation(len(everyone), rng.generator(rng.ROUND_SHUFFLE, self.seed, counter=self.round), run.device)
         mine, self.leftover = deal(everyone, perm, run.rank, run.world_size, self.micro_batch_size)
-        mine = self.replayed(mine)
+        if self.inner_epochs > 1 and len(mine):  # served again, reordered, after this pass (__next__)
+            self.share, self.share_round, self.next_pass = mine, self.round, 1
         self.round += 1
         return mine
-
-    def replayed(self, mine: PairBatch) -> PairBatch:
-        """This rank's share followed by inner_epochs - 1 reorderings of it (a function of the run
-        seed and the round only, so a resumed run replays exactly what the uninterrupted one did).
-        Every pass is a whole number of micro-batches (deal gives a multiple of one), so no
-        micro-batch holds a pair twice."""
-        if self.inner_epochs == 1 or not len(mine):
-            return mine
-        passes = [mine]
-        for p in range(1, self.inner_epochs):
-            order = torch.randperm(len(mine), generator=rng.generator(rng.PAIR_REPLAY, self.seed, counter=(self.round, p)))
-            passes.append(mine.index(order))
-        return PairBatch.cat(passes)
 
     def _log_round(self, result) -> None:
         """Acceptance per timestep and the mean final-image score, summed over ranks."""

@@ -18,20 +18,19 @@ import random
 
 import torch
 
+from spoxl.errors import SpoxlError
 from spoxl.spo.pairs import PairBatch
-
-# Pools whose best and worst scores are closer than this softmax gap are not taught (near-ties:
-# the judge's order there is decided by noise in the predicted x0 as much as by the picture).
-DEFAULT_MIN_GAP = 0.2
 
 
 @torch.no_grad()
 def sample_candidate_pairs(components, captions: list[str], *, divert_start_step: int, pool_size: int = 4,
-                           steps: int = 20, cfg_scale: float = 5.0, batch: int = 8, min_gap: float = DEFAULT_MIN_GAP,
-                           seed: int = 0, progress: bool = True) -> tuple[PairBatch, list[str]]:  # fmt: skip
+                           min_gap: float, steps: int = 20, cfg_scale: float = 5.0, batch: int = 8, seed: int = 0,
+                           progress: bool = True) -> tuple[PairBatch, list[str]]:  # fmt: skip
     """(pairs, their captions): every caption sampled once with per-step pools from
-    `divert_start_step`, the best and worst candidate of each pool whose fidelity gap passes
-    `min_gap`. pairs.x_w / x_l are the candidates x_{t-1}, pairs.timestep the pool's t."""
+    `divert_start_step`, the best and worst candidate of each pool whose fidelity gap (the 2-way
+    softmax of the two scores, as SPO's threshold) passes `min_gap`: near-ties, whose order is
+    decided by noise in the predicted x0 as much as by the picture, are not taught.
+    pairs.x_w / x_l are the candidates x_{t-1}, pairs.timestep the pool's t."""
     from tqdm.auto import tqdm
 
     from spoxl.models.text import encode_with_negative, make_time_ids
@@ -53,6 +52,8 @@ def sample_candidate_pairs(components, captions: list[str], *, divert_start_step
         if len(result.pairs):
             kept.append(result.pairs)
             kept_captions += [prompts[i] for i in result.pairs.prompt_index.tolist()]
+    if not kept:
+        raise SpoxlError(f"no pool of {len(captions)} captions had a best-worst gap above min_gap={min_gap}: lower it")
     return PairBatch.cat(kept), kept_captions
 
 

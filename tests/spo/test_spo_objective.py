@@ -207,8 +207,8 @@ def test_training_means_reproduce_the_sampler_logprobs(tmp_path, monkeypatch):
     assert gap > 1e-3
 
 
-def _round_share(tmp_path, inner_epochs: int) -> tuple[PairBatch, SPOObjective]:
-    """One sampling round of the tiny SPO recipe through the objective's own rollout stream."""
+def _stream(tmp_path, inner_epochs: int):
+    """The tiny SPO recipe's own rollout stream (one rank), `inner_epochs` passes per round."""
     from spoxl.config import load_config
     from spoxl.engine.setup import build_training
 
@@ -218,33 +218,48 @@ def _round_share(tmp_path, inner_epochs: int) -> tuple[PairBatch, SPOObjective]:
         "method.prompts_per_rank=4", "train.micro_batch_size=2", f"method.num_inner_epochs={inner_epochs}"])  # fmt: skip
     objective = SPOObjective.from_recipe(cfg)
     objective.setup(build_training(cfg, objective).view)
-    return objective.sample_round(objective.rollout.run), objective
+    return objective.rollout
 
 
-def test_inner_epochs_replay_each_rounds_share_in_new_orders(tmp_path):
-    """num_inner_epochs = 3: the round's share (the same pairs the default serves), then two
-    reorderings of it, each pass whole micro-batches; the stream then serves three times as many
-    micro-batches before it samples again. A replay that dropped or duplicated pairs, repeated the
-    first order, or was not served at all fails here."""
-    once, _ = _round_share(tmp_path / "once", 1)
-    thrice, objective = _round_share(tmp_path / "thrice", 3)
-    n = len(once)
-    assert n >= 4 and n % 2 == 0 and len(thrice) == 3 * n
-    torch.testing.assert_close(thrice.index(slice(0, n)).x_w, once.x_w)  # the first pass is the default's
+def test_inner_epochs_replay_each_rounds_share_in_seeded_new_orders(tmp_path):
+    """num_inner_epochs = 3: the round's share as the default serves it, then two reorderings of
+    it, drawn from spoxl.rng.PAIR_REPLAY (round 0, passes 1 and 2), before the next round is
+    sampled; then the share is freed. A replay that dropped or duplicated pairs, repeated the first
+    order, was unseeded or seeded by the wrong round, or was not served at all fails here."""
+    from spoxl import rng
 
-    def rows(b):
-        return sorted(map(tuple, torch.cat([b.x_w.flatten(1), b.x_l.flatten(1)], 1).tolist()))
-
+    once, thrice = _stream(tmp_path / "once", 1), _stream(tmp_path / "thrice", 3)
+    first = PairBatch.cat([next(once)])
+    while once.buffer is not None and len(once.buffer):  # the whole first round, as the default serves it
+        first = PairBatch.cat([first, next(once)])
+    n = len(first)
+    assert n >= 4 and once.round == 1
+    served = PairBatch.cat([next(thrice) for _ in range(3 * n // 2)])
+    assert thrice.round == 1 and thrice.share is None  # one round fed all three passes, then freed it
+    torch.testing.assert_close(served.index(slice(0, n)).x_w, first.x_w)
     for p in (1, 2):
-        replay = thrice.index(slice(p * n, (p + 1) * n))
-        assert rows(replay) == rows(once)  # the same pairs, each once
-        assert not torch.equal(replay.x_w, once.x_w)  # in a new order
-    assert not torch.equal(thrice.index(slice(n, 2 * n)).x_w, thrice.index(slice(2 * n, 3 * n)).x_w)
+        order = torch.randperm(n, generator=rng.generator(rng.PAIR_REPLAY, 0, counter=(0, p)))
+        assert not torch.equal(order, torch.arange(n))
+        replay = served.index(slice(p * n, (p + 1) * n))
+        torch.testing.assert_close(replay.x_w, first.x_w[order])
+        torch.testing.assert_close(replay.x_l, first.x_l[order])
+    next(thrice)
+    assert thrice.round == 2  # only now a new round
 
-    stream = objective.rollout
-    stream.buffer, rounds = None, stream.round
-    served = [next(stream) for _ in range(3 * n // 2)]
-    assert stream.round == rounds + 1 and all(len(b) == 2 for b in served)  # one round fed all of them
+
+def test_a_stream_resumed_mid_replay_serves_what_the_uninterrupted_one_does(tmp_path):
+    a = _stream(tmp_path / "a", 3)
+    next(a)
+    for _ in range(len(a.share) // 2):  # the rest of the share as dealt, and one micro-batch of its first replay
+        next(a)
+    assert a.share is not None and a.next_pass == 2 and len(a.buffer)
+    b = _stream(tmp_path / "b", 3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(4):
+        x, y = next(a), next(b)
+        torch.testing.assert_close(x.x_w, y.x_w)
+        torch.testing.assert_close(x.x_l, y.x_l)
+    assert (a.round, a.next_pass) == (b.round, b.next_pass)
 
 
 def test_inner_epochs_below_one_or_fractional_are_refused(tmp_path):

@@ -98,7 +98,8 @@ def test_cli_candidates_source_end_to_end_on_a_few_captions(tmp_path, monkeypatc
                  "--min-gap", "0", "--steps", "2", "--batch-size", "2"]) == 0  # fmt: skip
     record = json.loads((out / "lrm.json").read_text())
     assert record["settings"]["source"] == "candidates" and record["settings"]["steps"] == 2
-    assert record["train_pairs"] >= 2 and set(record["held_out_accuracy_after"]) <= {"101", "51", "1"}
+    assert record["train_pairs"] >= 2 and record["held_out_pairs"] >= 1
+    assert record["held_out_accuracy_after"] and set(record["held_out_accuracy_after"]) <= {"101", "51", "1"}
     assert build_lrm(str(out)).input == "latents"
 
 
@@ -109,7 +110,55 @@ def test_cli_bad_settings_are_one_line_errors(tmp_path, capsys):
                           (["--passes", "2"], "--passes does not apply to --source counterfactual"),
                           (["--source", "candidates", "--min-gap", "1.5"], "--min-gap must be in [0, 1), got 1.5"),
                           (["--source", "candidates", "--divert-start-step", "20"], "--divert-start-step must be in [0, 20)"),
-                          (["--source", "candidates", "--passes", "0"], "--passes must be >= 1, got 0")]:  # fmt: skip
+                          (["--source", "candidates", "--passes", "0"], "--passes must be >= 1, got 0"),
+                          (["--source", "candidates", "--init", str(tmp_path / "no-lrm")], "no-lrm")]:  # fmt: skip
         assert main(["toy", "lrm", "--out", str(tmp_path / "x"), *argv]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+class RecordingLRM(torch.nn.Module):
+    """Scores a latent by one weight times its mean and records the timesteps it is asked at."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[int] = []
+
+    def score(self, latents, prompts, timesteps):
+        self.seen += torch.as_tensor(timesteps).flatten().tolist()
+        return self.w * latents.flatten(1).mean(1)
+
+
+def test_training_and_accuracy_score_each_pair_at_its_pools_t(candidate_pairs):
+    """LPO scores the candidates x_{t-1} at the CURRENT t (the pool's): teaching or measuring at
+    the next timestep, or at a constant, would be a different judge."""
+    pairs, captions = candidate_pairs
+    model = RecordingLRM()
+    acc = pair_accuracy(model, pairs, captions)
+    assert sorted(model.seen) == sorted(pairs.timestep.tolist() * 2)  # winner and loser, each at its pool's t
+    assert set(acc) == set(pairs.timestep.tolist())
+    model.seen.clear()
+    train_on_candidates(model, pairs, captions, steps=1, batch_size=len(pairs), lr=1e-3)
+    assert sorted(model.seen) == sorted(pairs.timestep.tolist() * 2)
+
+
+def test_cli_gives_each_source_its_own_defaults(tmp_path, monkeypatch):
+    import spoxl.commands.toy_lrm as toy_lrm
+    from spoxl.cli import main
+
+    seen = {}
+
+    def fake(name):
+        def make(out, **settings):
+            seen[name] = settings
+            return {"held_out_accuracy_after": {}, "seconds": 0}
+        return make
+
+    monkeypatch.setattr(toy_lrm, "make_toy_lrm", fake("counterfactual"))
+    monkeypatch.setattr(toy_lrm, "make_toy_lrm_from_candidates", fake("candidates"))
+    assert main(["toy", "lrm", "--out", str(tmp_path / "a")]) == 0
+    assert main(["toy", "lrm", "--source", "candidates", "--out", str(tmp_path / "b"), "--steps", "7"]) == 0
+    assert seen["counterfactual"] == toy_lrm.DEFAULTS
+    assert seen["candidates"] == {**toy_lrm.CANDIDATE_DEFAULTS, "steps": 7}
+    assert toy_lrm.DEFAULTS["steps"] != toy_lrm.CANDIDATE_DEFAULTS["steps"]  # so the check above can tell them apart

@@ -61,7 +61,7 @@ def add_arguments(p) -> None:
     lrm.add_argument("--source", choices=("counterfactual", "candidates"), default="counterfactual",
                      help="counterfactual (default; the shipped spoxl/toy/lrm): exact renderings against one-attribute-"
                           "wrong ones; candidates: best vs worst candidate of the toy model's own pools, ordered by the "
-                          "exact fidelity scorer (spoxl.toy.candidate_lrm)")
+                          "exact fidelity scorer (spoxl.commands.toy_candidate_lrm)")
     from spoxl.commands.toy_lrm import CANDIDATE_DEFAULTS, DEFAULTS
 
     for name in dict.fromkeys([*DEFAULTS, *CANDIDATE_DEFAULTS]):  # each source's own default when not given

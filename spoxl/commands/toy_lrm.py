@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULTS = {"pairs": 4096, "held_out_pairs": 256, "steps": 600, "batch_size": 16, "lr": 1e-4, "seed": 0}
-# --source candidates (spoxl.toy.candidate_lrm): pool candidates of the toy model's own samples,
+# --source candidates (spoxl.commands.toy_candidate_lrm): pool candidates of the toy model's own samples,
 # ordered by the exact fidelity scorer, from the shipped counterfactual LRM (`init`).
 CANDIDATE_DEFAULTS = {"passes": 2, "divert_start_step": 15, "min_gap": 0.2, "steps": 1000, "batch_size": 16,
                       "lr": 1e-4, "seed": 0, "init": "toy"}  # fmt: skip
@@ -72,7 +72,7 @@ def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batc
 
 def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: int, min_gap: float, steps: int,
                                  batch_size: int, lr: float, seed: int, init: str, log=print) -> dict:  # fmt: skip
-    """The toy LRM taught to rank the candidates of one pool (spoxl.toy.candidate_lrm): `passes`
+    """The toy LRM taught to rank the candidates of one pool (spoxl.commands.toy_candidate_lrm): `passes`
     passes over the TRAINING captions sampled with pools from `divert_start_step`, one pass over the
     HELD-OUT captions for the report (pairwise accuracy by the pool's t, before and after)."""
     import random
@@ -81,7 +81,7 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     from spoxl.models.lrm import LatentRewardModel
     from spoxl.preference_models import build_lrm
     from spoxl.toy import world
-    from spoxl.toy.candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
+    from spoxl.commands.toy_candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
 
     start, cpu0 = time.time(), _cpu_seconds()
     components = load_sdxl("toy")

@@ -1,4 +1,4 @@
-"""spoxl.toy.candidate_lrm: the toy LRM taught on pool candidates of one x_t.
+"""spoxl.commands.toy_candidate_lrm: the toy LRM taught on pool candidates of one x_t.
 
 The pairs must be what LPO asks the LRM about (two candidates x_{t-1} of one pool, at the pool's t)
 with the exact judge's order (the winner's decoded predicted x0 scores higher); training on them
@@ -15,7 +15,7 @@ from spoxl.models.loading import load_sdxl
 from spoxl.models.lrm import LatentRewardModel
 from spoxl.models.text import encode_with_negative, make_time_ids
 from spoxl.toy import world
-from spoxl.toy.candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
+from spoxl.commands.toy_candidate_lrm import pair_accuracy, sample_candidate_pairs, train_on_candidates
 from spoxl.toy.scorers import ToyScorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spo"))

@@ -94,6 +94,9 @@ class Evaluation:
             "prompts": self.prompts, "seeds": self.seeds, "seed_offset": self.seed_offset, "scorer": self.scorer,
             "sampler": self.sampler, "models": self.summary(),
             "per_prompt": {r.name: [float(v) for v in r.scores.double().mean(1)] for r in self.results},
+            # every (prompt, seed) item's score, [prompt][seed]: paired analyses (which items a model
+            # loses, by how much) without sampling again
+            "per_item": {r.name: r.scores.double().tolist() for r in self.results},
         }
 
     def table(self) -> str:

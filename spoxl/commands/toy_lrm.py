@@ -32,6 +32,23 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _save_with_record(model, out: Path, settings: dict, before: dict, after: dict, start: float, cpu0: float,
+                      **counts) -> dict:  # fmt: skip
+    """Save the LRM to `out` with its lrm.json: the settings, the held-out pairwise accuracy by t
+    before and after training, wall and CPU seconds since (start, cpu0). Returns the record."""
+    model.save(out)
+    record = {
+        "settings": {**settings, "text_encoders": "frozen (the toy model's)"},
+        **counts,
+        "held_out_accuracy_before": {str(t): round(v, 4) for t, v in before.items()},
+        "held_out_accuracy_after": {str(t): round(v, 4) for t, v in after.items()},
+        "seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
+    }
+    (Path(out) / "lrm.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batch_size: int, lr: float, seed: int,
                  log=print) -> dict:  # fmt: skip
     from spoxl.commands.train_preference_model import train_lrm
@@ -56,18 +73,9 @@ def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batc
         result = train_lrm(model, components, train_set, held_set, steps=steps, batch_size=batch_size, lr=lr,
                            seed=seed, log=lambda s, h: log(f"step {s + 1}/{steps} loss {h['loss']:.4f} acc {h['acc']:.2f}")
                            if (s + 1) % 50 == 0 else None)  # fmt: skip
-    model.save(out)
-    record = {
-        "settings": {"pairs": pairs, "held_out_pairs": held_out_pairs, "steps": steps, "batch_size": batch_size, "lr": lr,
-                     "seed": seed, "data": "counterfactual pairs of the training captions (exact renderings)",
-                     "text_encoders": "frozen (the toy model's)"},
-        "held_out_accuracy_before": {str(t): round(v, 4) for t, v in result["before"].items()},
-        "held_out_accuracy_after": {str(t): round(v, 4) for t, v in result["after"].items()},
-        "seconds": round(time.time() - start, 1),
-        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
-    }  # fmt: skip
-    (Path(out) / "lrm.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    settings = {"pairs": pairs, "held_out_pairs": held_out_pairs, "steps": steps, "batch_size": batch_size, "lr": lr,
+                "seed": seed, "data": "counterfactual pairs of the training captions (exact renderings)"}  # fmt: skip
+    return _save_with_record(model, out, settings, result["before"], result["after"], start, cpu0)
 
 
 def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: int, min_gap: float, steps: int,
@@ -88,10 +96,7 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     if init == "fresh":  # built before the sampling, so that a bad --init fails in seconds, not after it
         model = LatentRewardModel.from_components(components, train_text_encoders=False)
     else:  # "toy" (the shipped counterfactual LRM) or an LRM folder
-        model = build_lrm(init, components=components)
-        for encoder in (model.text_encoder, model.text_encoder_2):  # the toy model's, frozen (as `spoxl toy lrm`)
-            if encoder is not None:
-                encoder.requires_grad_(False)
+        model = build_lrm(init, components=components).freeze_text_encoders()  # the toy model's (as `spoxl toy lrm`)
     captions = [s.caption() for s in world.train_scenes()] * passes
     random.Random(seed).shuffle(captions)
     held = [s.caption() for s in world.held_out_scenes()]
@@ -104,19 +109,9 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
                         log=lambda s, h: log(f"step {s + 1}/{steps} loss {h['loss']:.4f} acc {h['acc']:.2f}")
                         if (s + 1) % 100 == 0 else None)  # fmt: skip
     after = pair_accuracy(model, held_pairs, held_captions)
-    model.save(out)
-    record = {
-        "settings": {"source": "candidates", "passes": passes, "divert_start_step": divert_start_step, "min_gap": min_gap,
-                     "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
-                     "data": "best vs worst candidate x_{t-1} of each pool of the toy model's own samples, ordered by "
-                             "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)",
-                     "text_encoders": "frozen (the toy model's)"},
-        "train_pairs": len(train_pairs),
-        "held_out_pairs": len(held_pairs),
-        "held_out_accuracy_before": {str(t): round(v, 4) for t, v in before.items()},
-        "held_out_accuracy_after": {str(t): round(v, 4) for t, v in after.items()},
-        "seconds": round(time.time() - start, 1),
-        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
-    }  # fmt: skip
-    (Path(out) / "lrm.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    settings = {"source": "candidates", "passes": passes, "divert_start_step": divert_start_step, "min_gap": min_gap,
+                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
+                "data": "best vs worst candidate x_{t-1} of each pool of the toy model's own samples, ordered by "
+                        "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)"}  # fmt: skip
+    return _save_with_record(model, out, settings, before, after, start, cpu0,
+                             train_pairs=len(train_pairs), held_out_pairs=len(held_pairs))  # fmt: skip

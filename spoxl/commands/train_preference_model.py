@@ -392,9 +392,7 @@ def _run_lrm(args, dataset, eval_set, *, steps: int, lr: float, warmup: int, pre
     if args.init:
         model = LatentRewardModel.from_folder(args.init, tokenizers=(components.tokenizer, components.tokenizer_2))
         if args.freeze_text_encoders:
-            for part in (model.text_encoder, model.text_encoder_2):
-                if part is not None:
-                    part.requires_grad_(False)
+            model.freeze_text_encoders()
     else:
         model = LatentRewardModel.from_components(components, train_text_encoders=not args.freeze_text_encoders)
     model.to(device)

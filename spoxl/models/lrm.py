@@ -143,10 +143,15 @@ class LatentRewardModel(nn.Module):
                     components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float().eval()  # fmt: skip
         model.requires_grad_(True)
         if not train_text_encoders:
-            for part in (model.text_encoder, model.text_encoder_2):
-                if part is not None:
-                    part.requires_grad_(False)
+            model.freeze_text_encoders()
         return model
+
+    def freeze_text_encoders(self) -> "LatentRewardModel":
+        """Stop training both text encoders (the UNet part and the head still train)."""
+        for part in (self.text_encoder, self.text_encoder_2):
+            if part is not None:
+                part.requires_grad_(False)
+        return self
 
     @classmethod
     def from_folder(cls, path, *, tokenizers=None, vae_scale_factor: int = 8) -> "LatentRewardModel":

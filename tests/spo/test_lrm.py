@@ -182,8 +182,12 @@ def test_a_fresh_lrm_trains_every_part_unless_its_text_encoders_are_frozen(tiny_
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in tiny_components.text_encoder.parameters())  # the policy's untouched
     frozen = LatentRewardModel.from_components(tiny_components, train_text_encoders=False)
-    assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
+    for encoder in (frozen.text_encoder, frozen.text_encoder_2):  # both, not just the first
+        assert not any(p.requires_grad for p in encoder.parameters())
     assert all(p.requires_grad for p in frozen.unet.parameters()) and frozen.visual_projection.weight.requires_grad
+    # The same freezing on a built model (an LRM loaded with --init, then --freeze-text-encoders)
+    later = LatentRewardModel.from_components(tiny_components).freeze_text_encoders()
+    assert [p.requires_grad for p in later.parameters()] == [p.requires_grad for p in frozen.parameters()]
 
 
 def test_images_are_refused_with_a_one_line_error(tiny_components):

@@ -62,9 +62,17 @@ def test_eval_applies_each_lora_to_its_own_copy(tmp_path, identity_lora, moved_l
     out = tmp_path / "ev"
     assert main(["eval", "--model", "toy", "--lora", str(moved_lora), "--lora", str(identity_lora),
                  "--name", "moved", "--name", "same", *FAST, "--out", str(out)]) == 0
-    base, moved, same = json.loads((out / "eval.json").read_text())["models"]
+    data = json.loads((out / "eval.json").read_text())
+    base, moved, same = data["models"]
     assert moved["diff_mean"] != 0 and moved["diff_stderr"] > 0  # the LoRA changed the images
     assert same["diff_mean"] == 0  # ... and did not leak into the next model's (clean) copy
+    # the per-item scores ([prompt][seed]) are the ones the summary was computed from
+    items = {name: torch.tensor(v, dtype=torch.float64) for name, v in data["per_item"].items()}
+    assert all(v.shape == (3, 2) for v in items.values())
+    diff = items["moved"] - items["base"]
+    assert moved["diff_mean"] == pytest.approx(float(diff.mean()))
+    assert moved["win_rate"] == pytest.approx(float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()))
+    assert data["per_prompt"]["moved"] == pytest.approx(items["moved"].mean(1).tolist())
 
 
 def test_eval_bad_inputs_are_one_line_errors(tmp_path, capsys):

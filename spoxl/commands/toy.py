@@ -71,6 +71,8 @@ def add_arguments(p) -> None:
                         "model) or an LRM folder; ",
                 "min_gap": "candidates: pools whose best-worst softmax gap is below this are not taught; ",
                 "passes": "candidates: passes over the training captions; ",
+                "pairs_per_pool": "candidates: best_worst (one pair per pool) or all (every two candidates over "
+                                  "--min-gap) for the training pairs; ",
                 "divert_start_step": "candidates: the first step with pools (of 20); "}.get(name, "")  # fmt: skip
         lrm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
                          help=f"{what}(default: {', '.join(where)})")
@@ -173,6 +175,8 @@ def _lrm(args) -> int:
             raise SpoxlError(f"--divert-start-step must be in [0, 20), got {settings['divert_start_step']}")
         if not 0 <= settings["min_gap"] < 1:
             raise SpoxlError(f"--min-gap must be in [0, 1), got {settings['min_gap']}")
+        if settings["pairs_per_pool"] not in ("best_worst", "all"):
+            raise SpoxlError(f"--pairs-per-pool must be best_worst or all, got {settings['pairs_per_pool']!r}")
         record = make_toy_lrm_from_candidates(out, **settings)
     else:
         record = make_toy_lrm(out, **settings)

@@ -24,12 +24,13 @@ from spoxl.spo.pairs import PairBatch
 
 @torch.no_grad()
 def sample_candidate_pairs(components, captions: list[str], *, divert_start_step: int, pool_size: int = 4,
-                           min_gap: float, steps: int = 20, cfg_scale: float = 5.0, batch: int = 8, seed: int = 0,
-                           progress: bool = True) -> tuple[PairBatch, list[str]]:  # fmt: skip
+                           min_gap: float, pairs_per_pool: str = "best_worst", steps: int = 20, cfg_scale: float = 5.0,
+                           batch: int = 8, seed: int = 0, progress: bool = True) -> tuple[PairBatch, list[str]]:  # fmt: skip
     """(pairs, their captions): every caption sampled once with per-step pools from
-    `divert_start_step`, the best and worst candidate of each pool whose fidelity gap (the 2-way
-    softmax of the two scores, as SPO's threshold) passes `min_gap`: near-ties, whose order is
-    decided by noise in the predicted x0 as much as by the picture, are not taught.
+    `divert_start_step`, the best and worst candidate of each pool (pairs_per_pool "all": every two
+    candidates) whose fidelity gap (the 2-way softmax of the two scores, as SPO's threshold) passes
+    `min_gap`: near-ties, whose order is decided by noise in the predicted x0 as much as by the
+    picture, are not taught.
     pairs.x_w / x_l are the candidates x_{t-1}, pairs.timestep the pool's t."""
     from tqdm.auto import tqdm
 
@@ -38,7 +39,8 @@ def sample_candidate_pairs(components, captions: list[str], *, divert_start_step
     from spoxl.toy.scorers import ToyScorer
 
     config = PoolSamplerConfig(steps=steps, cfg_scale=cfg_scale, eta=1.0, pool_size=pool_size, num_inner_step=0,
-                               divert_start_step=divert_start_step, threshold=min_gap)  # fmt: skip
+                               divert_start_step=divert_start_step, threshold=min_gap,
+                               pairs_per_pool=pairs_per_pool)  # fmt: skip
     sampler = PoolSampler(config, components.scheduler, components.vae, ToyScorer())
     gen = torch.Generator().manual_seed(seed)
     side = components.unet.config.sample_size

@@ -23,8 +23,8 @@ from pathlib import Path
 DEFAULTS = {"pairs": 4096, "held_out_pairs": 256, "steps": 600, "batch_size": 16, "lr": 1e-4, "seed": 0}
 # --source candidates (spoxl.commands.toy_candidate_lrm): pool candidates of the toy model's own samples,
 # ordered by the exact fidelity scorer, from the shipped counterfactual LRM (`init`).
-CANDIDATE_DEFAULTS = {"passes": 2, "divert_start_step": 15, "min_gap": 0.2, "steps": 1000, "batch_size": 16,
-                      "lr": 1e-4, "seed": 0, "init": "toy"}  # fmt: skip
+CANDIDATE_DEFAULTS = {"passes": 2, "divert_start_step": 15, "min_gap": 0.2, "pairs_per_pool": "best_worst",
+                      "steps": 1000, "batch_size": 16, "lr": 1e-4, "seed": 0, "init": "toy"}  # fmt: skip
 
 
 def _cpu_seconds() -> float:
@@ -78,11 +78,14 @@ def make_toy_lrm(out: Path, *, pairs: int, held_out_pairs: int, steps: int, batc
     return _save_with_record(model, out, settings, result["before"], result["after"], start, cpu0)
 
 
-def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: int, min_gap: float, steps: int,
-                                 batch_size: int, lr: float, seed: int, init: str, log=print) -> dict:  # fmt: skip
+def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: int, min_gap: float,
+                                 pairs_per_pool: str, steps: int, batch_size: int, lr: float, seed: int, init: str,
+                                 log=print) -> dict:  # fmt: skip
     """The toy LRM taught to rank the candidates of one pool (spoxl.commands.toy_candidate_lrm): `passes`
     passes over the TRAINING captions sampled with pools from `divert_start_step`, one pass over the
-    HELD-OUT captions for the report (pairwise accuracy by the pool's t, before and after)."""
+    HELD-OUT captions for the report (pairwise accuracy by the pool's t, before and after). The
+    training pairs of a pool: its best and worst, or with pairs_per_pool "all" every two candidates
+    over min_gap; the held-out ones are always best and worst (what LPO's selection asks)."""
     import random
 
     from spoxl.models.loading import load_sdxl
@@ -101,7 +104,8 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     random.Random(seed).shuffle(captions)
     held = [s.caption() for s in world.held_out_scenes()]
     kw = dict(divert_start_step=divert_start_step, min_gap=min_gap)
-    train_pairs, train_captions = sample_candidate_pairs(components, captions, seed=seed, **kw)
+    train_pairs, train_captions = sample_candidate_pairs(components, captions, seed=seed, pairs_per_pool=pairs_per_pool,
+                                                         **kw)  # fmt: skip
     held_pairs, held_captions = sample_candidate_pairs(components, held, seed=seed + 1, **kw)
     log(f"{len(train_pairs)} training pairs from {len(captions)} sampled captions, {len(held_pairs)} held-out pairs")
     before = pair_accuracy(model, held_pairs, held_captions)
@@ -110,7 +114,7 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
                         if (s + 1) % 100 == 0 else None)  # fmt: skip
     after = pair_accuracy(model, held_pairs, held_captions)
     settings = {"source": "candidates", "passes": passes, "divert_start_step": divert_start_step, "min_gap": min_gap,
-                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
+                "pairs_per_pool": pairs_per_pool, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
                 "data": "best vs worst candidate x_{t-1} of each pool of the toy model's own samples, ordered by "
                         "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)"}  # fmt: skip
     return _save_with_record(model, out, settings, before, after, start, cpu0,

@@ -30,7 +30,7 @@ and spoxl.kernels'; nothing is re-derived here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -49,6 +49,10 @@ class PoolSamplerConfig:
     num_inner_step: int = 3  # 0: per-step branching (SD1.5 recipe); 3: SDXL recipe
     divert_start_step: int = 4
     threshold: float = 0.4  # softmax(best, worst) gap needed to keep a pair
+    # Which pairs a pool gives: "best_worst" (the official SPO, one pair per pool) or "all": every
+    # two candidates whose softmax gap beats the threshold, the better one as the winner (up to
+    # k(k-1)/2 pairs from the same sampling cost; they share x_t, so they are not independent)
+    pairs_per_pool: Literal["best_worst", "all"] = "best_worst"
     # LPO (module docstring): score the candidates themselves at the current t, no decode
     score_candidates: bool = False
     # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest
@@ -67,6 +71,8 @@ class PoolSamplerConfig:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
             raise SpoxlError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.pairs_per_pool not in ("best_worst", "all"):
+            raise SpoxlError(f"pairs_per_pool must be 'best_worst' or 'all', got {self.pairs_per_pool!r}")
         if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
             raise SpoxlError(f"threshold_max must be in [threshold={self.threshold}, 1), got {self.threshold_max}")
         if self.score_candidates and self.num_inner_step != 0:
@@ -262,27 +268,39 @@ class PoolSampler:
         result.unet_calls = calls
         return result
 
-    def _select(self, result: RoundResult, kept: list, records, scores, t: int, cond, generator, chains):
-        """Keep the best/worst pair of each prompt's pool when their softmax gap beats the
-        threshold at t, then continue every prompt from a uniformly random candidate (drawn
-        whatever the scores are: the step-wise resampler). Returns the continued latents [B, ...]."""
-        B, k = scores.shape
+    def pool_pairs(self, scores: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, winner, loser) candidate indices of the pairs the pools [B, k] of scores give
+        at t, prompt-major: each pool's best/worst pair when their softmax gap beats the threshold
+        (pairs_per_pool "best_worst"), or every two candidates whose gap does ("all")."""
+        B = scores.shape[0]
+        if self.config.pairs_per_pool == "all":
+            hi = scores[:, :, None].expand(-1, -1, scores.shape[1])  # [B, k, k]: candidate i against j
+            lo = scores[:, None, :].expand_as(hi)
+            ok = (hi > lo) & (pair_gap(hi, lo) > self.threshold(t))
+            return ok.nonzero(as_tuple=True)
         arange = torch.arange(B)
         best, worst = scores.argmax(1), scores.argmin(1)
         gap = pair_gap(scores[arange, best], scores[arange, worst])
-        keep = (gap > self.threshold(t)) & (best != worst)
+        idx = ((gap > self.threshold(t)) & (best != worst)).nonzero().flatten()
+        return idx, best[idx], worst[idx]
+
+    def _select(self, result: RoundResult, kept: list, records, scores, t: int, cond, generator, chains):
+        """Keep the pairs of each prompt's pool (pool_pairs), then continue every prompt from a
+        uniformly random candidate (drawn whatever the scores are: the step-wise resampler).
+        Returns the continued latents [B, ...]. `accepted` counts pools that gave a pair."""
+        B, k = scores.shape
+        idx, w, l = self.pool_pairs(scores, t)
         result.offered[t] = result.offered.get(t, 0) + B
-        result.accepted[t] = result.accepted.get(t, 0) + int(keep.sum())
-        if keep.any():
-            kept.append(self._pairs(records, keep, best, worst, cond))
+        result.accepted[t] = result.accepted.get(t, 0) + len(set(idx.tolist()))
+        if len(idx):
+            kept.append(self._pairs(records, idx, w, l, cond))
         choice = torch.randint(0, k, (B,), generator=generator)
         result.choices.append(choice)
-        return chains[arange, choice]
+        return chains[torch.arange(B), choice]
 
-    def _pairs(self, records, keep, best, worst, cond: PromptEmbeds) -> PairBatch:
-        """The kept prompts' winner and loser transitions of every record of the segment."""
-        idx = keep.nonzero().flatten()
-        w, l = best[idx], worst[idx]
+    def _pairs(self, records, idx, w, l, cond: PromptEmbeds) -> PairBatch:
+        """The winner (candidate w) and loser (candidate l) transitions of prompts idx, for every
+        record of the segment."""
         out = []
         n = len(idx)
         for r, (x_t, x_prev, t, t_prev, std, logp) in enumerate(records):

@@ -120,6 +120,58 @@ def test_threshold_drops_close_pairs(setup):
     assert len(result.pairs) == kept == sum(result.accepted.values())
 
 
+def test_pool_pairs_hand_computed(setup):
+    """best_worst: one pair per pool (best over worst, gap over the threshold); all: every two
+    candidates whose gap is over it, the higher-scored one the winner. Threshold 0.4 keeps a pair
+    when the scores differ by more than 2 atanh(0.4) = 0.847."""
+    comps = setup[0]
+    scores = torch.tensor([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0], [5.0, 4.9, 0.0]])
+
+    def pairs(mode):
+        sampler = PoolSampler(PoolSamplerConfig(steps=8, divert_start_step=2, pairs_per_pool=mode), comps.scheduler,
+                              comps.vae, ColourScorer())  # fmt: skip
+        return [tuple(int(v) for v in row) for row in zip(*sampler.pool_pairs(scores, 1))]
+
+    assert pairs("best_worst") == [(0, 0, 1), (2, 0, 2)]
+    assert pairs("all") == [(0, 0, 1), (0, 0, 2), (0, 2, 1), (2, 0, 2), (2, 1, 2)]  # not (2, 0, 1): 0.1 apart
+
+
+def test_all_pairs_mode_keeps_every_pair_over_the_threshold(setup):
+    scorer = FixedScorer(lambda x: 30 * x.flatten(1).mean(1))
+    result, _ = run(setup, scorer, threshold=0.3, pool_size=4, pairs_per_pool="all")
+    expected, pools = 0, 0
+    for _, s in scorer.calls:
+        s = s.view(3, 4)
+        hi, lo = s[:, :, None].expand(-1, -1, 4), s[:, None, :].expand(-1, 4, -1)
+        ok = (hi > lo) & (torch.tanh((hi - lo) / 2) > 0.3)  # the softmax gap of two scores
+        expected += int(ok.sum())
+        pools += int(ok.flatten(1).any(1).sum())
+    assert pools < expected, "the test needs pools that give more than one pair"
+    assert len(result.pairs) == expected and sum(result.accepted.values()) == pools
+    # each pair's winner is its own candidate, not the pool's best: more distinct winners than pools
+    assert len({tuple(x.flatten()[:4].tolist()) for x in result.pairs.x_w}) > pools
+    # the same seed in best_worst mode: the same trajectory, one pair per kept pool
+    single, _ = run(setup, FixedScorer(lambda x: 30 * x.flatten(1).mean(1)), threshold=0.3, pool_size=4)
+    torch.testing.assert_close(single.final_latents, result.final_latents, rtol=0, atol=0)
+    assert len(single.pairs) == pools
+
+
+def test_pairs_per_pool_reaches_the_sampler_from_the_config_and_bad_values_are_refused(tmp_path):
+    from spoxl.config import load_config
+    from spoxl.methods.spo import SPOObjective
+
+    def sampler_config(*overrides):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", *overrides])
+        return SPOObjective.from_recipe(cfg).config.sampler_config()
+
+    assert sampler_config().pairs_per_pool == "best_worst"  # the official recipe by default
+    assert sampler_config("method.pairs_per_pool=all").pairs_per_pool == "all"
+    with pytest.raises(SpoxlError, match="pairs_per_pool"):
+        sampler_config("method.pairs_per_pool=best")
+    with pytest.raises(SpoxlError, match="pairs_per_pool"):
+        PoolSamplerConfig(pairs_per_pool="best").validate()
+
+
 def test_continuation_is_random_and_independent_of_scores(setup):
     up = FixedScorer(lambda x: 1e3 * x.flatten(1).mean(1))
     down = FixedScorer(lambda x: -1e3 * x.flatten(1).mean(1))

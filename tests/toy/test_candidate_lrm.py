@@ -65,6 +65,18 @@ def test_pairs_are_candidates_of_one_pool_in_the_exact_judges_order(toy, candida
     assert (scores[0] > scores[1]).all()
 
 
+def test_all_pairs_of_a_pool_contain_its_best_worst_pair_and_more(toy, candidate_pairs):
+    """pairs_per_pool "all" reaches the sampler: the same seed draws the same pools, so every
+    best-worst pair is among the pairs, once, and the pools give more besides."""
+    best_worst, _ = candidate_pairs
+    every, captions = sample_candidate_pairs(toy, CAPTIONS, divert_start_step=16, min_gap=0.0, batch=3, seed=0,
+                                             progress=False, pairs_per_pool="all")  # fmt: skip
+    assert len(every) > len(best_worst) and len(captions) == len(every)
+    for i in range(len(best_worst)):
+        same = (every.x_w == best_worst.x_w[i]).flatten(1).all(1) & (every.x_l == best_worst.x_l[i]).flatten(1).all(1)
+        assert same.sum() == 1
+
+
 def test_training_follows_the_pairs_order_and_the_swapped_order(toy, candidate_pairs):
     pairs, captions = candidate_pairs
     swapped = pairs.index(torch.arange(len(pairs)))
@@ -111,6 +123,7 @@ def test_cli_bad_settings_are_one_line_errors(tmp_path, capsys):
                           (["--source", "candidates", "--min-gap", "1.5"], "--min-gap must be in [0, 1), got 1.5"),
                           (["--source", "candidates", "--divert-start-step", "20"], "--divert-start-step must be in [0, 20)"),
                           (["--source", "candidates", "--passes", "0"], "--passes must be >= 1, got 0"),
+                          (["--source", "candidates", "--pairs-per-pool", "best"], "--pairs-per-pool must be best_worst or all"),
                           (["--source", "candidates", "--init", str(tmp_path / "no-lrm")], "no-lrm")]:  # fmt: skip
         assert main(["toy", "lrm", "--out", str(tmp_path / "x"), *argv]) == 2
         assert message in capsys.readouterr().err
@@ -161,4 +174,7 @@ def test_cli_gives_each_source_its_own_defaults(tmp_path, monkeypatch):
     assert main(["toy", "lrm", "--source", "candidates", "--out", str(tmp_path / "b"), "--steps", "7"]) == 0
     assert seen["counterfactual"] == toy_lrm.DEFAULTS
     assert seen["candidates"] == {**toy_lrm.CANDIDATE_DEFAULTS, "steps": 7}
+    assert main(["toy", "lrm", "--source", "candidates", "--out", str(tmp_path / "c"), "--pairs-per-pool", "all"]) == 0
+    assert seen["candidates"] == {**toy_lrm.CANDIDATE_DEFAULTS, "pairs_per_pool": "all"}
+    assert toy_lrm.CANDIDATE_DEFAULTS["pairs_per_pool"] == "best_worst"
     assert toy_lrm.DEFAULTS["steps"] != toy_lrm.CANDIDATE_DEFAULTS["steps"]  # so the check above can tell them apart

@@ -60,8 +60,8 @@ def add_arguments(p) -> None:
     lrm.add_argument("--out", required=True, help="the LRM folder to write (must be empty or absent)")
     lrm.add_argument("--source", choices=("counterfactual", "candidates"), default="counterfactual",
                      help="counterfactual (default; the shipped spoxl/toy/lrm): exact renderings against one-attribute-"
-                          "wrong ones; candidates: best vs worst candidate of the toy model's own pools, ordered by the "
-                          "exact fidelity scorer (spoxl.commands.toy_candidate_lrm)")
+                          "wrong ones; candidates: candidates of the toy model's own pools (best vs worst, or every two with "
+                          "--pairs-per-pool all), ordered by the exact fidelity scorer (spoxl.commands.toy_candidate_lrm)")
     from spoxl.commands.toy_lrm import CANDIDATE_DEFAULTS, DEFAULTS
 
     for name in dict.fromkeys([*DEFAULTS, *CANDIDATE_DEFAULTS]):  # each source's own default when not given
@@ -69,7 +69,7 @@ def add_arguments(p) -> None:
         where = [f"{src} {d[name]}" for src, d in (("counterfactual", DEFAULTS), ("candidates", CANDIDATE_DEFAULTS)) if name in d]
         what = {"init": "candidates: the LRM to start from: toy (the shipped counterfactual LRM), fresh (from the toy "
                         "model) or an LRM folder; ",
-                "min_gap": "candidates: pools whose best-worst softmax gap is below this are not taught; ",
+                "min_gap": "candidates: pairs whose softmax gap is below this are not taught; ",
                 "passes": "candidates: passes over the training captions; ",
                 "pairs_per_pool": "candidates: best_worst (one pair per pool) or all (every two candidates over "
                                   "--min-gap) for the training pairs; ",
@@ -175,8 +175,10 @@ def _lrm(args) -> int:
             raise SpoxlError(f"--divert-start-step must be in [0, 20), got {settings['divert_start_step']}")
         if not 0 <= settings["min_gap"] < 1:
             raise SpoxlError(f"--min-gap must be in [0, 1), got {settings['min_gap']}")
-        if settings["pairs_per_pool"] not in ("best_worst", "all"):
-            raise SpoxlError(f"--pairs-per-pool must be best_worst or all, got {settings['pairs_per_pool']!r}")
+        from spoxl.spo.pool_sampler import PAIRS_PER_POOL
+
+        if settings["pairs_per_pool"] not in PAIRS_PER_POOL:  # before the model loads (the sampler checks it too)
+            raise SpoxlError(f"--pairs-per-pool must be one of {', '.join(PAIRS_PER_POOL)}, got {settings['pairs_per_pool']!r}")
         record = make_toy_lrm_from_candidates(out, **settings)
     else:
         record = make_toy_lrm(out, **settings)

@@ -115,7 +115,8 @@ def make_toy_lrm_from_candidates(out: Path, *, passes: int, divert_start_step: i
     after = pair_accuracy(model, held_pairs, held_captions)
     settings = {"source": "candidates", "passes": passes, "divert_start_step": divert_start_step, "min_gap": min_gap,
                 "pairs_per_pool": pairs_per_pool, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "init": init,
-                "data": "best vs worst candidate x_{t-1} of each pool of the toy model's own samples, ordered by "
-                        "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)"}  # fmt: skip
+                "data": ("best vs worst candidate" if pairs_per_pool == "best_worst" else "every two candidates")
+                        + " x_{t-1} of each pool of the toy model's own samples (held-out: best vs worst), ordered by "
+                          "the exact fidelity scorer on their decoded predicted x0 (SPO's judge)"}  # fmt: skip
     return _save_with_record(model, out, settings, before, after, start, cpu0,
                              train_pairs=len(train_pairs), held_out_pairs=len(held_pairs))  # fmt: skip

@@ -40,6 +40,9 @@ from spoxl.models.text import PromptEmbeds
 from spoxl.spo.pairs import PairBatch
 
 
+PAIRS_PER_POOL = ("best_worst", "all")  # PoolSamplerConfig.pairs_per_pool: one pair per pool, or every pair
+
+
 @dataclass
 class PoolSamplerConfig:
     steps: int = 20
@@ -71,8 +74,8 @@ class PoolSamplerConfig:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
             raise SpoxlError(f"threshold must be in [0, 1), got {self.threshold}")
-        if self.pairs_per_pool not in ("best_worst", "all"):
-            raise SpoxlError(f"pairs_per_pool must be 'best_worst' or 'all', got {self.pairs_per_pool!r}")
+        if self.pairs_per_pool not in PAIRS_PER_POOL:
+            raise SpoxlError(f"pairs_per_pool must be one of {', '.join(PAIRS_PER_POOL)}, got {self.pairs_per_pool!r}")
         if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
             raise SpoxlError(f"threshold_max must be in [threshold={self.threshold}, 1), got {self.threshold_max}")
         if self.score_candidates and self.num_inner_step != 0:
@@ -83,7 +86,7 @@ class PoolSamplerConfig:
 @dataclass
 class RoundResult:
     pairs: PairBatch
-    accepted: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> pairs kept
+    accepted: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> pools that gave a pair
     offered: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> prompts scored
     final_scores: torch.Tensor | None = None  # [B, k] preference scores of the final images (t = 0)
     final_latents: torch.Tensor | None = None  # [B, C, H, W] the randomly continued chain's result

@@ -96,8 +96,9 @@ def test_training_follows_the_pairs_order_and_the_swapped_order(toy, candidate_p
 
 
 def test_cli_candidates_source_end_to_end_on_a_few_captions(tmp_path, monkeypatch, capsys):
-    """`spoxl toy lrm --source candidates` on 3 training and 3 held-out scenes: the folder loads as
-    an LRM (the recipe's preference.path) and lrm.json reports what it was taught on."""
+    """`spoxl toy lrm --source candidates --pairs-per-pool all` on 3 training and 3 held-out scenes:
+    the folder loads as an LRM (the recipe's preference.path), lrm.json reports what it was taught
+    on, every pair of a pool went into training and the held-out pairs stayed best vs worst."""
     import json
 
     from spoxl.cli import main
@@ -107,10 +108,12 @@ def test_cli_candidates_source_end_to_end_on_a_few_captions(tmp_path, monkeypatc
     monkeypatch.setattr(world, "held_out_scenes", lambda: SCENES[3:6])
     out = tmp_path / "lrm"
     assert main(["toy", "lrm", "--source", "candidates", "--out", str(out), "--passes", "1", "--divert-start-step", "17",
-                 "--min-gap", "0", "--steps", "2", "--batch-size", "2"]) == 0  # fmt: skip
+                 "--min-gap", "0", "--steps", "2", "--batch-size", "2", "--pairs-per-pool", "all"]) == 0  # fmt: skip
     record = json.loads((out / "lrm.json").read_text())
     assert record["settings"]["source"] == "candidates" and record["settings"]["steps"] == 2
-    assert record["train_pairs"] >= 2 and record["held_out_pairs"] >= 1
+    assert record["settings"]["pairs_per_pool"] == "all" and record["settings"]["data"].startswith("every two")
+    pools = 3 * 3  # 3 captions x pools at steps 17, 18, 19: best vs worst gives at most one pair each
+    assert record["train_pairs"] > pools and 1 <= record["held_out_pairs"] <= pools
     assert record["held_out_accuracy_after"] and set(record["held_out_accuracy_after"]) <= {"101", "51", "1"}
     assert build_lrm(str(out)).input == "latents"
 
@@ -123,7 +126,7 @@ def test_cli_bad_settings_are_one_line_errors(tmp_path, capsys):
                           (["--source", "candidates", "--min-gap", "1.5"], "--min-gap must be in [0, 1), got 1.5"),
                           (["--source", "candidates", "--divert-start-step", "20"], "--divert-start-step must be in [0, 20)"),
                           (["--source", "candidates", "--passes", "0"], "--passes must be >= 1, got 0"),
-                          (["--source", "candidates", "--pairs-per-pool", "best"], "--pairs-per-pool must be best_worst or all"),
+                          (["--source", "candidates", "--pairs-per-pool", "best"], "--pairs-per-pool must be one of best_worst, all"),
                           (["--source", "candidates", "--init", str(tmp_path / "no-lrm")], "no-lrm")]:  # fmt: skip
         assert main(["toy", "lrm", "--out", str(tmp_path / "x"), *argv]) == 2
         assert message in capsys.readouterr().err

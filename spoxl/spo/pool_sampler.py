@@ -30,7 +30,7 @@ and spoxl.kernels'; nothing is re-derived here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -40,7 +40,9 @@ from spoxl.models.text import PromptEmbeds
 from spoxl.spo.pairs import PairBatch
 
 
-PAIRS_PER_POOL = ("best_worst", "all")  # PoolSamplerConfig.pairs_per_pool: one pair per pool, or every pair
+# PoolSamplerConfig.pairs_per_pool: one pair per pool, or every pair; the tuple is the one list checks use
+PairsPerPool = Literal["best_worst", "all"]
+PAIRS_PER_POOL = get_args(PairsPerPool)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class PoolSamplerConfig:
     # Which pairs a pool gives: "best_worst" (the official SPO, one pair per pool) or "all": every
     # two candidates whose softmax gap beats the threshold, the better one as the winner (up to
     # k(k-1)/2 pairs from the same sampling cost; they share x_t, so they are not independent)
-    pairs_per_pool: Literal["best_worst", "all"] = "best_worst"
+    pairs_per_pool: PairsPerPool = "best_worst"
     # LPO (module docstring): score the candidates themselves at the current t, no decode
     score_candidates: bool = False
     # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest

@@ -12,7 +12,9 @@ step and per scorer: how often the step's best-vs-worst order agrees with the fi
 order, and the mean final fidelity gap (scaled units). Writes
 benchmarks/results/toy_step_agreement_cpu.csv. It explains configs/toy_spo.yaml's
 divert_start_step (docs/toy_world.md). `--lrm toy` adds LPO's judge: the toy latent reward model
-scoring the candidates themselves at the branching step's t (docs/lpo.md).
+scoring the candidates themselves at the branching step's t (docs/lpo.md). `--lookahead 2 3` adds
+the judge of `method.lookahead_steps` L (rows `fidelity_look{L}`): the fidelity of where L
+deterministic DDIM jumps from the predicted x0 lead (spoxl.spo.pool_sampler.lookahead_x0).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     from spoxl import kernels, sampling
     from spoxl.models.loading import load_sdxl
     from spoxl.models.text import encode_with_negative, make_time_ids
+    from spoxl.spo.pool_sampler import lookahead_x0
     from spoxl.toy import world
     from spoxl.toy.scorers import ToyScorer
 
@@ -47,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--lrm", default=None,
                    help="also judge each pool by this latent reward model (an LRM folder, or toy), as LPO does: "
                         "the candidates themselves, at the current t (row scorer 'lrm')")
+    p.add_argument("--lookahead", type=int, nargs="*", default=[],
+                   help="also judge each pool as method.lookahead_steps L does (rows fidelity_look{L})")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "toy_step_agreement_cpu.csv"))
     args = p.parse_args(argv)
 
@@ -82,9 +87,13 @@ def main(argv=None) -> int:
         if i in args.at and i + 1 < steps:
             cand = kernels.pool_step(x, eps, a, a_prev, 1.0, k, seed=1000 + i)[0].float().flatten(0, 1)
             t_next = grid[i + 1]
-            x0, _ = sampling.split_prediction(guided(cand, t_next, k), cand, sampling.alpha_bar(sched, t_next))
+            x0, eps_next = sampling.split_prediction(guided(cand, t_next, k), cand, sampling.alpha_bar(sched, t_next))
             per_prompt = [q for q in prompts for _ in range(k)]
             at_step = scorer.similarities(sampling.decode_latents(comps.vae, x0), per_prompt)
+            for L in args.lookahead:  # as the pool sampler: never more jumps than the grid has left
+                ahead = lookahead_x0(lambda y, tj: sampling.split_prediction(guided(y, tj, k), y, sampling.alpha_bar(sched, tj)),
+                                     sched, cand, t_next, x0, eps_next, min(L, steps - i - 1))  # fmt: skip
+                at_step[f"fidelity_look{L}"] = scorer.similarities(sampling.decode_latents(comps.vae, ahead), per_prompt)["fidelity"]
             y = cand
             for j in range(i + 1, steps):  # finish every candidate deterministically
                 aj, aj_prev = alphas(grid[j])
@@ -93,7 +102,7 @@ def main(argv=None) -> int:
             f = final["fidelity"].view(n, k)
             if lrm is not None:
                 at_step["lrm"] = lrm.score(cand, per_prompt, t)
-            for key in KEYS + (("lrm",) if lrm is not None else ()):
+            for key in KEYS + tuple(f"fidelity_look{L}" for L in args.lookahead) + (("lrm",) if lrm is not None else ()):
                 s = at_step[key].view(n, k)
                 best, worst = s.argmax(1), s.argmin(1)
                 rows.append({"step": i, "timestep": t, "scorer": key,

@@ -12,6 +12,8 @@ DDIM with eta = 1 and CFG over N inference steps:
      scored by the step-aware preference model AT THAT TIMESTEP (the final images at t = 0);
      best and worst form a pair if softmax(best, worst) gap > threshold, and then EVERY transition
      of the segment is kept for the winner chain and the loser chain (only the first shares x_t);
+     with lookahead_steps L > 1 the judge sees instead where each candidate's predicted x0 leads:
+     L deterministic DDIM jumps to t = 0 (lookahead_x0), judged at t = 0;
   4. the trajectory continues from a uniformly random candidate, drawn independently of the scores
      (the step-wise resampler), reusing that candidate's UNet output from the scoring call.
 
@@ -58,6 +60,13 @@ class PoolSamplerConfig:
     # two candidates whose softmax gap beats the threshold, the better one as the winner (up to
     # k(k-1)/2 pairs from the same sampling cost; they share x_t, so they are not independent)
     pairs_per_pool: PairsPerPool = "best_worst"
+    # What the preference model judges a candidate by: 1 = its predicted x0 at the next timestep,
+    # judged at that timestep (the official SPO); L > 1 = the end of L deterministic DDIM (eta 0)
+    # jumps from there down to t = 0 on a coarse grid (L - 1 more UNet calls per pool), judged at
+    # t = 0: a stand-in for a trained step-aware model when the preference model only knows final
+    # images (the toy world's exact scorers: at noisy steps their verdict on a predicted x0 says
+    # little about the final image; see docs/toy_world.md)
+    lookahead_steps: int = 1
     # LPO (module docstring): score the candidates themselves at the current t, no decode
     score_candidates: bool = False
     # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest
@@ -80,6 +89,11 @@ class PoolSamplerConfig:
             raise SpoxlError(f"pairs_per_pool must be one of {', '.join(PAIRS_PER_POOL)}, got {self.pairs_per_pool!r}")
         if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
             raise SpoxlError(f"threshold_max must be in [threshold={self.threshold}, 1), got {self.threshold_max}")
+        if self.lookahead_steps < 1:
+            raise SpoxlError(f"lookahead_steps must be >= 1 (1: the predicted x0), got {self.lookahead_steps}")
+        if self.score_candidates and self.lookahead_steps != 1:
+            raise SpoxlError("score_candidates (LPO) judges the candidates themselves: lookahead_steps must be 1, "
+                             f"got {self.lookahead_steps}")
         if self.score_candidates and self.num_inner_step != 0:
             raise SpoxlError("score_candidates (LPO) branches at every step: num_inner_step must be 0, "
                              f"got {self.num_inner_step}")
@@ -134,6 +148,23 @@ def pair_gap(best: torch.Tensor, worst: torch.Tensor) -> torch.Tensor:
     """softmax([best, worst])[0] - softmax([best, worst])[1] per prompt (methods.md 1.3)."""
     probs = torch.softmax(torch.stack([best.float(), worst.float()], dim=-1), dim=-1)
     return probs[..., 0] - probs[..., 1]
+
+
+def lookahead_grid(t: int, jumps: int) -> list[int]:
+    """The coarse grid of a lookahead from t: jumps + 1 timesteps, evenly spaced from t down to 0."""
+    return [round(t * (jumps - i) / jumps) for i in range(jumps + 1)]
+
+
+def lookahead_x0(denoise, scheduler, x: torch.Tensor, t: int, x0: torch.Tensor, eps: torch.Tensor,
+                 jumps: int) -> torch.Tensor:
+    """Latents at t = 0 reached from x at t by `jumps` deterministic DDIM (eta 0) jumps on
+    lookahead_grid(t, jumps), given the UNet's (x0, eps) at t (the pool sampler has them already:
+    they also continue the chain): jumps - 1 more calls of denoise(x, t) -> (x0, eps); the last
+    jump lands on the predicted x0 of the last grid point above 0."""
+    for t_next in lookahead_grid(t, jumps)[1:-1]:
+        x = sampling.ddim_mean(x0, eps, sampling.alpha_bar(scheduler, t_next).to(x.device), 0.0)
+        x0, eps = denoise(x, t_next)
+    return x0
 
 
 class PoolSampler:
@@ -258,6 +289,10 @@ class PoolSampler:
             if end < c.steps:  # score the predicted x0 at the next timestep; its eps continues the chain
                 t_score = timesteps[end]
                 x0, eps_all = denoise(cur, t_score, k)
+                jumps = min(c.lookahead_steps, c.steps - end)  # never more jumps than the sampler has left
+                if jumps > 1:  # judge the end of a short deterministic rollout instead
+                    x0 = lookahead_x0(lambda y, tj: denoise(y, tj, k), self.scheduler, cur, t_score, x0, eps_all, jumps)
+                    t_score = 0
             else:  # the final latents are the images; the preference model sees t = 0
                 t_score, x0, eps_all = 0, cur, None
             scores = self.score(x0, prompts_k, t_score).view(B, k).cpu()  # tiny; selection on the host

@@ -222,3 +222,88 @@ def test_sampler_folds_the_tail_segment(setup):
     kept = result.accepted[timesteps[5]]
     assert int((result.pairs.timestep == timesteps[7]).sum()) == kept > 0
     assert len(unet.batches) == 8 == result.unet_calls
+
+
+def test_lookahead_grid_hand_computed():
+    from spoxl.spo.pool_sampler import lookahead_grid
+
+    assert lookahead_grid(451, 3) == [451, 301, 150, 0]
+    assert lookahead_grid(100, 2) == [100, 50, 0]
+    assert lookahead_grid(51, 1) == [51, 0]
+
+
+class RecordingScorer(FixedScorer):
+    """A FixedScorer that also keeps what it was shown."""
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.inputs = []
+
+    def score(self, x, prompts, timesteps):
+        self.inputs.append(x.clone())
+        return super().score(x, prompts, timesteps)
+
+
+def test_lookahead_judges_the_end_of_a_deterministic_rollout(setup):
+    """lookahead_steps 3: each pool is judged (at t = 0) on the latents that min(3, steps left)
+    DDIM eta-0 jumps reach from its candidates, recomputed here by hand from the UNet; the
+    trajectory itself (the chain's continuation, pairs' transitions) is the same as without."""
+    comps, cond, uncond, time_ids, _ = setup
+    sched = comps.scheduler
+    fn = lambda x: 1e4 * x.flatten(1).mean(1)  # noqa: E731  every pool over the threshold
+    plain_scorer, look_scorer = RecordingScorer(fn), RecordingScorer(fn)
+    plain, plain_unet = run(setup, plain_scorer, seed=4, pool_size=2)
+    look, look_unet = run(setup, look_scorer, seed=4, pool_size=2, lookahead_steps=3)
+    ts = [int(t) for t in sampling.inference_timesteps(sched, 8)]
+
+    # steps 2..7 branch; pools ending at step 3..5 have >= 3 steps left (2 more UNet calls each),
+    # the one ending at step 6 has 2 (1 more), at step 7 one (none: its predicted x0, at t_score)
+    assert [t for t, _ in look_scorer.calls] == [0, 0, 0, 0, ts[7], 0]
+    assert [t for t, _ in plain_scorer.calls] == ts[3:] + [0]
+    assert look.unet_calls == len(look_unet.batches) == plain.unet_calls + 2 * 3 + 1
+    assert look_unet.batches.count(2 * 3 * 2) == plain_unet.batches.count(2 * 3 * 2) + 7
+
+    # the first pool by hand: candidates (every pool gives a pair: w and l are the pool), 3 jumps
+    # from ts[3] on the grid [ts[3], 2 ts[3] / 3, ts[3] / 3, 0]
+    first = look.pairs.timestep == ts[2]
+    cand = torch.stack([look.pairs.x_w[first], look.pairs.x_l[first]], 1)  # [3 prompts, 2, ...]
+    idx = look.pairs.prompt_index[first]
+    y = cand.flatten(0, 1)
+    rep = lambda e: e.index(idx.repeat_interleave(2))  # noqa: E731
+    grid = [ts[3], round(2 * ts[3] / 3), round(ts[3] / 3)]
+    with torch.no_grad():
+        for i, t in enumerate(grid):
+            out = sampling.guided_output(comps.unet, y, t, rep(cond), rep(uncond), time_ids[idx.repeat_interleave(2)], 5.0)
+            x0, eps = sampling.split_prediction(out, y, sampling.alpha_bar(sched, t))
+            if i + 1 < len(grid):
+                a = sampling.alpha_bar(sched, grid[i + 1])
+                y = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    judged = look_scorer.inputs[0].view(3, 2, *x0.shape[1:])[idx]
+    # the scorer saw each pool's candidates in the sampler's order; w/l is that order sorted by score
+    s = look_scorer.calls[0][1].view(3, 2)[idx]
+    order = torch.stack([s.argmax(1), s.argmin(1)], 1)
+    judged = torch.stack([judged[i, order[i]] for i in range(len(idx))])
+    torch.testing.assert_close(judged.flatten(0, 1), x0, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(look_scorer.inputs[0], plain_scorer.inputs[0], atol=1e-3)  # not the predicted x0
+
+    # the chain does not depend on how pools are judged
+    for a, b in zip(plain.choices, look.choices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(plain.final_latents, look.final_latents, rtol=0, atol=0)
+
+
+def test_lookahead_reaches_the_sampler_from_the_config_and_bad_values_are_refused(tmp_path):
+    from spoxl.config import load_config
+    from spoxl.methods.spo import SPOObjective
+
+    def sampler_config(*overrides):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", *overrides])
+        return SPOObjective.from_recipe(cfg).config.sampler_config()
+
+    assert sampler_config().lookahead_steps == 1  # the official judge (predicted x0) by default
+    assert sampler_config("method.lookahead_steps=3").lookahead_steps == 3
+    cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.lookahead_steps=0"])
+    with pytest.raises(SpoxlError, match="method: lookahead_steps must be >= 1"):  # before launch (--dry-run)
+        SPOObjective.from_recipe(cfg).check(cfg)
+    with pytest.raises(SpoxlError, match="lookahead_steps"):
+        PoolSamplerConfig(score_candidates=True, num_inner_step=0, lookahead_steps=2).validate()

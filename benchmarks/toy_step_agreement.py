@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             at_step = scorer.similarities(sampling.decode_latents(comps.vae, x0), per_prompt)
             for L in args.lookahead:  # as the pool sampler: never more jumps than the grid has left
                 ahead = lookahead_x0(lambda y, tj: sampling.split_prediction(guided(y, tj, k), y, sampling.alpha_bar(sched, tj)),
-                                     sched, cand, t_next, x0, eps_next, min(L, steps - i - 1))  # fmt: skip
+                                     sched, t_next, x0, eps_next, min(L, steps - i - 1))  # fmt: skip
                 at_step[f"fidelity_look{L}"] = scorer.similarities(sampling.decode_latents(comps.vae, ahead), per_prompt)["fidelity"]
             y = cand
             for j in range(i + 1, steps):  # finish every candidate deterministically

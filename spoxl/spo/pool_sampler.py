@@ -62,10 +62,10 @@ class PoolSamplerConfig:
     pairs_per_pool: PairsPerPool = "best_worst"
     # What the preference model judges a candidate by: 1 = its predicted x0 at the next timestep,
     # judged at that timestep (the official SPO); L > 1 = the end of L deterministic DDIM (eta 0)
-    # jumps from there down to t = 0 on a coarse grid (L - 1 more UNet calls per pool), judged at
-    # t = 0: a stand-in for a trained step-aware model when the preference model only knows final
-    # images (the toy world's exact scorers: at noisy steps their verdict on a predicted x0 says
-    # little about the final image; see docs/toy_world.md)
+    # jumps from there down to t = 0 on a coarse grid, judged at t = 0 (L - 1 more UNet calls per
+    # pool; the jumps are capped at the sampler's steps left, so a pool with one step left keeps
+    # the predicted x0): for preference models that only judge final images well, such as the toy
+    # world's exact scorers (docs/toy_world.md)
     lookahead_steps: int = 1
     # LPO (module docstring): score the candidates themselves at the current t, no decode
     score_candidates: bool = False
@@ -151,18 +151,20 @@ def pair_gap(best: torch.Tensor, worst: torch.Tensor) -> torch.Tensor:
 
 
 def lookahead_grid(t: int, jumps: int) -> list[int]:
-    """The coarse grid of a lookahead from t: jumps + 1 timesteps, evenly spaced from t down to 0."""
+    """The coarse grid of a lookahead from t: jumps + 1 distinct timesteps, evenly spaced from t
+    down to 0."""
+    if not 1 <= jumps <= t:
+        raise SpoxlError(f"a lookahead from t={t} takes 1 to {t} jumps, got {jumps}")
     return [round(t * (jumps - i) / jumps) for i in range(jumps + 1)]
 
 
-def lookahead_x0(denoise, scheduler, x: torch.Tensor, t: int, x0: torch.Tensor, eps: torch.Tensor,
-                 jumps: int) -> torch.Tensor:
-    """Latents at t = 0 reached from x at t by `jumps` deterministic DDIM (eta 0) jumps on
-    lookahead_grid(t, jumps), given the UNet's (x0, eps) at t (the pool sampler has them already:
-    they also continue the chain): jumps - 1 more calls of denoise(x, t) -> (x0, eps); the last
-    jump lands on the predicted x0 of the last grid point above 0."""
+def lookahead_x0(denoise, scheduler, t: int, x0: torch.Tensor, eps: torch.Tensor, jumps: int) -> torch.Tensor:
+    """Latents at t = 0 reached by `jumps` deterministic DDIM (eta 0) jumps on lookahead_grid(t,
+    jumps) from the UNet's (x0, eps) at t (the pool sampler has them already: they also continue
+    the chain): jumps - 1 more calls of denoise(x, t) -> (x0, eps); the last jump lands on the
+    predicted x0 of the last grid point above 0."""
     for t_next in lookahead_grid(t, jumps)[1:-1]:
-        x = sampling.ddim_mean(x0, eps, sampling.alpha_bar(scheduler, t_next).to(x.device), 0.0)
+        x = sampling.ddim_mean(x0, eps, sampling.alpha_bar(scheduler, t_next).to(x0.device), 0.0)
         x0, eps = denoise(x, t_next)
     return x0
 
@@ -291,7 +293,7 @@ class PoolSampler:
                 x0, eps_all = denoise(cur, t_score, k)
                 jumps = min(c.lookahead_steps, c.steps - end)  # never more jumps than the sampler has left
                 if jumps > 1:  # judge the end of a short deterministic rollout instead
-                    x0 = lookahead_x0(lambda y, tj: denoise(y, tj, k), self.scheduler, cur, t_score, x0, eps_all, jumps)
+                    x0 = lookahead_x0(lambda y, tj: denoise(y, tj, k), self.scheduler, t_score, x0, eps_all, jumps)
                     t_score = 0
             else:  # the final latents are the images; the preference model sees t = 0
                 t_score, x0, eps_all = 0, cur, None

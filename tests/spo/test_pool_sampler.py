@@ -230,6 +230,8 @@ def test_lookahead_grid_hand_computed():
     assert lookahead_grid(451, 3) == [451, 301, 150, 0]
     assert lookahead_grid(100, 2) == [100, 50, 0]
     assert lookahead_grid(51, 1) == [51, 0]
+    with pytest.raises(SpoxlError, match="jumps"):  # more jumps than timesteps would repeat grid points
+        lookahead_grid(2, 3)
 
 
 class RecordingScorer(FixedScorer):
@@ -290,6 +292,30 @@ def test_lookahead_judges_the_end_of_a_deterministic_rollout(setup):
     for a, b in zip(plain.choices, look.choices):
         assert torch.equal(a, b)
     torch.testing.assert_close(plain.final_latents, look.final_latents, rtol=0, atol=0)
+    # nor do the transitions: every pool gives a pair in both runs, from the same x_t, the same two
+    # candidates with the same log-probs; only which one is the winner may differ
+    assert torch.equal(plain.pairs.timestep, look.pairs.timestep) and torch.equal(plain.pairs.prompt_index, look.pairs.prompt_index)
+    torch.testing.assert_close(plain.pairs.x_t_w, look.pairs.x_t_w, rtol=0, atol=0)
+    for i in range(len(look.pairs)):
+        same = torch.equal(plain.pairs.x_w[i], look.pairs.x_w[i])
+        p_w, p_l = (plain.pairs.x_w[i], plain.pairs.x_l[i]) if same else (plain.pairs.x_l[i], plain.pairs.x_w[i])
+        assert torch.equal(p_w, look.pairs.x_w[i]) and torch.equal(p_l, look.pairs.x_l[i])
+        lp = (plain.pairs.logp_w[i], plain.pairs.logp_l[i]) if same else (plain.pairs.logp_l[i], plain.pairs.logp_w[i])
+        assert torch.equal(lp[0], look.pairs.logp_w[i]) and torch.equal(lp[1], look.pairs.logp_l[i])
+
+
+def test_lookahead_with_inner_steps_keeps_the_chains(setup):
+    """Chunked branching (the SDXL recipe's shape): the lookahead runs from each segment's end,
+    the chains and the number of kept transitions stay those of the plain judge."""
+    fn = lambda x: 1e4 * x.flatten(1).mean(1)  # noqa: E731
+    plain, plain_unet = run(setup, RecordingScorer(fn), seed=2, pool_size=2, num_inner_step=2)
+    look_scorer = RecordingScorer(fn)
+    look, look_unet = run(setup, look_scorer, seed=2, pool_size=2, num_inner_step=2, lookahead_steps=2)
+    torch.testing.assert_close(plain.final_latents, look.final_latents, rtol=0, atol=0)
+    assert len(plain.pairs) == len(look.pairs) > 0
+    ts = [int(t) for t in sampling.inference_timesteps(setup[0].scheduler, 8)]
+    assert [t for t, _ in look_scorer.calls] == [0, 0]  # segments 2..5 (3 steps left) and 5..8 (the final images)
+    assert look.unet_calls == plain.unet_calls + 1 and ts[5] in look.offered
 
 
 def test_lookahead_reaches_the_sampler_from_the_config_and_bad_values_are_refused(tmp_path):

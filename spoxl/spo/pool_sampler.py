@@ -291,7 +291,8 @@ class PoolSampler:
             if end < c.steps:  # score the predicted x0 at the next timestep; its eps continues the chain
                 t_score = timesteps[end]
                 x0, eps_all = denoise(cur, t_score, k)
-                jumps = min(c.lookahead_steps, c.steps - end)  # never more jumps than the sampler has left
+                # never more jumps than the sampler has steps (or the grid has timesteps) left
+                jumps = min(c.lookahead_steps, c.steps - end, t_score)
                 if jumps > 1:  # judge the end of a short deterministic rollout instead
                     x0 = lookahead_x0(lambda y, tj: denoise(y, tj, k), self.scheduler, t_score, x0, eps_all, jumps)
                     t_score = 0

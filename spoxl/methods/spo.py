@@ -70,6 +70,13 @@ class SPOConfig(PoolSamplerConfig):
     # on small models, is spent on E times as many updates. With train.grad_accum > 1 one optimizer
     # step may hold a pair twice (the end of one pass and the start of the next).
     num_inner_epochs: int = 1
+    # A KL anchor on the steps SPO never trains (docs/spo.md "The early-step anchor"; not in the
+    # official code). The LoRA's weights are shared by every timestep, so training only the steps
+    # from divert_start_step on also moves the untrained early steps, unchecked. With a weight
+    # w > 0, each micro-batch adds w x KL(policy || reference) of one DDIM(eta) step at an early
+    # timestep: each pair's winner source x_t, taken up the forward process to a timestep drawn
+    # uniformly from the grid's steps before divert_start_step. 0: off (the official SPO).
+    anchor_weight: float = 0.0
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def sampler_config(self) -> PoolSamplerConfig:
@@ -174,6 +181,45 @@ def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip:
     return spo_losses.reference(*args, beta=beta, clip=clip, return_metrics=True)
 
 
+def anchor_kl(policy, reference_ctx, pairs: PairBatch, *, scheduler, steps: int, divert_start_step: int, eta: float,
+              generator: torch.Generator | None, device=None, **kw):  # fmt: skip
+    """[M] per-element KL(policy || reference) of one DDIM(eta) step at an EARLY timestep (one
+    SPO never trains), per pair: the early-step anchor (SPOConfig.anchor_weight).
+
+    Each pair's winner source x_t (t from divert_start_step on) is taken UP the forward process to
+    t' drawn uniformly from the grid's first divert_start_step timesteps (all > t):
+        x_t' = sqrt(a_t' / a_t) x_t + sqrt(1 - a_t' / a_t) z,   z ~ N(0, I)
+    (exact for the forward process, so x_t' is distributed as the policy's own x_t' would be if its
+    late state were a clean sample's). Both transitions from x_t' are Gaussians with the same std,
+    so the KL is |mu_policy - mu_ref|^2 / (2 std^2), averaged over latent elements like SPO's
+    log-probs (spoxl.sampling.transition_logprob), so it is in the units of the loss's log-ratios.
+    `kw`: pair_means' model settings (cfg_scale, uncond, time_ids, prediction_type, dtype).
+    t' and z come from `generator` (the engine's per-rank, checkpointed stream), so a resumed run
+    draws what the uninterrupted one did.
+    """
+    device = device or pairs.x_t_w.device
+    early = sampling.inference_timesteps(scheduler, steps)[:divert_start_step].long()
+    if len(early) == 0:
+        raise SpoxlError("the early-step anchor needs steps before method.divert_start_step (it is 0)")
+    gen_device = generator.device if generator is not None else device
+    m = len(pairs)
+    t_up = early[torch.randint(0, len(early), (m,), generator=generator, device=gen_device).cpu()]
+    x_t = pairs.x_t_w.to(device).float()
+    keep = (sampling.alpha_bar(scheduler, t_up) / sampling.alpha_bar(scheduler, pairs.timestep.cpu())).to(device)
+    z = torch.randn(x_t.shape, generator=generator, device=gen_device).to(device)
+    x_up = sampling.bcast(keep.sqrt(), x_t) * x_t + sampling.bcast((1 - keep).sqrt(), x_t) * z
+    t_prev = sampling.prev_timestep(scheduler, t_up, steps)
+    a, a_prev = sampling.alpha_bar(scheduler, t_up).to(device), sampling.alpha_bar(scheduler, t_prev).to(device)
+    std = sampling.ddim_std(a, a_prev, eta).to(device)
+    group = (x_up, t_up.to(device), a, a_prev, std, pairs.cond.to(device))
+    unet_kw = dict(uncond=kw["uncond"], time_ids=kw["time_ids"], cfg_scale=kw["cfg_scale"],
+                   prediction_type=kw.get("prediction_type", "epsilon"), dtype=kw.get("dtype", torch.float32))  # fmt: skip
+    mean = _means(policy, *group, **unet_kw)
+    with reference_ctx() as ref:
+        ref_mean = _means(ref, *group, **unet_kw).detach()
+    return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
+
+
 # ---------------------------------------------------------------------------------------------
 # The objective
 
@@ -222,6 +268,11 @@ class SPOObjective(Objective):
             raise SpoxlError(f"method.prompts_per_rank must be >= 1, got {cfg.prompts_per_rank}")
         if cfg.num_inner_epochs < 1:  # the type (an integer) is the config loader's check
             raise SpoxlError(f"method.num_inner_epochs must be >= 1, got {cfg.num_inner_epochs}")
+        if not cfg.anchor_weight >= 0:  # also refuses NaN
+            raise SpoxlError(f"method.anchor_weight must be >= 0 (0: off), got {cfg.anchor_weight}")
+        if cfg.anchor_weight > 0 and cfg.divert_start_step == 0:
+            raise SpoxlError("method.anchor_weight anchors the steps before method.divert_start_step, and there are "
+                             "none (divert_start_step is 0): set anchor_weight to 0 or branch later")
         if cfg.epochs is not None and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 1):
             raise SpoxlError(f"method.epochs must be a positive integer or null, got {cfg.epochs!r}")
         pc = cfg.preference
@@ -290,6 +341,13 @@ class SPOObjective(Objective):
             prediction_type=run.prediction_type, share_sources=cfg.share_sources, device=run.device, dtype=run.dtype,
         )  # fmt: skip
         metrics = dict(metrics)
+        if cfg.anchor_weight > 0:
+            kl = anchor_kl(run.policy, run.reference, batch, scheduler=run.components.scheduler, steps=cfg.steps,
+                           divert_start_step=cfg.divert_start_step, eta=cfg.eta, generator=run.generator,
+                           device=run.device, cfg_scale=cfg.cfg_scale if cfg.train_cfg else 1.0, uncond=self.uncond,
+                           time_ids=self.time_ids, prediction_type=run.prediction_type, dtype=run.dtype).mean()  # fmt: skip
+            loss = loss + cfg.anchor_weight * kl
+            metrics["anchor_kl"] = kl.detach()
         metrics["timestep"] = batch.timestep.float().mean()
         metrics["shared_frac"] = batch.shared.float().mean()
         return loss, metrics

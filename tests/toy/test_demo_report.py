@@ -38,3 +38,11 @@ def test_report_needs_a_tuned_model(tmp_path):
     d["models"] = d["models"][:1]
     with pytest.raises(SpoxlError, match="no tuned model"):
         write_report(run, d, grid="g.png")
+
+
+def test_the_report_names_the_recipe_it_ran(tmp_path):
+    # the demo's recipe (configs/toy_spo.yaml): its branching step, lr and anchor are in the header
+    run = fake_run(tmp_path)
+    write_report(run, data(1.0, 1.0), grid="g.png")
+    text = (run / "report.md").read_text()
+    assert "branching from step 15" in text and "lr 0.001" in text and "early-step anchor weight 20.0" in text

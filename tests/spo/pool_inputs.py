@@ -30,3 +30,33 @@ def setup(tiny_components):
     time_ids = make_time_ids(len(PROMPTS), (64, 64))
     latents = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(3))
     return tiny_components, cond, uncond, time_ids, latents
+
+
+def lora_policy(unet) -> torch.nn.Module:
+    """A LoRA'd copy of `unet` whose B matrices are random: a policy that differs from its
+    reference (the same module with adapters disabled), so log-ratios and KLs are not all zero."""
+    import copy
+
+    import peft
+
+    policy = copy.deepcopy(unet)
+    policy.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return policy
+
+
+def sample_round_pairs(comps, prompts, **sampler_settings):
+    """The pairs of one pool-sampler round of the tiny model (colour scorer, threshold 0, fixed seeds)."""
+    from spoxl.models.scorers import ColourScorer
+    from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
+
+    cond, uncond = encode_with_negative(comps, prompts)
+    sampler = PoolSampler(PoolSamplerConfig(pool_size=2, threshold=0.0, **sampler_settings), comps.scheduler,
+                          comps.vae, ColourScorer(scale=1e6))  # fmt: skip
+    latents = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    return sampler.sample(comps.unet, prompts, cond, uncond, make_time_ids(len(prompts), (64, 64)), latents,
+                          torch.Generator().manual_seed(1)).pairs  # fmt: skip

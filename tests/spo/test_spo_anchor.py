@@ -6,7 +6,6 @@ import contextlib
 import copy
 import types
 
-import peft
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -14,9 +13,8 @@ from diffusers import DDIMScheduler
 from spoxl import sampling
 from spoxl.errors import SpoxlError
 from spoxl.methods.spo import SPOObjective, anchor_kl
-from spoxl.models.scorers import ColourScorer
-from spoxl.models.text import encode_prompts, encode_with_negative, make_time_ids
-from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
+from spoxl.models.text import encode_prompts, make_time_ids
+from pool_inputs import lora_policy, sample_round_pairs
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square"]
@@ -38,27 +36,14 @@ class RecordingUNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def lora_unet(tiny_components):
-    unet = copy.deepcopy(tiny_components.unet)
-    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
-    with torch.no_grad():  # a policy that differs from the reference
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    return unet
+    return lora_policy(tiny_components.unet)
 
 
 @pytest.fixture(scope="module")
 def pairs(tiny_components):
-    comps = tiny_components
-    cond, uncond = encode_with_negative(comps, PROMPTS)
-    cfg = PoolSamplerConfig(steps=STEPS, divert_start_step=DIVERT, pool_size=2, num_inner_step=0, threshold=0.0)
-    sampler = PoolSampler(cfg, comps.scheduler, comps.vae, ColourScorer(scale=1e6))
-    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    result = sampler.sample(comps.unet, PROMPTS, cond, uncond, make_time_ids(2, (64, 64)), latents,
-                            torch.Generator().manual_seed(1))  # fmt: skip
-    assert len(result.pairs) >= 4
-    return result.pairs
+    pairs = sample_round_pairs(tiny_components, PROMPTS, steps=STEPS, divert_start_step=DIVERT, num_inner_step=0)
+    assert len(pairs) >= 4
+    return pairs
 
 
 def reference_of(unet):

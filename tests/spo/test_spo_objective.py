@@ -1,19 +1,16 @@
 """The SPO objective's loss: one UNet call for a pair sharing x_t, same loss as separate w/l."""
 
 import contextlib
-import copy
 
-import peft
 import pytest
 import torch
 
 from spoxl import kernels, sampling
 from spoxl.methods.spo import SPOConfig, SPOObjective, pair_means, read_prompts, spo_pair_loss
-from spoxl.models.scorers import ColourScorer
-from spoxl.models.text import encode_prompts, encode_with_negative, make_time_ids
+from spoxl.models.text import encode_prompts, make_time_ids
 from spoxl.spo.pairs import PairBatch, deal
-from spoxl.spo.pool_sampler import PoolSampler, PoolSamplerConfig
 from spoxl.errors import SpoxlError
+from pool_inputs import lora_policy, sample_round_pairs
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square"]
@@ -33,28 +30,14 @@ class CountingUNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def lora_unet(tiny_components):
-    unet = copy.deepcopy(tiny_components.unet)
-    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
-    # make the policy differ from the reference so log-ratios are not all zero
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    return unet
+    return lora_policy(tiny_components.unet)
 
 
 @pytest.fixture(scope="module")
 def pairs(tiny_components):
-    comps = tiny_components
-    cond, uncond = encode_with_negative(comps, PROMPTS)
-    cfg = PoolSamplerConfig(steps=STEPS, divert_start_step=1, pool_size=2, num_inner_step=2, threshold=0.0)
-    sampler = PoolSampler(cfg, comps.scheduler, comps.vae, ColourScorer(scale=1e6))
-    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    result = sampler.sample(comps.unet, PROMPTS, cond, uncond, make_time_ids(2, (64, 64)), latents,
-                            torch.Generator().manual_seed(1))  # fmt: skip
-    assert result.pairs.shared.any() and (~result.pairs.shared).any()
-    return result.pairs
+    pairs = sample_round_pairs(tiny_components, PROMPTS, steps=STEPS, divert_start_step=1, num_inner_step=2)
+    assert pairs.shared.any() and (~pairs.shared).any()
+    return pairs
 
 
 def kw(comps):

@@ -242,7 +242,8 @@ class SPOObjective(Objective):
         p = recipe.method.params
         cfg_rows = 2 if p.train_cfg and p.cfg_scale != 1.0 else 1
         sources = 1 if p.share_sources and p.num_inner_step == 0 else 2  # 0: every pair branches (shared)
-        return cfg_rows * sources, p.resolution
+        anchor = 1 if p.anchor_weight > 0 else 0  # anchor_kl: one more policy forward per pair, alive until backward
+        return cfg_rows * (sources + anchor), p.resolution
 
     @classmethod
     def sampling_batch(cls, recipe) -> tuple[int, int]:

@@ -1,6 +1,7 @@
-"""What the pool-sampler test modules share: three prompts encoded by the tiny model, their
-time ids and starting latents (the `setup` fixture), and a UNet wrapper that records the batch of
-every forward call, so a test can count UNet rows."""
+"""What the SPO test modules share: three prompts encoded by the tiny model, their time ids and
+starting latents (the `setup` fixture), a UNet wrapper that records the batch of every forward
+call, so a test can count UNet rows, a LoRA policy that differs from its reference
+(`lora_policy`) and the pairs of one sampling round (`sample_round_pairs`)."""
 
 import pytest
 import torch

@@ -41,8 +41,9 @@ def lora_unet(tiny_components):
 
 @pytest.fixture(scope="module")
 def pairs(tiny_components):
-    pairs = sample_round_pairs(tiny_components, PROMPTS, steps=STEPS, divert_start_step=DIVERT, num_inner_step=0)
-    assert len(pairs) >= 4
+    # one 3-step segment with inner steps: pairs whose loser starts elsewhere (the anchor takes the winner's)
+    pairs = sample_round_pairs(tiny_components, PROMPTS, steps=STEPS, divert_start_step=DIVERT, num_inner_step=1)
+    assert len(pairs) >= 4 and (~pairs.shared).any()
     return pairs
 
 
@@ -207,3 +208,15 @@ def test_an_anchor_without_early_steps_is_refused_before_launch(tmp_path):
                                                 "method.divert_start_step=0"])  # fmt: skip
     with pytest.raises(SpoxlError, match="divert_start_step is 0"):
         SPOObjective.from_recipe(cfg).check(cfg)
+
+
+def test_preflight_counts_the_anchor_s_policy_rows(tmp_path):
+    # the anchor's policy forward is alive with the pair loss's until backward: spoxl preflight sizes by it
+    from spoxl.config import load_config
+
+    def rows(*overrides):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.num_inner_step=0",
+                                                    "method.cfg_scale=5.0", *overrides])  # fmt: skip
+        return SPOObjective.micro_step_unet_batch(cfg)[0]
+
+    assert rows() == 2 and rows("method.anchor_weight=1") == 4

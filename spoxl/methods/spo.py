@@ -182,7 +182,8 @@ def spo_pair_loss(policy, reference_ctx, pairs: PairBatch, *, beta: float, clip:
 
 
 def anchor_kl(policy, reference_ctx, pairs: PairBatch, *, scheduler, steps: int, divert_start_step: int, eta: float,
-              generator: torch.Generator | None, device=None, **kw):  # fmt: skip
+              generator: torch.Generator | None, cfg_scale: float, uncond: PromptEmbeds, time_ids: torch.Tensor,
+              prediction_type: str = "epsilon", dtype=torch.float32, device=None):  # fmt: skip
     """[M] per-element KL(policy || reference) of one DDIM(eta) step at an EARLY timestep (one
     SPO never trains), per pair: the early-step anchor (SPOConfig.anchor_weight).
 
@@ -193,7 +194,7 @@ def anchor_kl(policy, reference_ctx, pairs: PairBatch, *, scheduler, steps: int,
     late state were a clean sample's). Both transitions from x_t' are Gaussians with the same std,
     so the KL is |mu_policy - mu_ref|^2 / (2 std^2), averaged over latent elements like SPO's
     log-probs (spoxl.sampling.transition_logprob), so it is in the units of the loss's log-ratios.
-    `kw`: pair_means' model settings (cfg_scale, uncond, time_ids, prediction_type, dtype).
+    cfg_scale .. dtype: the model settings, as pair_means takes them.
     t' and z come from `generator` (the engine's per-rank, checkpointed stream), so a resumed run
     draws what the uninterrupted one did.
     """
@@ -212,8 +213,7 @@ def anchor_kl(policy, reference_ctx, pairs: PairBatch, *, scheduler, steps: int,
     a, a_prev = sampling.alpha_bar(scheduler, t_up).to(device), sampling.alpha_bar(scheduler, t_prev).to(device)
     std = sampling.ddim_std(a, a_prev, eta).to(device)
     group = (x_up, t_up.to(device), a, a_prev, std, pairs.cond.to(device))
-    unet_kw = dict(uncond=kw["uncond"], time_ids=kw["time_ids"], cfg_scale=kw["cfg_scale"],
-                   prediction_type=kw.get("prediction_type", "epsilon"), dtype=kw.get("dtype", torch.float32))  # fmt: skip
+    unet_kw = dict(uncond=uncond, time_ids=time_ids, cfg_scale=cfg_scale, prediction_type=prediction_type, dtype=dtype)
     mean = _means(policy, *group, **unet_kw)
     with reference_ctx() as ref:
         ref_mean = _means(ref, *group, **unet_kw).detach()

@@ -61,3 +61,20 @@ def sample_round_pairs(comps, prompts, **sampler_settings):
     latents = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(0))
     return sampler.sample(comps.unet, prompts, cond, uncond, make_time_ids(len(prompts), (64, 64)), latents,
                           torch.Generator().manual_seed(1)).pairs  # fmt: skip
+
+
+def reference_of(policy, model=None):
+    """A RunView.reference-like context manager factory for a LoRA policy: inside, the adapters are
+    disabled and gradients off, and it yields `model` (a wrapper of the policy) or the policy."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        policy.disable_adapters()
+        try:
+            with torch.no_grad():
+                yield policy if model is None else model
+        finally:
+            policy.enable_adapters()
+
+    return ctx

@@ -2,7 +2,6 @@
 trains, checked against diffusers' DDIMScheduler and torch.distributions, and its place in the
 objective's loss (added with its weight, off by default without touching the engine's stream)."""
 
-import contextlib
 import copy
 import types
 
@@ -14,7 +13,7 @@ from spoxl import sampling
 from spoxl.errors import SpoxlError
 from spoxl.methods.spo import SPOObjective, anchor_kl
 from spoxl.models.text import encode_prompts, make_time_ids
-from pool_inputs import lora_policy, sample_round_pairs
+from pool_inputs import lora_policy, reference_of, sample_round_pairs
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square"]
@@ -45,19 +44,6 @@ def pairs(tiny_components):
     pairs = sample_round_pairs(tiny_components, PROMPTS, steps=STEPS, divert_start_step=DIVERT, num_inner_step=1)
     assert len(pairs) >= 4 and (~pairs.shared).any()
     return pairs
-
-
-def reference_of(unet):
-    @contextlib.contextmanager
-    def ctx():
-        unet.disable_adapters()
-        try:
-            with torch.no_grad():
-                yield unet
-        finally:
-            unet.enable_adapters()
-
-    return ctx
 
 
 def model_kw(comps):

@@ -1,7 +1,5 @@
 """The SPO objective's loss: one UNet call for a pair sharing x_t, same loss as separate w/l."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from spoxl.methods.spo import SPOConfig, SPOObjective, pair_means, read_prompts,
 from spoxl.models.text import encode_prompts, make_time_ids
 from spoxl.spo.pairs import PairBatch, deal
 from spoxl.errors import SpoxlError
-from pool_inputs import lora_policy, sample_round_pairs
+from pool_inputs import lora_policy, reference_of, sample_round_pairs
 from spo_threads import one_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = ["a red circle", "a green square"]
@@ -59,24 +57,12 @@ def test_shared_x_t_runs_the_unet_once(tiny_components, lora_unet, pairs):
 
 
 def test_mixed_batch_matches_separate_forwards_loss_and_grads(tiny_components, lora_unet, pairs):
-    def reference():
-        @contextlib.contextmanager
-        def ctx():
-            lora_unet.disable_adapters()
-            try:
-                with torch.no_grad():
-                    yield counting
-            finally:
-                lora_unet.enable_adapters()
-
-        return ctx
-
     counting = CountingUNet(lora_unet)
     results = []
     for share, fused in ((True, True), (False, False)):
         lora_unet.zero_grad()
         counting.calls = 0
-        loss, metrics = spo_pair_loss(counting, reference(), pairs, beta=10.0, clip=0.1, fused=fused,
+        loss, metrics = spo_pair_loss(counting, reference_of(lora_unet, counting), pairs, beta=10.0, clip=0.1, fused=fused,
                                       share_sources=share, **kw(tiny_components))  # fmt: skip
         loss.backward()
         grads = {n: p.grad.clone() for n, p in lora_unet.named_parameters() if p.grad is not None}
@@ -92,14 +78,7 @@ def test_mixed_batch_matches_separate_forwards_loss_and_grads(tiny_components, l
 
 
 def test_loss_is_kernels_spo_loss_on_the_recomputed_means(tiny_components, lora_unet, pairs):
-    @contextlib.contextmanager
-    def ref_ctx():
-        lora_unet.disable_adapters()
-        try:
-            with torch.no_grad():
-                yield lora_unet
-        finally:
-            lora_unet.enable_adapters()
+    ref_ctx = reference_of(lora_unet)
 
     with torch.no_grad():
         loss, _ = spo_pair_loss(lora_unet, ref_ctx, pairs, beta=10.0, clip=0.1, **kw(tiny_components))

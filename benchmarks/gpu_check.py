@@ -68,9 +68,13 @@ POOL_KS = (1, 2, 4)
 
 
 class Report:
-    def __init__(self, device_name: str):
+    """The rows so far. With a path, the CSV is rewritten after every row, so a run cut off by a
+    device lease's time limit still leaves everything it measured."""
+
+    def __init__(self, device_name: str, path: Path | None = None):
         self.rows: list[dict] = []
         self.device = device_name
+        self.path = path
 
     def add(self, section, op, case, provider, metric, value, goal="", status="INFO"):
         self.rows.append({"section": section, "op": op, "case": case, "provider": provider, "metric": metric,
@@ -78,6 +82,17 @@ class Report:
                           "status": status, "device": self.device})  # fmt: skip
         if status == "FAIL" or section != "correctness":
             print(f"[{section}] {op} {case} {provider} {metric} = {self.rows[-1]['value']} {goal} {status}", flush=True)
+        if self.path is not None:
+            self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
 
     def failures(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == "FAIL"]
@@ -200,10 +215,20 @@ def excess(actual, expected, rtol: float, atol: float) -> float:
 
 def _tolerance(tensor, scale_from) -> tuple[float, float]:
     """(rtol, atol) for a value stored in tensor's dtype: its rounding, relative to the largest
-    magnitude of the oracle's value."""
+    magnitude of the oracle's value, and never finer than the dtype's smallest subnormal step: a
+    value below that cannot be stored at all. That floor matters for fp16 gradients of a mean over
+    millions of elements with no beta to scale them (NCP's SFT at the feature shape: about 1e-8,
+    under fp16's 6e-8 step; even the fp64 oracle rounded to fp16 is off by that much), which
+    training only meets behind DeepSpeed's fp16 loss scaling."""
+    import torch
+
     rtol = GRAD_TOLERANCE[str(tensor.dtype).split(".")[-1]] if tensor is not None else 1e-4
     scale = float(scale_from.detach().abs().max()) if scale_from is not None else 1.0
-    return rtol, rtol * scale + 1e-12
+    subnormal_step = 0.0
+    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+        info = torch.finfo(tensor.dtype)
+        subnormal_step = info.smallest_normal * info.eps
+    return rtol, rtol * scale + subnormal_step + 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +366,51 @@ def _host_to_device(func, args, kwargs) -> bool:
             and torch.device(dst_device).type != "cpu")  # fmt: skip
 
 
+def cuda_syncs(fn_call) -> tuple[int, list[str]]:
+    """(host syncs torch's sync debug mode sees during fn_call(), the stack of the first one:
+    'file:line' of the frames in this repository, innermost first)."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn_call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    flagged = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = len(flagged)
+    # the warning's own location: the Python line that ran the syncing op (an autograd backward's
+    # too, which the traceback below, rethrown from autograd's device thread, does not hold)
+    sites = [f"warned at {_short(flagged[0].filename)}:{flagged[0].lineno}"] if flagged else []
+    if syncs:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn_call()
+        except RuntimeError as exc:
+            import traceback
+
+            frames = traceback.extract_tb(exc.__traceback__)
+            sites += [f"{_short(f.filename)}:{f.lineno}" for f in reversed(frames)]
+            sites.append(str(exc).splitlines()[0][:100])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return syncs, sites
+
+
+def _short(filename: str) -> str:
+    """A path relative to the repository, or its last two parts (torch's own files)."""
+    path = Path(filename).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else "/".join(path.parts[-2:])
+
+
 def check_syncs_and_launches(report: Report, triton_ops, device, shape, on_gpu: bool) -> None:
     import torch
 
+    if on_gpu:  # the harness alone (a device op and its launch): must see none, or the counts mean nothing
+        x = torch.ones(4, device=device)
+        report.add("syncs", "harness", "baseline", "torch", "cuda_syncs", cuda_syncs(lambda: x.add(1))[0], "0",
+                   status="INFO")
     for op in ALL_OPS:
         args, kwargs, grad_idx = make_inputs(op, shape, "mixed_bf16", device)
         fn = op_function(triton_ops, op)
@@ -358,16 +425,13 @@ def check_syncs_and_launches(report: Report, triton_ops, device, shape, on_gpu: 
         report.add("syncs", op, "fwd+bwd_metrics", "triton", "sync_suspect_ops", suspects, "0",
                    "PASS" if suspects == 0 else "INFO")
         if on_gpu:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    call()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            syncs, sites = cuda_syncs(call)
             report.add("syncs", op, "fwd+bwd_metrics", "triton", "cuda_syncs", syncs, "0",
                        "PASS" if syncs == 0 else "FAIL")
+            if syncs:  # where, so the next session need not spend device time to find it
+                report.add("syncs", op, "fwd+bwd_metrics", "triton", "sync_sites", " <- ".join(sites) or "unknown")
+                again = cuda_syncs(call)[0]
+                report.add("syncs", op, "fwd+bwd_metrics", "triton", "cuda_syncs_on_next_call", again)
     # recompiles across sampler-style seeds: the kernel caches must not grow with the seed
     from spoxl.kernels import _triton_kernels as K
 
@@ -582,8 +646,12 @@ def main(argv=None) -> int:
     shapes = dict(GPU_SHAPES if on_gpu else CPU_SHAPES)
     ncp_shape = GPU_NCP_SHAPE if on_gpu else CPU_NCP_SHAPE
     label = device_label(on_gpu)
-    report = Report(f"{torch.cuda.get_device_name()} (torch {torch.__version__})" if on_gpu
-                    else f"cpu {platform.machine()} x{os.cpu_count()} (torch {torch.__version__}, interpreter)")
+    path = Path(args.out_dir) / f"gpu_check_{label}.csv"
+    import triton
+
+    report = Report(f"{torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__})" if on_gpu
+                    else f"cpu {platform.machine()} x{os.cpu_count()} (torch {torch.__version__}, interpreter)",
+                    path)  # fmt: skip
     started = time.time()
     if "correctness" in args.sections:
         check_correctness(report, triton_ops, reference, device, shapes, ncp_shape)
@@ -592,21 +660,17 @@ def main(argv=None) -> int:
               f"({time.time() - started:.0f} s)", flush=True)
     if "syncs" in args.sections:
         check_syncs_and_launches(report, triton_ops, device, shapes["sdxl" if on_gpu else "tiny"], on_gpu)
+        print(f"[syncs] done ({time.time() - started:.0f} s)", flush=True)
+    # The UNet step before the speed section: torch.compile's many compiles there are the slowest
+    # part, and what a run cut short loses should be the least of it.
+    if "unet" in args.sections:
+        check_unet_step(report, device, on_gpu)
+        print(f"[unet] done ({time.time() - started:.0f} s)", flush=True)
     if "speed" in args.sections:
         speed_shapes = {"sdxl": shapes["sdxl" if on_gpu else "tiny"], "ncp": ncp_shape}
         check_speed(report, triton_ops, reference, device, speed_shapes, on_gpu, reps)
-    if "unet" in args.sections:
-        check_unet_step(report, device, on_gpu)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu_check_{label}.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(report.rows)
-    tmp.replace(path)
+    report.write()
     failed = report.failures()
     print(f"gpu_check: {len(report.rows)} rows, {len(failed)} FAIL, {time.time() - started:.0f} s on {report.device}; "
           f"wrote {path}", flush=True)

@@ -66,3 +66,36 @@ def test_a_wrong_kernel_fails_the_correctness_check(gpu_check, monkeypatch):
     gpu_check.check_correctness(report, T, reference, torch.device("cpu"), {"tiny": (2, 4, 8, 8)}, (2, 16, 4, 4))
     failed = {r["op"] for r in report.failures()}
     assert failed == {"mapo_loss"}
+
+
+def test_half_precision_tolerance_floors_at_the_smallest_subnormal_step_only(gpu_check):
+    """An fp16 gradient below fp16's resolution (NCP-SFT at the feature shape, ~1e-8) cannot be
+    stored closer than one subnormal step (2^-24): the check allows that much and no more."""
+    oracle = torch.full((4,), 1e-8, dtype=torch.float64)
+    stored = oracle.to(torch.float16)  # what an exact kernel writes
+    assert gpu_check.excess(stored, oracle, *gpu_check._tolerance(stored, oracle)) <= 1
+    assert gpu_check.excess(stored + 3 * 2**-24, oracle, *gpu_check._tolerance(stored, oracle)) > 1
+    fp32 = oracle.float()  # fp32 has no such floor: a relative error of 1e-3 still fails
+    assert gpu_check.excess(fp32 * 1.001, oracle, *gpu_check._tolerance(fp32, oracle)) > 1
+    big = torch.full((4,), 1.0, dtype=torch.float64)  # at O(1) the floor is negligible
+    assert gpu_check.excess(big.half() * 1.01, big, *gpu_check._tolerance(big.half(), big)) > 1
+
+
+def test_cuda_syncs_counts_and_locates_a_sync(gpu_check, monkeypatch):
+    """The sync check (CUDA only) counts debug-mode warnings and names where the first one came
+    from; here torch's debug mode is stood in for by a switch the probe reads."""
+    import warnings
+
+    mode = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(now=m))
+
+    def syncing():
+        if mode["now"] == "warn":
+            warnings.warn("called a synchronizing CUDA operation")
+        elif mode["now"] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    count, sites = gpu_check.cuda_syncs(syncing)
+    assert count == 1 and "test_gpu_check.py" in sites[0] and "synchronizing" in sites[-1]
+    assert mode["now"] == 0  # the debug mode is switched off again
+    assert gpu_check.cuda_syncs(lambda: None) == (0, [])

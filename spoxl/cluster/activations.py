@@ -20,6 +20,8 @@ the VAE decode of the pool's images; the larger of the two phases is the figure.
 
 from __future__ import annotations
 
+import math
+
 import weakref
 from dataclasses import dataclass
 from unittest.mock import patch
@@ -200,7 +202,7 @@ def micro_step_activations(cfg, unet_config: dict) -> MicroStepActivations:
     objective = objective_class(cfg.method.name)
     per_sample, resolution = objective.micro_step_unet_batch(cfg)
     resolution = resolution or 8 * int(unet_config.get("sample_size", 128))  # None: the model's native size
-    rows = per_sample * cfg.train.micro_batch_size
+    rows = math.ceil(per_sample * cfg.train.micro_batch_size - 1e-9)  # per_sample may be fractional (SPO's anchor subset)
     dtype = compute_dtype(cfg.deepspeed.precision)
     checkpointing = cfg.train.gradient_checkpointing
     training = activation_peak_bytes(unet_config, cfg.lora, rows=rows, resolution=resolution, dtype=dtype,

@@ -77,6 +77,11 @@ class SPOConfig(PoolSamplerConfig):
     # timestep: each pair's winner source x_t, taken up the forward process to a timestep drawn
     # uniformly from the grid's steps before divert_start_step. 0: off (the official SPO).
     anchor_weight: float = 0.0
+    # How many of each micro-batch's pairs the anchor uses (the first N: pairs arrive shuffled, so
+    # a random subset); null: all. The anchor costs a policy forward+backward and a reference
+    # forward per pair it uses, as much as the SPO loss itself: on a small model on CPU a subset
+    # keeps most of its pull for a fraction of that (an unbiased, noisier estimate of the same KL).
+    anchor_pairs: Optional[int] = None
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def sampler_config(self) -> PoolSamplerConfig:
@@ -242,8 +247,10 @@ class SPOObjective(Objective):
         p = recipe.method.params
         cfg_rows = 2 if p.train_cfg and p.cfg_scale != 1.0 else 1
         sources = 1 if p.share_sources and p.num_inner_step == 0 else 2  # 0: every pair branches (shared)
-        anchor = 1 if p.anchor_weight > 0 else 0  # anchor_kl: one more policy forward per pair, alive until backward
-        return cfg_rows * (sources + anchor), p.resolution
+        # anchor_kl: one more policy forward per anchored pair, alive until backward
+        micro_batch = recipe.train.micro_batch_size
+        anchored = 0 if p.anchor_weight <= 0 else min(p.anchor_pairs or micro_batch, micro_batch)
+        return cfg_rows * (sources + anchored / micro_batch), p.resolution
 
     @classmethod
     def sampling_batch(cls, recipe) -> tuple[int, int]:
@@ -274,6 +281,12 @@ class SPOObjective(Objective):
         if cfg.anchor_weight > 0 and cfg.divert_start_step == 0:
             raise SpoxlError("method.anchor_weight anchors the steps before method.divert_start_step, and there are "
                              "none (divert_start_step is 0): set anchor_weight to 0 or branch later")
+        if cfg.anchor_pairs is not None:
+            if isinstance(cfg.anchor_pairs, bool) or not isinstance(cfg.anchor_pairs, int) or cfg.anchor_pairs < 1:
+                raise SpoxlError(f"method.anchor_pairs must be a positive integer or null (all), got {cfg.anchor_pairs!r}")
+            if not cfg.anchor_weight > 0:
+                raise SpoxlError("method.anchor_pairs sets how many pairs the early-step anchor uses, and the anchor is "
+                                 "off (method.anchor_weight is 0): set anchor_weight or drop anchor_pairs")
         if cfg.epochs is not None and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 1):
             raise SpoxlError(f"method.epochs must be a positive integer or null, got {cfg.epochs!r}")
         pc = cfg.preference
@@ -343,7 +356,8 @@ class SPOObjective(Objective):
         )  # fmt: skip
         metrics = dict(metrics)
         if cfg.anchor_weight > 0:
-            kl = anchor_kl(run.policy, run.reference, batch, scheduler=run.components.scheduler, steps=cfg.steps,
+            anchored = batch if cfg.anchor_pairs is None else batch.index(slice(0, cfg.anchor_pairs))
+            kl = anchor_kl(run.policy, run.reference, anchored, scheduler=run.components.scheduler, steps=cfg.steps,
                            divert_start_step=cfg.divert_start_step, eta=cfg.eta, generator=run.generator,
                            device=run.device, cfg_scale=cfg.cfg_scale if cfg.train_cfg else 1.0, uncond=self.uncond,
                            time_ids=self.time_ids, prediction_type=run.prediction_type, dtype=run.dtype).mean()  # fmt: skip

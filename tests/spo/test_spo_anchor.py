@@ -139,12 +139,12 @@ def test_anchor_refuses_a_run_that_branches_from_the_first_step(tiny_components,
 # ---- in the objective --------------------------------------------------------------------------
 
 
-def objective_and_run(comps, unet, weight: float, tmp_path):
+def objective_and_run(comps, unet, weight: float, tmp_path, *overrides):
     from spoxl.config import load_config
 
     cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", f"method.anchor_weight={weight}",
                                                 f"method.steps={STEPS}", f"method.divert_start_step={DIVERT}",
-                                                f"method.cfg_scale={CFG}", f"method.eta={ETA}"])  # fmt: skip
+                                                f"method.cfg_scale={CFG}", f"method.eta={ETA}", *overrides])  # fmt: skip
     objective = SPOObjective.from_recipe(cfg)
     objective.check(cfg)
     objective.uncond = encode_prompts(comps, [""])
@@ -177,6 +177,50 @@ def test_the_objective_adds_the_weighted_anchor_and_leaves_the_default_untouched
     torch.testing.assert_close(losses[2.5], losses[0.0] + 2.5 * kl, rtol=1e-6, atol=1e-7)
 
 
+def test_anchor_pairs_anchors_the_first_pairs_of_the_micro_batch_only(tiny_components, lora_unet, pairs, tmp_path):
+    assert len(pairs) >= 2
+    objective, run = objective_and_run(tiny_components, lora_unet, 2.5, tmp_path, "method.anchor_pairs=1")
+    with torch.no_grad():
+        loss, metrics = objective.loss(run, pairs)
+        base, _ = objective_and_run(tiny_components, lora_unet, 0.0, tmp_path)[0].loss(run, pairs)
+        first = anchor_kl(lora_unet, reference_of(lora_unet), pairs.index(slice(0, 1)), scheduler=tiny_components.scheduler,
+                          steps=STEPS, divert_start_step=DIVERT, eta=ETA, generator=torch.Generator().manual_seed(11),
+                          **model_kw(tiny_components)).mean()  # fmt: skip
+    torch.testing.assert_close(metrics["anchor_kl"], first)
+    torch.testing.assert_close(loss, base + 2.5 * first, rtol=1e-6, atol=1e-7)
+    # a count past the micro-batch is the whole micro-batch
+    objective, run = objective_and_run(tiny_components, lora_unet, 2.5, tmp_path, f"method.anchor_pairs={len(pairs) + 5}")
+    with torch.no_grad():
+        every = anchor_kl(lora_unet, reference_of(lora_unet), pairs, scheduler=tiny_components.scheduler, steps=STEPS,
+                          divert_start_step=DIVERT, eta=ETA, generator=torch.Generator().manual_seed(11),
+                          **model_kw(tiny_components)).mean()  # fmt: skip
+        torch.testing.assert_close(objective.loss(run, pairs)[1]["anchor_kl"], every)
+    assert not torch.allclose(first, every)
+
+
+@pytest.mark.parametrize("value, message", [("0", "positive integer"), ("-2", "positive integer"),
+                                            ("1.5", "positive integer"), ("true", "positive integer")])
+def test_bad_anchor_pairs_are_refused_before_launch(tmp_path, value, message):
+    from spoxl.config import load_config
+
+    try:
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.anchor_weight=1",
+                                                    f"method.anchor_pairs={value}"])  # fmt: skip
+    except SpoxlError as e:  # the loader's own type check may answer first
+        assert "anchor_pairs" in str(e)
+        return
+    with pytest.raises(SpoxlError, match=f"anchor_pairs must be a {message}"):
+        SPOObjective.from_recipe(cfg).check(cfg)
+
+
+def test_anchor_pairs_without_an_anchor_is_refused(tmp_path):
+    from spoxl.config import load_config
+
+    cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", "method.anchor_pairs=4"])
+    with pytest.raises(SpoxlError, match="the anchor is off"):
+        SPOObjective.from_recipe(cfg).check(cfg)
+
+
 def test_bad_anchor_weights_are_refused_before_launch(tmp_path):
     from spoxl.config import load_config
 
@@ -206,3 +250,6 @@ def test_preflight_counts_the_anchor_s_policy_rows(tmp_path):
         return SPOObjective.micro_step_unet_batch(cfg)[0]
 
     assert rows() == 2 and rows("method.anchor_weight=1") == 4
+    # a subset of the micro-batch's 4 pairs: 2 rows each for the loss, 2 for each of 1 anchored pair in 4
+    assert rows("method.anchor_weight=1", "method.anchor_pairs=1") == 2.5
+    assert rows("method.anchor_weight=1", "method.anchor_pairs=9") == 4

@@ -166,30 +166,13 @@ def log_sample_grid(trainer, logger) -> None:
     from spoxl.imaging import make_grid, sample_images
 
     lc = trainer.config.logging
-    with trainer.view.sampling() as policy:
-        comps = trainer.components
-        original = comps.unet
-        comps.unet = EngineAsUNet(policy)  # sample_images calls components.unet: route calls through the engine
-        try:
-            images = sample_images(comps, list(lc.sample_prompts), steps=lc.sample_steps, cfg_scale=lc.sample_cfg,
-                                   seed=lc.sample_seed)
-        finally:
-            comps.unet = original
+    # sample_images calls components.unet, which is the engine's module (spoxl.engine.setup): the
+    # policy that view.sampling() puts in eval mode
+    with trainer.view.sampling():
+        images = sample_images(trainer.components, list(lc.sample_prompts), steps=lc.sample_steps,
+                               cfg_scale=lc.sample_cfg, seed=lc.sample_seed)
     logger.image("samples", make_grid(images), trainer.global_step)
     if trainer.rank == 0:
         from spoxl.imaging import save_grid
 
         save_grid(images, trainer.config.run.output_dir + f"/samples/step_{trainer.global_step:08d}.png")
-
-
-class EngineAsUNet:
-    """Looks like the diffusers UNet (config, dtype, parameters) but calls go through the engine."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __call__(self, *args, **kwargs):
-        return self._engine(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._engine.module, name)

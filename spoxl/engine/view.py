@@ -104,13 +104,20 @@ class RunView:
         """The policy for sampling (online objectives, sample grids): eval mode, no grad.
 
         Every rank must sample the same number of UNet calls under ZeRO-3.
+
+        It is the engine's module, not the engine: ZeRO-3 gathers a layer's shards in hooks on the
+        module's own layers, so calling the module is what the engine's forward does inside, and on
+        a GPU the engine's forward switches a caller's CUDA autocast off (DeepSpeed's
+        autocast_if_enabled, when the config has no torch_autocast section), which SPO's
+        half-precision rounds (method.autocast) need. (It checks torch.is_autocast_enabled()
+        without a device, the CUDA state, so CPU autocast passes through either way.)
         """
         module = self._trainer.engine.module
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                yield self._trainer.engine
+                yield module
         finally:
             module.train(was_training)
 

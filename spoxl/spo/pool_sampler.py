@@ -45,6 +45,8 @@ from spoxl.spo.pairs import PairBatch
 # PoolSamplerConfig.pairs_per_pool: one pair per pool, or every pair; the tuple is the one list checks use
 PairsPerPool = Literal["best_worst", "all"]
 PAIRS_PER_POOL = get_args(PairsPerPool)
+# PoolSamplerConfig.autocast: the half-precision dtypes a round may compute in (None: the run's)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -71,6 +73,13 @@ class PoolSamplerConfig:
     score_candidates: bool = False
     # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest
     threshold_max: Optional[float] = None
+    # The round's UNet and VAE calls under torch.autocast in this dtype ("bf16" | "fp16"; None: the
+    # run's own precision). Not in the official code. A round takes no gradients, and everything
+    # that leaves a call (predictions, decoded images, samples, log-probs) is fp32; training
+    # computes every log-prob again in the run's precision. So it only moves the sampled
+    # distribution by the half-precision rounding of the model's outputs, for the speed of the
+    # half-precision matmuls and convolutions (a CPU with AVX-512 BF16; any recent GPU).
+    autocast: Optional[str] = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -85,6 +94,8 @@ class PoolSamplerConfig:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
             raise SpoxlError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise SpoxlError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)} or null, got {self.autocast!r}")
         if self.pairs_per_pool not in PAIRS_PER_POOL:
             raise SpoxlError(f"pairs_per_pool must be one of {', '.join(PAIRS_PER_POOL)}, got {self.pairs_per_pool!r}")
         if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
@@ -199,18 +210,26 @@ class PoolSampler:
         """(alpha_bar at t, alpha_bar at the next grid timestep)."""
         return sampling.alpha_bar(self.scheduler, t), sampling.alpha_bar(self.scheduler, self._prev(t))
 
+    def _autocast(self, device: torch.device):
+        """config.autocast's context for a model call (a no-op when it is None)."""
+        dtype = AUTOCAST_DTYPES.get(self.config.autocast)
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def _denoise(self, unet, x, t, cond, uncond, time_ids, dtype):
-        """(pred_x0, pred_eps) in fp32 for the whole batch: ONE UNet call (CFG halves included)."""
+        """(pred_x0, pred_eps) in fp32 for the whole batch: ONE UNet call (CFG halves included;
+        guided_output combines them in fp32)."""
         a = sampling.alpha_bar(self.scheduler, t).to(x.device)
-        out = sampling.guided_output(unet, x.to(dtype), t, cond, uncond, time_ids, self.config.cfg_scale)
+        with self._autocast(x.device):
+            out = sampling.guided_output(unet, x.to(dtype), t, cond, uncond, time_ids, self.config.cfg_scale)
         return sampling.split_prediction(out, x, a, self.prediction_type)
 
     @torch.no_grad()
     def score(self, x0: torch.Tensor, prompts: list[str], t: int) -> torch.Tensor:
-        """Preference scores of predicted-x0 latents (decoded first for image scorers)."""
+        """Preference scores of predicted-x0 latents (decoded first for image scorers, in fp32)."""
         inputs = x0
         if getattr(self.scorer, "input", "images") == "images":
-            inputs = sampling.decode_latents(self.vae, x0)
+            with self._autocast(x0.device):
+                inputs = sampling.decode_latents(self.vae, x0)  # returns fp32
         return self.scorer.score(inputs, prompts, t).float().to(x0.device)
 
     # ---- one round ---------------------------------------------------------------------------

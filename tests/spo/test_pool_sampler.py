@@ -333,3 +333,45 @@ def test_lookahead_reaches_the_sampler_from_the_config_and_bad_values_are_refuse
         SPOObjective.from_recipe(cfg).check(cfg)
     with pytest.raises(SpoxlError, match="lookahead_steps"):
         PoolSamplerConfig(score_candidates=True, num_inner_step=0, lookahead_steps=2).validate()
+
+
+def _output_dtypes(module: torch.nn.Module, seen: list):
+    """A forward hook recording each call's output dtype (the caller removes it)."""
+    return module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+
+
+@pytest.mark.parametrize("autocast, compute", [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_rounds_compute_in_half_precision_and_hand_back_fp32(setup, autocast, compute):
+    comps = setup[0]
+    unet_out, vae_out = [], []
+    hooks = [_output_dtypes(comps.unet.conv_out, unet_out), _output_dtypes(comps.vae.decoder.conv_out, vae_out)]
+    try:  # ColourScorer judges decoded images: both the UNet and the VAE run in the round
+        result, unet = run(setup, ColourScorer(scale=1e6), pool_size=4, autocast=autocast)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(unet_out) == len(unet.batches) and set(unet_out) == {compute}
+    assert vae_out and set(vae_out) == {compute}
+    pairs = result.pairs
+    assert len(pairs) > 0
+    for name in ("x_t_w", "x_w", "x_l", "logp_w", "logp_l", "std"):
+        value = getattr(pairs, name)
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+    assert result.final_latents.dtype == torch.float32
+
+
+def test_autocast_bf16_moves_a_round_by_rounding_only(setup):
+    """Same noise, same scorer: the bf16 round's first-step pools are the fp32 round's up to bf16
+    rounding of the model's outputs (a wrong cast or a dropped CFG half would move them by far more)."""
+    scores = {}
+    for autocast in (None, "bf16"):
+        scorer = FixedScorer(lambda x: x.flatten(1).mean(1))
+        run(setup, scorer, pool_size=2, autocast=autocast)
+        scores[autocast] = scorer.calls[0][1]
+    diff = (scores["bf16"] - scores[None]).abs().max()
+    assert 0 < diff < 0.02 * scores[None].abs().max() + 1e-3, (diff, scores)
+
+
+def test_an_unknown_autocast_dtype_is_refused():
+    with pytest.raises(SpoxlError, match="autocast must be one of bf16, fp16 or null"):
+        PoolSamplerConfig(autocast="fp8").validate()

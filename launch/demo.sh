@@ -29,9 +29,12 @@ echo "== SPO training on the toy model: 2 CPU ranks, ZeRO-2 (configs/toy_spo.yam
   --config configs/toy_spo.yaml --set run.output_dir="$RUN" "$@" 2>&1 \
   | grep --line-buffered -v -e "kernels-community" -e "torchvision (not installed)" || true
 test -f "$RUN/export/pytorch_lora_weights.safetensors" || { echo "demo: training failed (no LoRA export in $RUN)" >&2; exit 1; }
+# The LoRA to judge: the EMA of the trained weights when the recipe keeps one (configs/toy_spo.yaml does)
+LORA=$("$VENV_BIN/python" -m spoxl.demo_report --run "$RUN" --lora-path) \
+  || { echo "demo: no tuned LoRA to evaluate in $RUN/export" >&2; exit 1; }
 
-echo "== spoxl eval: base vs SPO on held-out captions and seeds =="
-OMP_NUM_THREADS=2 "$VENV_BIN/spoxl" eval --model toy --lora "$RUN/export/pytorch_lora_weights.safetensors" --name spo \
+echo "== spoxl eval: base vs SPO on held-out captions and seeds ($LORA) =="
+OMP_NUM_THREADS=2 "$VENV_BIN/spoxl" eval --model toy --lora "$LORA" --name spo \
   --prompts held-out --seeds "${EVAL_SEEDS:-4}" --scorer fidelity --out "$RUN/eval" 2>&1 \
   | grep -v -e "kernels-community" -e "torchvision (not installed)"
 "$VENV_BIN/python" -m spoxl.demo_report --run "$RUN" --eval "$RUN/eval" 2>&1 \

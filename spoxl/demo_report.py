@@ -30,13 +30,25 @@ def _run_files(run_dir: Path):
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise SpoxlError(f"{run_dir} has no config.yaml (is it a spoxl run directory?)")
-    lora_file = run_dir / "export" / "pytorch_lora_weights.safetensors"
-    if not lora_file.is_file():
-        raise SpoxlError(f"{run_dir} has no LoRA export ({lora_file})")
     cfg = load_config(config_file, [])
     if cfg.method.name != "spo":
         raise SpoxlError(f"{run_dir} is a {cfg.method.name} run; the report is for SPO runs")
+    lora_file = tuned_lora(run_dir, cfg)
+    if not lora_file.is_file():
+        raise SpoxlError(f"{run_dir} has no LoRA export ({lora_file})")
     return cfg, lora_file
+
+
+def tuned_lora(run_dir: Path, cfg) -> Path:
+    """The LoRA the report judges: the EMA of the trained weights when the run kept one (the
+    weights a user would ship: an average of the last steps' iterates, less noisy than the last
+    one), else the trained LoRA itself. `python -m spoxl.demo_report --run R --lora-path` prints it."""
+    export = Path(run_dir) / "export"
+    if cfg.ema.enabled:
+        from spoxl.engine.export import EMA_SUBFOLDER
+
+        export = export / EMA_SUBFOLDER
+    return export / "pytorch_lora_weights.safetensors"
 
 
 def build_report(run_dir: Path, seeds: int = 8, seed_offset: int = 100_000) -> dict:
@@ -107,7 +119,11 @@ def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
         f"(scale {m.preference.scale}); SPO sampler: {m.steps} DDIM steps, eta {m.eta}, CFG {m.cfg_scale}, "
         f"k={m.pool_size}, {m.num_inner_step} inner steps, branching from step {m.divert_start_step}, threshold "
         f"{m.threshold}; beta {m.beta}, clip {m.clip}, lr {cfg.train.lr}"
-        + (f", early-step anchor weight {m.anchor_weight}." if m.anchor_weight > 0 else "."),
+        + (f", early-step anchor weight {m.anchor_weight}" if m.anchor_weight > 0 else "")
+        + (f" on {m.anchor_pairs} pairs per micro-batch" if m.anchor_weight > 0 and m.anchor_pairs else "")
+        + (f", sampling rounds under {m.autocast} autocast" if m.autocast else "")
+        + (f". The tuned model is the EMA of the LoRA weights (decay {cfg.ema.decay}), `export/ema/`."
+           if cfg.ema.enabled else "."),
         "",
         f"## Held-out evaluation: {len(data['prompts'])} prompts x {data['seeds']} seeds "
         f"(from {data['seed_offset']}), scorer `{data['scorer']}`",
@@ -128,7 +144,8 @@ def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
         "",
         "## Files",
         "",
-        "- `export/pytorch_lora_weights.safetensors` (diffusers) and `export/pytorch_lora_weights_kohya.safetensors`",
+        "- `export/pytorch_lora_weights.safetensors` (diffusers) and `export/pytorch_lora_weights_kohya.safetensors`"
+        + ("; the EMA weights (the tuned model above) in `export/ema/`, the same two files" if cfg.ema.enabled else ""),
         f"- checkpoints: {', '.join(f'`{c}`' for c in ckpts) or 'none'}",
         "- `train.log`, `config.yaml`, `samples/` (fixed prompts and seeds during training)",
         "",
@@ -153,9 +170,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval", default=None, help="a `spoxl eval` output folder to report (no sampling here)")
     p.add_argument("--seeds", type=int, default=8, help="held-out seeds per prompt (without --eval)")
     p.add_argument("--seed-offset", type=int, default=100_000)
+    p.add_argument("--lora-path", action="store_true", help="print the LoRA file the report judges and exit")
     args = p.parse_args(argv)
     run = Path(args.run)
     try:
+        if args.lora_path:
+            print(_run_files(run)[1])
+            return 0
         if args.eval:
             eval_file = Path(args.eval) / "eval.json"
             if not eval_file.is_file():

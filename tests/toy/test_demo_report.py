@@ -1,17 +1,23 @@
 """report.md's verdict follows the paired figures: significant gain, significant loss, or neither."""
 
-import shutil
-
 import pytest
+import yaml
 
 from spoxl.demo_report import write_report
 from spoxl.errors import SpoxlError
 
 
-def fake_run(tmp_path):
-    shutil.copy("configs/toy_spo.yaml", tmp_path / "config.yaml")
-    (tmp_path / "export").mkdir()
+def fake_run(tmp_path, ema: bool = True):
+    """A run folder with the demo's config (or it with the EMA off) and its export files."""
+    config = yaml.safe_load(open("configs/toy_spo.yaml"))
+    assert config["ema"]["enabled"] is True  # the demo keeps an EMA; the plain run turns it off
+    config["ema"]["enabled"] = ema
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "export" / "ema").mkdir(parents=True)
     (tmp_path / "export" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    if ema:
+        (tmp_path / "export" / "ema" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     return tmp_path
 
 
@@ -46,3 +52,24 @@ def test_the_report_names_the_recipe_it_ran(tmp_path):
     write_report(run, data(1.0, 1.0), grid="g.png")
     text = (run / "report.md").read_text()
     assert "branching from step 15" in text and "lr 0.001" in text and "early-step anchor weight 20.0" in text
+    assert "sampling rounds under bf16 autocast" in text
+
+
+def test_the_demo_judges_the_ema_lora_when_the_recipe_keeps_one(tmp_path, capsys):
+    from spoxl.demo_report import main
+
+    ema_run = fake_run(tmp_path / "ema")
+    assert main(["--run", str(ema_run), "--lora-path"]) == 0
+    assert capsys.readouterr().out.strip() == str(ema_run / "export" / "ema" / "pytorch_lora_weights.safetensors")
+    write_report(ema_run, data(1.0, 1.0), grid="g.png")
+    assert "EMA of the LoRA weights (decay 0.97)" in (ema_run / "report.md").read_text()
+
+    plain = fake_run(tmp_path / "plain", ema=False)
+    assert main(["--run", str(plain), "--lora-path"]) == 0
+    assert capsys.readouterr().out.strip() == str(plain / "export" / "pytorch_lora_weights.safetensors")
+    write_report(plain, data(1.0, 1.0), grid="g.png")
+    assert "EMA" not in (plain / "report.md").read_text()
+
+    (ema_run / "export" / "ema" / "pytorch_lora_weights.safetensors").unlink()  # an EMA run without its export
+    assert main(["--run", str(ema_run), "--lora-path"]) == 2
+    assert "has no LoRA export" in capsys.readouterr().err

@@ -5,7 +5,7 @@
 # (configs/toy_spo.yaml, trained on the world's training captions), then `spoxl eval`: base vs
 # tuned on the HELD-OUT captions (colour x shape x position combinations never trained on) and
 # held-out seeds. Leaves under runs/demo/: tensorboard/ events, checkpoints/, export/ (LoRA,
-# diffusers + kohya keys), samples/ (fixed prompts/seeds over training), eval/ (eval.json,
+# diffusers + kohya keys; export/ema/ the EMA the eval judges), samples/ (fixed prompts/seeds over training), eval/ (eval.json,
 # table.md, grid.png: base | tuned, same seeds), report.md. See docs/toy_world.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,7 +21,6 @@ the VAE decode of the pool's images; the larger of the two phases is the figure.
 from __future__ import annotations
 
 import math
-
 import weakref
 from dataclasses import dataclass
 from unittest.mock import patch

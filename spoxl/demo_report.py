@@ -120,7 +120,8 @@ def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
         f"k={m.pool_size}, {m.num_inner_step} inner steps, branching from step {m.divert_start_step}, threshold "
         f"{m.threshold}; beta {m.beta}, clip {m.clip}, lr {cfg.train.lr}"
         + (f", early-step anchor weight {m.anchor_weight}" if m.anchor_weight > 0 else "")
-        + (f" on {m.anchor_pairs} pairs per micro-batch" if m.anchor_weight > 0 and m.anchor_pairs else "")
+        + (f" on {m.anchor_pairs} pairs per micro-batch" if m.anchor_weight > 0 and m.anchor_pairs
+           and m.anchor_pairs < cfg.train.micro_batch_size else "")
         + (f", sampling rounds under {m.autocast} autocast" if m.autocast else "")
         + (f". The tuned model is the EMA of the LoRA weights (decay {cfg.ema.decay}), `export/ema/`."
            if cfg.ema.enabled else "."),

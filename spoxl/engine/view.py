@@ -106,8 +106,10 @@ class RunView:
         Every rank must sample the same number of UNet calls under ZeRO-3.
 
         It is the engine's module, not the engine: ZeRO-3 gathers a layer's shards in hooks on the
-        module's own layers, so calling the module is what the engine's forward does inside, and on
-        a GPU the engine's forward switches a caller's CUDA autocast off (DeepSpeed's
+        module's own layers, so the module computes what the engine's forward would (that forward
+        also flags the module so ZeRO-3 can gather a parameter one layer reads from another; the
+        diffusers UNet has none, and the ZeRO-2/3 SPO launcher test holds the two paths equal), and
+        on a GPU the engine's forward switches a caller's CUDA autocast off (DeepSpeed's
         autocast_if_enabled, when the config has no torch_autocast section), which SPO's
         half-precision rounds (method.autocast) need. (It checks torch.is_autocast_enabled()
         without a device, the CUDA state, so CPU autocast passes through either way.)

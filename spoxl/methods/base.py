@@ -59,8 +59,9 @@ class Objective:
         return cls(recipe.method.params, recipe)
 
     @classmethod
-    def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
-        """(UNet rows per training sample, pixel resolution or None for the model's native one) of
+    def micro_step_unet_batch(cls, recipe) -> tuple[float, int | None]:
+        """(UNet rows per training sample, which may be fractional, e.g. SPO's anchor on a subset of
+        the micro-batch; pixel resolution or None for the model's native one) of
         the policy's forward+backward in one micro-step: what `spoxl preflight` sizes the
         activation memory by. Default: one image per sample at data.resolution."""
         return 1, recipe.data.resolution

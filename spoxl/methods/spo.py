@@ -240,7 +240,7 @@ class SPOObjective(Objective):
         self._position = None  # a state loaded before setup()
 
     @classmethod
-    def micro_step_unet_batch(cls, recipe) -> tuple[int, int | None]:
+    def micro_step_unet_batch(cls, recipe) -> tuple[float, int | None]:  # fractional with anchor_pairs
         # Only the branching step's pair leaves ONE x_t (PairBatch.shared); the inner steps' winner
         # and loser continue from different latents: two source rows per pair at worst, doubled by
         # CFG's uncond half when the means are trained with guidance (pair_means).

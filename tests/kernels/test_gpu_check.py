@@ -99,3 +99,20 @@ def test_cuda_syncs_counts_and_locates_a_sync(gpu_check, monkeypatch):
     assert count == 1 and "test_gpu_check.py" in sites[0] and "synchronizing" in sites[-1]
     assert mode["now"] == 0  # the debug mode is switched off again
     assert gpu_check.cuda_syncs(lambda: None) == (0, [])
+
+
+def test_gradients_below_half_precision_resolution_are_reported_not_graded(gpu_check):
+    """Under the subnormal floor a zero or sign-flipped fp16 gradient would pass: such rows are INFO."""
+    tiny = torch.full((4,), 1e-8, dtype=torch.float64)
+    assert gpu_check.below_resolution(tiny.half(), tiny)
+    assert not gpu_check.below_resolution(tiny.float(), tiny)  # fp32 resolves it: graded
+    big = torch.full((4,), 1e-3, dtype=torch.float64)
+    assert not gpu_check.below_resolution(big.half(), big)
+
+
+def test_ideal_traffic_leaves_out_what_a_loss_never_reads(gpu_check):
+    args, _, grad_idx = gpu_check.make_inputs("ncp_loss_sft", (2, 3, 4, 4), "mixed_bf16", torch.device("cpu"))
+    every = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    refs = sum(args[i].numel() * args[i].element_size() for i in (2, 3))
+    assert gpu_check.ideal_bytes(args, grad_idx, False, "ncp_loss_sft") == every - refs
+    assert gpu_check.ideal_bytes(args, grad_idx, False, "ncp_loss_dpo") == every  # DPO reads its reference

@@ -74,7 +74,7 @@ class PoolSamplerConfig:
     # LPO's dynamic threshold: `threshold` at the grid's smallest DDIM(eta=1) std, this at the largest
     threshold_max: Optional[float] = None
     # The round's UNet and VAE calls under torch.autocast in this dtype ("bf16" | "fp16"; None: the
-    # run's own precision). Not in the official code. A round takes no gradients, and everything
+    # run's own precision; with fp16 the VAE decode stays in its own dtype, as SDXL's VAE overflows). Not in the official code. A round takes no gradients, and everything
     # that leaves a call (predictions, decoded images, samples, log-probs) is fp32; training
     # computes every log-prob again in the run's precision. So it only moves the sampled
     # distribution by the half-precision rounding of the model's outputs, for the speed of the
@@ -210,9 +210,12 @@ class PoolSampler:
         """(alpha_bar at t, alpha_bar at the next grid timestep)."""
         return sampling.alpha_bar(self.scheduler, t), sampling.alpha_bar(self.scheduler, self._prev(t))
 
-    def _autocast(self, device: torch.device):
-        """config.autocast's context for a model call (a no-op when it is None)."""
+    def _autocast(self, device: torch.device, vae: bool = False):
+        """config.autocast's context for a model call (a no-op when it is None). The VAE decode is
+        never run in fp16: SDXL's VAE overflows there (why model.vae_dtype defaults to fp32)."""
         dtype = AUTOCAST_DTYPES.get(self.config.autocast)
+        if vae and dtype == torch.float16:
+            dtype = None
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def _denoise(self, unet, x, t, cond, uncond, time_ids, dtype):
@@ -228,7 +231,7 @@ class PoolSampler:
         """Preference scores of predicted-x0 latents (decoded first for image scorers, in fp32)."""
         inputs = x0
         if getattr(self.scorer, "input", "images") == "images":
-            with self._autocast(x0.device):
+            with self._autocast(x0.device, vae=True):
                 inputs = sampling.decode_latents(self.vae, x0)  # returns fp32
         return self.scorer.score(inputs, prompts, t).float().to(x0.device)
 

@@ -220,15 +220,20 @@ def _tolerance(tensor, scale_from) -> tuple[float, float]:
     millions of elements with no beta to scale them (NCP's SFT at the feature shape: about 1e-8,
     under fp16's 6e-8 step; even the fp64 oracle rounded to fp16 is off by that much), which
     training only meets behind DeepSpeed's fp16 loss scaling."""
-    import torch
-
     rtol = GRAD_TOLERANCE[str(tensor.dtype).split(".")[-1]] if tensor is not None else 1e-4
     scale = float(scale_from.detach().abs().max()) if scale_from is not None else 1.0
-    subnormal_step = 0.0
-    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
-        info = torch.finfo(tensor.dtype)
-        subnormal_step = info.smallest_normal * info.eps
-    return rtol, rtol * scale + subnormal_step + 1e-12
+    step = subnormal_step(tensor.dtype) if tensor is not None else 0.0
+    return rtol, rtol * scale + step + 1e-12
+
+
+def subnormal_step(dtype) -> float:
+    """The smallest subnormal of a half-precision dtype (its finest step near 0); 0 for the others."""
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0.0
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
 
 
 def below_resolution(stored, oracle) -> bool:
@@ -236,12 +241,9 @@ def below_resolution(stored, oracle) -> bool:
     subnormal steps at its largest) that a zero or sign-flipped result would pass the floored
     tolerance: such a row says nothing and is reported, not graded. Training meets such values only
     behind fp16 loss scaling."""
-    import torch
-
-    if stored is None or oracle is None or stored.dtype not in (torch.float16, torch.bfloat16):
+    if stored is None or oracle is None or subnormal_step(stored.dtype) == 0.0:
         return False
-    info = torch.finfo(stored.dtype)
-    return float(oracle.detach().abs().max()) < 64 * info.smallest_normal * info.eps
+    return float(oracle.detach().abs().max()) < 64 * subnormal_step(stored.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 DDIM with eta = 1 and CFG over N inference steps:
 
-  1. steps 0 .. divert_start_step-1 are one plain stochastic trajectory per prompt (never trained);
+  1. steps 0 .. divert_start_step-1 are one plain stochastic trajectory per prompt (never trained;
+     with branch_repeats R, 2-4 then run R times from each prompt's state, in the same calls);
   2. from then on the trajectory is cut into segments of 1 + num_inner_step steps (a last
      segment of one step folds into the one before, as the official sampler). At a segment
      start, k candidates are drawn from ONE x_t (kernels.pool_step: shared mean, k noises); each
@@ -57,6 +58,12 @@ class PoolSamplerConfig:
     pool_size: int = 2  # k candidates per branching
     num_inner_step: int = 3  # 0: per-step branching (SD1.5 recipe); 3: SDXL recipe
     divert_start_step: int = 4
+    # How many independent branching phases continue from each prompt's plain trajectory at
+    # divert_start_step (not in the official code, whose 1 is the default): R > 1 denoises the
+    # untrained early steps once per prompt and branches from that state R times, each with its
+    # own noises and continuations, so a round gives about R times the pairs for the early steps'
+    # UNet calls of one. The R phases share their starting x_t, so their pairs are not independent.
+    branch_repeats: int = 1
     threshold: float = 0.4  # softmax(best, worst) gap needed to keep a pair
     # Which pairs a pool gives: "best_worst" (the official SPO, one pair per pool) or "all": every
     # two candidates whose softmax gap beats the threshold, the better one as the winner (up to
@@ -90,6 +97,8 @@ class PoolSamplerConfig:
             raise SpoxlError(f"pool_size must be >= 2 to form a pair, got {self.pool_size}")
         if self.num_inner_step < 0:
             raise SpoxlError(f"num_inner_step must be >= 0, got {self.num_inner_step}")
+        if isinstance(self.branch_repeats, bool) or not isinstance(self.branch_repeats, int) or self.branch_repeats < 1:
+            raise SpoxlError(f"branch_repeats must be a positive integer (1: branch once), got {self.branch_repeats!r}")
         if not 0 <= self.divert_start_step < self.steps:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
@@ -274,6 +283,14 @@ class PoolSampler:
 
         # 2-4. segments: branch at `start`, inner steps, score at the end, keep pairs, continue.
         _, eps = denoise(x, timesteps[c.divert_start_step], 1)
+        origin = torch.arange(B)  # each row's prompt in the caller's list (pairs report it)
+        if c.branch_repeats > 1:  # R branching phases from each state: rows prompt-major, R per prompt
+            R = c.branch_repeats
+            x, eps, origin = x.repeat_interleave(R, 0), eps.repeat_interleave(R, 0), origin.repeat_interleave(R)
+            cond, uncond = cond.repeat_interleave(R), uncond.repeat_interleave(R)
+            time_ids = time_ids.repeat_interleave(R, 0)  # denoise() reads these three at call time
+            prompts = [p for p in prompts for _ in range(R)]
+            B = B * R
         kept: list[PairBatch] = []
         prompts_k = [p for p in prompts for _ in range(k)]
         arange = torch.arange(B)
@@ -328,6 +345,7 @@ class PoolSampler:
             else:
                 final_scores = scores
         result.pairs = PairBatch.cat(kept) if kept else self._no_pairs(x, cond)
+        result.pairs.prompt_index = origin[result.pairs.prompt_index]
         result.final_scores = final_scores
         result.final_latents = x
         result.unet_calls = calls

@@ -201,6 +201,55 @@ def test_bad_sampler_settings():
         PoolSamplerConfig(steps=4, divert_start_step=4).validate()
 
 
+def test_branch_repeats_branch_each_prompt_state_R_times(setup):
+    """branch_repeats R: the early steps once per prompt, then R independent branching phases from
+    that state in the same UNet calls; every pair's prompt_index names the caller's prompt, whose
+    embeddings its log-probs were computed under."""
+    big = ColourScorer(scale=1e6)  # every pool gives a pair
+    once, _ = run(setup, big, pool_size=2)
+    result, unet = run(setup, big, pool_size=2, branch_repeats=2)
+    assert unet.batches[:3] == [2 * 3] * 3  # steps 0-2: each prompt once
+    assert unet.batches[3:] == [2 * 3 * 2 * 2] * 5  # then 3 prompts x 2 phases x k = 2, CFG doubled
+    assert result.unet_calls == 8 and set(result.offered.values()) == {3 * 2}
+    assert len(result.pairs) == 2 * len(once.pairs) == 2 * 3 * 6
+    timesteps = [int(t) for t in sampling.inference_timesteps(setup[0].scheduler, 8)]
+    pairs = result.pairs
+    first = (pairs.timestep == timesteps[2]).nonzero().flatten()
+    assert pairs.prompt_index[first].tolist() == [0, 0, 1, 1, 2, 2]  # prompt-major, R per prompt
+    for p in range(3):  # the two phases of a prompt branch from ITS one state, with their own noises
+        a, b = first[2 * p], first[2 * p + 1]
+        torch.testing.assert_close(pairs.x_t_w[a], pairs.x_t_w[b], rtol=0, atol=0)
+        assert not torch.allclose(pairs.x_w[a], pairs.x_w[b])
+    assert not torch.equal(pairs.x_t_w[first[0]], pairs.x_t_w[first[2]])
+    for i in range(len(pairs)):  # the prompt_index maps back to the embeddings the log-probs used
+        idx = pairs.prompt_index[i : i + 1]
+        mean, std = mean_at(setup, pairs.x_t_w[i : i + 1], int(pairs.timestep[i]), idx)
+        torch.testing.assert_close(kernels.transition_logprob(pairs.x_w[i : i + 1], mean, std),
+                                   pairs.logp_w[i : i + 1], rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert result.final_latents.shape[0] == 3 * 2 and result.final_scores.shape == (3 * 2, 2)
+
+
+def test_branch_repeats_reach_the_sampler_and_bad_values_are_refused(tmp_path):
+    from spoxl.config import load_config
+    from spoxl.methods.spo import SPOObjective
+
+    def objective(*overrides):
+        cfg = load_config("configs/tiny_spo.yaml", [f"run.output_dir={tmp_path}", *overrides])
+        return cfg, SPOObjective.from_recipe(cfg)
+
+    cfg, obj = objective()
+    assert obj.config.sampler_config().branch_repeats == 1  # the official sampler by default
+    rows, decodes = SPOObjective.sampling_batch(cfg)
+    cfg, obj = objective("method.branch_repeats=3")
+    assert obj.config.sampler_config().branch_repeats == 3
+    assert SPOObjective.sampling_batch(cfg) == (3 * rows, 3 * decodes)  # preflight sizes the wider calls
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(SpoxlError, match="branch_repeats must be a positive integer"):
+            PoolSamplerConfig(branch_repeats=bad).validate()
+    with pytest.raises(SpoxlError, match="branch_repeats"):
+        objective("method.branch_repeats=0")[1].check(None)
+
+
 def test_a_final_one_step_segment_folds_into_the_previous_one():
     """Official sampler: it never branches at the final step; that step continues the previous
     segment's chains, which are then scored at t = 0."""

@@ -114,3 +114,23 @@ def test_transition_logprob_is_mean_gaussian_log_density():
 def test_cfg_combine():
     u, c = torch.zeros(3), torch.ones(3)
     torch.testing.assert_close(S.cfg_combine(u, c, 5.0), torch.full((3,), 5.0))
+
+
+def test_decode_latents_goes_chunk_latents_at_a_time_and_gives_the_one_call_images(tiny_components):
+    """The VAE sees at most `chunk` latents per call (DECODE_CHUNK by default), and the images are
+    the single call's (a dropped or repeated slice, or a missing scaling, would change them)."""
+    vae = tiny_components.vae
+    latents = torch.randn((7, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0].float().clamp(-1, 1)
+        seen = []
+        original = vae.decode
+        vae.decode = lambda z, **kw: (seen.append(z.shape[0]), original(z, **kw))[1]
+        try:
+            chunked = S.decode_latents(vae, latents, chunk=3)
+            default = S.decode_latents(vae, latents.repeat(3, 1, 1, 1))
+        finally:
+            del vae.decode
+    assert seen == [3, 3, 1, S.DECODE_CHUNK, 21 - S.DECODE_CHUNK]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(default, whole.repeat(3, 1, 1, 1), rtol=1e-5, atol=1e-5)

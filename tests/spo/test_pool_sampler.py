@@ -239,10 +239,11 @@ def test_branch_repeats_reach_the_sampler_and_bad_values_are_refused(tmp_path):
 
     cfg, obj = objective()
     assert obj.config.sampler_config().branch_repeats == 1  # the official sampler by default
-    rows, decodes = SPOObjective.sampling_batch(cfg)
+    assert SPOObjective.sampling_batch(cfg) == (2 * 2 * 4, 2 * 4)  # CFG x 2 prompts x k = 4; their decodes
     cfg, obj = objective("method.branch_repeats=3")
     assert obj.config.sampler_config().branch_repeats == 3
-    assert SPOObjective.sampling_batch(cfg) == (3 * rows, 3 * decodes)  # preflight sizes the wider calls
+    # preflight sizes the wider calls: 24 candidates, decoded 16 (sampling.DECODE_CHUNK) at a time
+    assert SPOObjective.sampling_batch(cfg) == (2 * 2 * 3 * 4, 16)
     for bad in (0, -1, True, 1.5):
         with pytest.raises(SpoxlError, match="branch_repeats must be a positive integer"):
             PoolSamplerConfig(branch_repeats=bad).validate()

@@ -118,7 +118,7 @@ def render_markdown(run_dir: Path, cfg, data: dict, grid: str) -> str:
         f"{cfg.deepspeed.config} ({cfg.deepspeed.precision}); step-aware preference model: `{m.preference.kind}` "
         f"(scale {m.preference.scale}); SPO sampler: {m.steps} DDIM steps, eta {m.eta}, CFG {m.cfg_scale}, "
         f"k={m.pool_size}, {m.num_inner_step} inner steps, branching from step {m.divert_start_step}"
-        + (f" {m.branch_repeats} times per prompt" if m.branch_repeats > 1 else "") + ", threshold "
+        + (f" ({m.branch_repeats} times from each prompt's state)" if m.branch_repeats > 1 else "") + ", threshold "
         f"{m.threshold}; beta {m.beta}, clip {m.clip}, lr {cfg.train.lr}"
         + (f", early-step anchor weight {m.anchor_weight}" if m.anchor_weight > 0 else "")
         + (f" on {m.anchor_pairs} pairs per micro-batch" if m.anchor_weight > 0 and m.anchor_pairs

@@ -51,8 +51,10 @@ def test_the_report_names_the_recipe_it_ran(tmp_path):
     run = fake_run(tmp_path)
     write_report(run, data(1.0, 1.0), grid="g.png")
     text = (run / "report.md").read_text()
-    assert "branching from step 15" in text and "lr 0.001" in text and "early-step anchor weight 20.0" in text
+    assert "branching from step 15" in text and "lr 0.001" in text and "early-step anchor weight 50.0" in text
     assert "sampling rounds under bf16 autocast" in text
+    assert "branching from step 15 (2 times from each prompt's state)" in text
+    assert "early-step anchor weight 50.0 on 8 pairs per micro-batch" in text
 
 
 def test_the_demo_judges_the_ema_lora_when_the_recipe_keeps_one(tmp_path, capsys):

@@ -37,11 +37,13 @@ from spo_threads import one_thread  # noqa: F401,E402  (autouse fixture: one int
 # 40 steps: with the demo's anchor and threshold 0.1, inverted -3.0 +- 1.0 and aligned -0.3 +- 1.2;
 # anchor off, threshold 0.1: -9.2 +- 2.3 and -1.2 +- 1.0; both too close to tell apart reliably.
 # This test is about the sign, which these two settings do not touch. It samples in fp32 and keeps
-# no EMA (the demo's bf16 rounds and EMA came after its calibration and do not touch the sign).
+# no EMA, and branches each state once (the demo's bf16 rounds, EMA, anchor subset and branch
+# repeats came after its calibration and do not touch the sign).
 SHORT = ["logging.progress=false", "logging.tensorboard=false", "logging.sample_every=0", "export.at_end=false",
          "checkpoint.save_final=false", "train.max_steps=40", "method.prompts_per_rank=4",
          "train.micro_batch_size=8", "train.lr=1e-3", "method.anchor_weight=0", "method.threshold=0.4",
-         "method.autocast=null", "ema.enabled=false"]  # fmt: skip
+         "method.autocast=null", "ema.enabled=false", "method.anchor_pairs=null",
+         "method.branch_repeats=1"]  # fmt: skip
 EVAL_PROMPTS = world.held_out_captions(36, seed=1)
 EVAL_SEEDS = 2
 

@@ -262,8 +262,9 @@ def x_device_dtype(module) -> tuple[torch.device, torch.dtype]:
 
 # The most latents the VAE decodes in one call. The decoder works at full pixel resolution, so its
 # activations outgrow the caches long before the UNet's do: on the 2-core CPU a 64 px decode costs
-# 4.4 ms per image in fp32 in calls of 16 and 9.2 ms in calls of 64 (bf16: 2.9 and 4.5 ms). At
-# SDXL's 1024 px each image is ~3 GiB of fp32 activations, so chunks also bound the peak memory.
+# 4.4 ms per image in fp32 in calls of 16 and 9.2 ms in calls of 64 (bf16: 2.9 and 4.5 ms). It
+# also caps a call's memory (preflight counts one chunk): at SDXL's 1024 px each image takes ~3 GiB
+# of fp32 activations, so pools of more than 16 images still need a card that holds 16 of them.
 DECODE_CHUNK = 16
 
 

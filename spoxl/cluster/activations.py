@@ -180,7 +180,7 @@ class MicroStepActivations:
     resolution: int
     checkpointing: bool
     training_bytes: int
-    sampling: tuple[int, int] | None = None  # (UNet rows, decoded images) of a sampling step
+    sampling: tuple[int, int] | None = None  # (UNet rows, images per VAE call) of a sampling step
     sampling_bytes: int = 0
 
     @property
@@ -209,6 +209,10 @@ def micro_step_activations(cfg, unet_config: dict) -> MicroStepActivations:
     sampling = objective.sampling_batch(cfg)
     sampling_bytes = 0
     if sampling is not None:
+        from spoxl.sampling import DECODE_CHUNK
+
+        # the images go through the VAE DECODE_CHUNK at a time (sampling.decode_latents)
+        sampling = (sampling[0], min(sampling[1], DECODE_CHUNK))
         vae_dtype = torch.float32 if cfg.model.vae_dtype == "fp32" else dtype
         sampling_bytes = sampling_peak_bytes(unet_config, cfg.lora, unet_rows=sampling[0], images=sampling[1],
                                              resolution=resolution, dtype=dtype, vae_dtype=vae_dtype)  # fmt: skip

@@ -256,11 +256,10 @@ class SPOObjective(Objective):
     def sampling_batch(cls, recipe) -> tuple[int, int]:
         # Each step denoises the pool's prompts_per_rank x pool_size candidates in one CFG call and
         # decodes them all for the preference model (PoolSampler.sample / score).
-        # With branch_repeats R each prompt's state branches R times in the same calls. The
-        # decodes go DECODE_CHUNK at a time (sampling.decode_latents).
+        # With branch_repeats R each prompt's state branches R times in the same calls.
         p = recipe.method.params
         pool = p.prompts_per_rank * p.branch_repeats * p.pool_size
-        return (2 if p.cfg_scale != 1.0 else 1) * pool, min(pool, sampling.DECODE_CHUNK)
+        return (2 if p.cfg_scale != 1.0 else 1) * pool, pool
 
     # ---- setup ---------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ class PoolSamplerConfig:
             raise SpoxlError(f"num_inner_step must be >= 0, got {self.num_inner_step}")
         if isinstance(self.branch_repeats, bool) or not isinstance(self.branch_repeats, int) or self.branch_repeats < 1:
             raise SpoxlError(f"branch_repeats must be a positive integer (1: branch once), got {self.branch_repeats!r}")
+        if self.branch_repeats > 1 and self.divert_start_step == 0:
+            raise SpoxlError("branch_repeats > 1 shares the steps before divert_start_step between the repeats, and "
+                             "there are none (divert_start_step is 0): set branch_repeats to 1 or branch later")
         if not 0 <= self.divert_start_step < self.steps:
             raise SpoxlError(f"divert_start_step must be in [0, steps={self.steps}), got {self.divert_start_step}")
         if not 0 <= self.threshold < 1:
@@ -124,6 +127,7 @@ class RoundResult:
     pairs: PairBatch
     accepted: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> pools that gave a pair
     offered: dict[int, int] = field(default_factory=dict)  # segment-start timestep -> prompts scored
+    # B below: the prompts times branch_repeats (each repeat is a row of its own)
     final_scores: torch.Tensor | None = None  # [B, k] preference scores of the final images (t = 0)
     final_latents: torch.Tensor | None = None  # [B, C, H, W] the randomly continued chain's result
     choices: list[torch.Tensor] = field(default_factory=list)  # [B] continuation index per segment

@@ -83,6 +83,18 @@ def test_spo_states_its_sampling_batch_and_offline_methods_none():
     assert objective_class("diffusion_dpo").sampling_batch(load_config(None, ["method.name=diffusion_dpo"])) is None
 
 
+def test_preflight_counts_the_decode_one_chunk_at_a_time():
+    # the pool's images go through the VAE 16 at a time (sampling.DECODE_CHUNK): a pool of 12 in
+    # one call, a pool of 24 (6 prompts x 4, or 3 prompts x 4 branched twice) in calls of 16
+    from spoxl.cluster.activations import micro_step_activations
+
+    sets = ["method.name=spo", "method.pool_size=4", "method.num_inner_step=0", "method.resolution=64"]
+    for more, sampling in ((["method.prompts_per_rank=3"], (24, 12)), (["method.prompts_per_rank=6"], (48, 16)),
+                           (["method.prompts_per_rank=3", "method.branch_repeats=2"], (48, 16))):  # fmt: skip
+        cfg = load_config(None, [*sets, *more])
+        assert micro_step_activations(cfg, dict(tiny_unet_config())).sampling == sampling
+
+
 def test_storage_peak_counts_growth_of_a_counted_storage():
     with StoragePeak() as m:
         a = torch.empty(0)

@@ -117,8 +117,8 @@ def test_cfg_combine():
 
 
 def test_decode_latents_goes_chunk_latents_at_a_time_and_gives_the_one_call_images(tiny_components):
-    """The VAE sees at most `chunk` latents per call (DECODE_CHUNK by default), and the images are
-    the single call's (a dropped or repeated slice, or a missing scaling, would change them)."""
+    """The VAE sees at most `chunk` latents per call (DECODE_CHUNK, 16, by default), and the images
+    are the single call's (a dropped or repeated slice, or a missing scaling, would change them)."""
     vae = tiny_components.vae
     latents = torch.randn((7, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -131,6 +131,6 @@ def test_decode_latents_goes_chunk_latents_at_a_time_and_gives_the_one_call_imag
             default = S.decode_latents(vae, latents.repeat(3, 1, 1, 1))
         finally:
             del vae.decode
-    assert seen == [3, 3, 1, S.DECODE_CHUNK, 21 - S.DECODE_CHUNK]
+    assert S.DECODE_CHUNK == 16 and seen == [3, 3, 1, 16, 5]
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(default, whole.repeat(3, 1, 1, 1), rtol=1e-5, atol=1e-5)

@@ -242,13 +242,15 @@ def test_branch_repeats_reach_the_sampler_and_bad_values_are_refused(tmp_path):
     assert SPOObjective.sampling_batch(cfg) == (2 * 2 * 4, 2 * 4)  # CFG x 2 prompts x k = 4; their decodes
     cfg, obj = objective("method.branch_repeats=3")
     assert obj.config.sampler_config().branch_repeats == 3
-    # preflight sizes the wider calls: 24 candidates, decoded 16 (sampling.DECODE_CHUNK) at a time
-    assert SPOObjective.sampling_batch(cfg) == (2 * 2 * 3 * 4, 16)
+    assert SPOObjective.sampling_batch(cfg) == (2 * 2 * 3 * 4, 2 * 3 * 4)  # preflight sizes the wider calls
     for bad in (0, -1, True, 1.5):
         with pytest.raises(SpoxlError, match="branch_repeats must be a positive integer"):
             PoolSamplerConfig(branch_repeats=bad).validate()
     with pytest.raises(SpoxlError, match="branch_repeats"):
         objective("method.branch_repeats=0")[1].check(None)
+    with pytest.raises(SpoxlError, match="there are none"):  # nothing before the branching to share
+        PoolSamplerConfig(branch_repeats=2, divert_start_step=0).validate()
+    PoolSamplerConfig(branch_repeats=2, divert_start_step=1).validate()
 
 
 def test_a_final_one_step_segment_folds_into_the_previous_one():

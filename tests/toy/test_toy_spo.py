@@ -6,7 +6,10 @@ both assertions fail: this is the test that catches it.
 
 What it does not show, measured (see docs/toy_world.md): a 40-step one-rank run is too short for
 the aligned gain to be significant (measured -2.4 +- 1.8 on these 72 items, inverted -24.0 +- 4.2);
-the raise is the demo's (`make demo`, docs/toy_world.md).
+the raise is the demo's (`make demo`, docs/toy_world.md). The demo's own recipe of 2026-12-04
+(branch_repeats 2, the anchor at 50 on 8 pairs, bf16 rounds; 70 s a run on 2 threads) shows no
+significant raise in 40 steps either: +0.48 +- 0.63 (wins 54%), inverted -3.87 +- 1.57 (14%); at
+lr 3e-3, -1.03 +- 1.70. Its anchor also hides the inversion's damage, so the settings below stay.
 
 Held-out: captions whose (colour, shape, position) combination never appeared in pretraining or in
 SPO's prompts (the training captions), on seeds no sampling round drew.

@@ -43,7 +43,7 @@ class LPOObjective(SPOObjective):
         # prompt (visual feature enhancement) through the UNet's down and mid blocks; nothing is
         # decoded. The policy's own call is smaller (the continued candidate only, with CFG).
         p = recipe.method.params
-        return 2 * p.prompts_per_rank * p.branch_repeats * p.pool_size, 0
+        return 2 * p.candidates(p.prompts_per_rank), 0
 
     def check(self, config) -> None:
         if not self.config.score_candidates:

@@ -258,7 +258,7 @@ class SPOObjective(Objective):
         # decodes them all for the preference model (PoolSampler.sample / score).
         # With branch_repeats R each prompt's state branches R times in the same calls.
         p = recipe.method.params
-        pool = p.prompts_per_rank * p.branch_repeats * p.pool_size
+        pool = p.candidates(p.prompts_per_rank)
         return (2 if p.cfg_scale != 1.0 else 1) * pool, pool
 
     # ---- setup ---------------------------------------------------------------------------------

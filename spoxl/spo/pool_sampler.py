@@ -88,6 +88,11 @@ class PoolSamplerConfig:
     # half-precision matmuls and convolutions (a CPU with AVX-512 BF16; any recent GPU).
     autocast: Optional[str] = None
 
+    def candidates(self, prompts: int) -> int:
+        """How many candidates one branching call holds for `prompts` prompts (the rows of the
+        call before CFG doubles them, and the images it decodes)."""
+        return prompts * self.branch_repeats * self.pool_size
+
     def validate(self) -> None:
         if self.steps < 1:
             raise SpoxlError(f"steps must be >= 1, got {self.steps}")

@@ -20,7 +20,7 @@ clears.
 
 Why win rate and median, not the mean: in a short run the LoRA also moves the untrained early
 steps a little, and on a few items a small early change flips what gets drawn (another shape,
-another place): 6-21 of 144 items lose more than 2 points, in aligned and inverted runs alike.
+another place): 5-21 of 144 items lose more than 2 points, in aligned and inverted runs alike.
 Those flips swamp the mean (measured as given: -0.06 +- 0.69 and +0.34 +- 0.28; run seed 1:
 -1.77 +- 1.10 and +0.60 +- 0.23), not the share of items that gain. The demo's 200 steps on 2
 ranks raise the mean too (+1.18 +- 0.33, 83% of items: docs/toy_world.md).

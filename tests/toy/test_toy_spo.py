@@ -10,11 +10,13 @@ Two runs, identical but for the preference model's sign:
 An inverted preference anywhere between the scorer and the loss (pair selection, w/l bookkeeping,
 the log-ratio sign, the export) swaps the two runs and fails both tests.
 
-Measured on 2 CPU cores (one thread per run, the other core busy, as under `make test`; about
-130 s of training per run; benchmarks/results/toy_spo_short_runs_cpu2.csv), on 144 other held-out
+A run takes 86 s on this 2-core machine alone (`python -m spoxl.train` on 2 threads: 80 s of
+training), about 130 s of training on one thread with the other core busy, as under `make test`.
+Measured (benchmarks/results/toy_spo_short_runs_cpu2.csv), on 144 other held-out
 items twice (seeds from 100000 and from 200000): as given, wins 71% and 68%, median +0.29 and
 +0.35; with another run seed 61% and 62.5%, median +0.26 and +0.30; inverted, wins 26% and 24%,
-median -0.55 and -0.61. On this test's own items: 71.5%, median +0.39; inverted 25.7%, -0.48. The
+median -0.55 and -0.61. On this test's own items: 71.5%, median +0.39; inverted 25.7%, -0.48
+(the run on 2 threads: the same scores). The
 runs are deterministic on a machine; the margins are ones that every run seed and item set above
 clears.
 

@@ -262,16 +262,29 @@ def x_device_dtype(module) -> tuple[torch.device, torch.dtype]:
 
 # The most latents the VAE decodes in one call. The decoder works at full pixel resolution, so its
 # activations outgrow the caches long before the UNet's do: on the 2-core CPU a 64 px decode costs
-# 4.4 ms per image in fp32 in calls of 16 and 9.2 ms in calls of 64 (bf16: 2.9 and 4.5 ms). It
-# also caps a call's memory (preflight counts one chunk): at SDXL's 1024 px each image takes ~3 GiB
-# of fp32 activations, so pools of more than 16 images still need a card that holds 16 of them.
+# 4.4 ms per image in fp32 in calls of 16 and 9.2 ms in calls of 64 (bf16: 2.9 and 4.5 ms).
 DECODE_CHUNK = 16
+# ... and the most pixels: a call's activations grow with its pixels (at SDXL's 1024 px about
+# 3 GiB per image in fp32), so a call holds at most 4 SDXL-size images (12 GiB in fp32, 6 in
+# bf16) whatever the pool: a pool of 16 at 1024 px would otherwise need 48 GiB in one call. At
+# 1024 px a single image already fills an accelerator, so smaller calls cost no throughput there.
+# Preflight counts one call (spoxl.cluster.activations).
+DECODE_PIXELS = 4 * 1024 * 1024
+
+
+def decode_chunk(height: int, width: int) -> int:
+    """Latents per VAE call for images of height x width pixels: DECODE_CHUNK, fewer where a call
+    would pass DECODE_PIXELS, and at least one."""
+    return max(1, min(DECODE_CHUNK, DECODE_PIXELS // (height * width)))
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+def decode_latents(vae, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Latents -> images in [-1, 1] (fp32), undoing the VAE scaling factor; `chunk` latents per
-    VAE call."""
+    VAE call (default: decode_chunk of the images' size)."""
+    if chunk is None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's upsampling: 8 for SDXL's
+        chunk = decode_chunk(latents.shape[-2] * factor, latents.shape[-1] * factor)
     dtype = next(vae.parameters()).dtype
     scaled = latents.to(dtype) / vae.config.scaling_factor
     images = [vae.decode(part, return_dict=False)[0].float() for part in scaled.split(chunk)]

@@ -209,10 +209,11 @@ def micro_step_activations(cfg, unet_config: dict) -> MicroStepActivations:
     sampling = objective.sampling_batch(cfg)
     sampling_bytes = 0
     if sampling is not None:
-        from spoxl.sampling import DECODE_CHUNK
+        from spoxl.sampling import decode_chunk
 
-        # the images go through the VAE DECODE_CHUNK at a time (sampling.decode_latents)
-        sampling = (sampling[0], min(sampling[1], DECODE_CHUNK))
+        # the images go through the VAE a chunk at a time (sampling.decode_latents): at most 16,
+        # fewer at high resolution
+        sampling = (sampling[0], min(sampling[1], decode_chunk(resolution, resolution)))
         vae_dtype = torch.float32 if cfg.model.vae_dtype == "fp32" else dtype
         sampling_bytes = sampling_peak_bytes(unet_config, cfg.lora, unet_rows=sampling[0], images=sampling[1],
                                              resolution=resolution, dtype=dtype, vae_dtype=vae_dtype)  # fmt: skip

@@ -95,6 +95,15 @@ def test_preflight_counts_the_decode_one_chunk_at_a_time():
         assert micro_step_activations(cfg, dict(tiny_unet_config())).sampling == sampling
 
 
+def test_preflight_counts_four_sdxl_size_images_per_decode():
+    # at 1024 px a VAE call holds 4 images (sampling.DECODE_PIXELS): a pool of 12 in calls of 4
+    from spoxl.cluster.activations import micro_step_activations
+
+    cfg = load_config(None, ["method.name=spo", "method.pool_size=4", "method.num_inner_step=0",
+                             "method.resolution=1024", "method.prompts_per_rank=3"])  # fmt: skip
+    assert micro_step_activations(cfg, dict(tiny_unet_config())).sampling == (24, 4)
+
+
 def test_storage_peak_counts_growth_of_a_counted_storage():
     with StoragePeak() as m:
         a = torch.empty(0)

@@ -116,6 +116,28 @@ def test_cfg_combine():
     torch.testing.assert_close(S.cfg_combine(u, c, 5.0), torch.full((3,), 5.0))
 
 
+def test_decode_chunk_caps_a_vae_call_by_images_and_by_pixels():
+    # 16 small images, 4 SDXL-size ones (12 GiB of fp32 activations), never fewer than one
+    assert S.DECODE_CHUNK == 16 and S.DECODE_PIXELS == 4 * 1024 * 1024
+    assert S.decode_chunk(64, 64) == 16 and S.decode_chunk(512, 512) == 16
+    assert S.decode_chunk(1024, 1024) == 4 and S.decode_chunk(768, 1024) == 5
+    assert S.decode_chunk(2048, 2048) == 1 and S.decode_chunk(4096, 4096) == 1
+
+
+def test_decode_latents_sizes_its_calls_by_the_images_pixels(tiny_components, monkeypatch):
+    """The default chunk comes from the decoded size (latent size x the VAE's factor 8): with the
+    pixel cap at 3 images of 64 px, 8 x 8 latents go 3 at a time, 4 x 4 (32 px) latents 12."""
+    vae = tiny_components.vae
+    monkeypatch.setattr(S, "DECODE_PIXELS", 3 * 64 * 64)
+    seen = []
+    original = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z, **kw: (seen.append(z.shape[0]), original(z, **kw))[1])
+    with torch.no_grad():
+        S.decode_latents(vae, torch.zeros(7, 4, 8, 8))
+        S.decode_latents(vae, torch.zeros(13, 4, 4, 4))
+    assert seen == [3, 3, 1, 12, 1]
+
+
 def test_decode_latents_goes_chunk_latents_at_a_time_and_gives_the_one_call_images(tiny_components):
     """The VAE sees at most `chunk` latents per call (DECODE_CHUNK, 16, by default), and the images
     are the single call's (a dropped or repeated slice, or a missing scaling, would change them)."""

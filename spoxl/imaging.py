@@ -11,18 +11,14 @@ from spoxl import rng, sampling
 from spoxl.models.text import encode_with_negative, make_time_ids
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def default_resolution(components) -> int:
-    return components.unet.config.sample_size * vae_scale_factor(components.vae)
+    return components.unet.config.sample_size * sampling.vae_scale_factor(components.vae)
 
 
 def initial_latents(components, n: int, seed: int, resolution: int | None = None) -> torch.Tensor:
     """Starting noise, one generator per image (seed + i): an image does not depend on batching."""
     res = resolution or default_resolution(components)
-    side = res // vae_scale_factor(components.vae)
+    side = res // sampling.vae_scale_factor(components.vae)
     ch = components.unet.config.in_channels
     return torch.stack(
         [torch.randn((ch, side, side), generator=rng.generator(rng.SAMPLE_LATENTS, seed, counter=i)) for i in range(n)]

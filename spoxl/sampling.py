@@ -272,6 +272,11 @@ DECODE_CHUNK = 16
 DECODE_PIXELS = 4 * 1024 * 1024
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along a side: 8 for SDXL's VAE (one upsampling per block after the first)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def decode_chunk(height: int, width: int) -> int:
     """Latents per VAE call for images of height x width pixels: DECODE_CHUNK, fewer where a call
     would pass DECODE_PIXELS, and at least one."""
@@ -283,7 +288,7 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int | None = None) -> torc
     """Latents -> images in [-1, 1] (fp32), undoing the VAE scaling factor; `chunk` latents per
     VAE call (default: decode_chunk of the images' size)."""
     if chunk is None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's upsampling: 8 for SDXL's
+        factor = vae_scale_factor(vae)
         chunk = decode_chunk(latents.shape[-2] * factor, latents.shape[-1] * factor)
     dtype = next(vae.parameters()).dtype
     scaled = latents.to(dtype) / vae.config.scaling_factor

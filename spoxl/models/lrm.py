@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spoxl import sampling
 from spoxl.errors import SpoxlError
 from spoxl.models.preference_io import as_timesteps, check_inputs
 
@@ -137,7 +138,7 @@ class LatentRewardModel(nn.Module):
         official LRM (freeze_text_encoder: False), unless train_text_encoders=False (the loader
         froze the policy's encoders; the copies are unfrozen here)."""
         unet = truncate_unet(copy.deepcopy(components.unet))
-        vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1) if components.vae is not None else 8
+        vae_factor = sampling.vae_scale_factor(components.vae) if components.vae is not None else 8
         te2 = copy.deepcopy(components.text_encoder_2) if components.text_encoder_2 is not None else None
         model = cls(unet, copy.deepcopy(components.text_encoder), te2,
                     components.tokenizer, components.tokenizer_2, vae_scale_factor=vae_factor, **kw).float().eval()  # fmt: skip

@@ -73,7 +73,9 @@ def test_all_pairs_of_a_pool_contain_its_best_worst_pair_and_more(toy, candidate
                                              progress=False, pairs_per_pool="all")  # fmt: skip
     assert len(every) > len(best_worst) and len(captions) == len(every)
     for i in range(len(best_worst)):
-        same = (every.x_w == best_worst.x_w[i]).flatten(1).all(1) & (every.x_l == best_worst.x_l[i]).flatten(1).all(1)
+        # close, not equal: with several intra-op threads the wider "all" batch may sum in another order
+        same = ((every.x_w - best_worst.x_w[i]).flatten(1).abs().amax(1) < 1e-4) & \
+               ((every.x_l - best_worst.x_l[i]).flatten(1).abs().amax(1) < 1e-4)
         assert same.sum() == 1
 
 
